@@ -1,0 +1,383 @@
+"""One typed configuration tree for every m6rec command.
+
+The tree is plain dataclasses.  It is filled from YAML presets in ``configs/``
+(a file may ``include:`` other presets, later keys win) and from dotted
+command-line overrides (``--data.max_items 50`` or ``--data.max_items=50``).
+Every value is checked against its field's type once, at start-up, and a
+wrong key, type or value raises :class:`ConfigError` naming the dotted key,
+the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is wrong; the message names it."""
+
+
+# --------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------
+@dataclass
+class GenericSourceConfig:
+    """Column layout of the generic format (JSONL, CSV or Parquet files)."""
+
+    interactions: str = "interactions.csv"  # user_id, item_id, timestamp[, rating, event]
+    items: str = "items.csv"  # item_id, title[, text fields][, image]
+    users: Optional[str] = None  # user_id[, attributes]
+    item_text_fields: list[str] = field(default_factory=list)  # extra item columns put in the text
+    image_field: Optional[str] = None  # item column holding an image path (relative to the items file)
+    user_fields: list[str] = field(default_factory=list)  # user columns put in the profile; [] = all
+
+
+@dataclass
+class FilterConfig:
+    min_rating: Optional[float] = None  # keep interactions with rating >= this (None = keep all)
+    kcore: int = 0  # iteratively keep users and items with >= k interactions (0 = off)
+    min_user_interactions: int = 3  # users with fewer cannot give train + valid + test targets
+
+
+@dataclass
+class TextConfig:
+    """How one user's window is written as M6-Rec text (see docs/data.md)."""
+
+    item_repr: Literal["text", "token", "both"] = "text"
+    profile_template: str = "User: {profile}."
+    item_template: str = "{title} ({genres}){rating}{tags}{when}"
+    rating_template: str = ", rated {rating}"  # empty string drops ratings from the text
+    tags_template: str = ", tagged {tags}"
+    time_unit: Literal["day", "none"] = "day"  # relative time between consecutive items
+    user_fields: list[str] = field(default_factory=lambda: ["age", "gender", "occupation"])
+    images: bool = True  # insert an image slot before every item that has an image
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # an existing tokenizer.json to use instead of training one
+    vocab_size: int = 8192
+    min_frequency: int = 2
+
+
+@dataclass
+class ImageConfig:
+    dir: Optional[str] = None  # directory of {item_id}.jpg files (relative paths resolve against data.root)
+    size: int = 64  # images are resized to size x size
+    patch_size: int = 16  # -> (size / patch_size)^2 patch tokens per image
+
+
+@dataclass
+class StreamConfig:
+    seq_len: int = 1024  # packed row length in tokens
+    batch_size: int = 8  # rows per micro-batch on one rank
+    num_workers: int = 2  # DataLoader workers per rank
+    shuffle_shards: int = 2  # shards loaded together and shuffled as one block
+    seed: int = 1234
+    strict: bool = False  # True: a corrupt shard is an error instead of being skipped
+
+
+@dataclass
+class DataConfig:
+    name: str = "ml-latest-small"
+    source: Literal["ml-100k", "ml-1m", "ml-latest", "generic"] = "ml-latest"
+    root: str = "builtin:ml-latest-small"  # raw data directory; "builtin:NAME" = shipped copy
+    output: str = "data/ml-latest-small"  # prepared dataset directory (shards, manifest, tokenizer)
+    generic: GenericSourceConfig = field(default_factory=GenericSourceConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    max_items: int = 20  # items per text window
+    stride: int = 10  # new (predicted) items per window; the rest of the window is context
+    min_context_items: int = 1  # context items in a user's first window
+    text: TextConfig = field(default_factory=TextConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    images: ImageConfig = field(default_factory=ImageConfig)
+    shard_size: int = 2000  # samples per shard
+    shards: Optional[str] = None  # where training reads shards: path, brace pattern or pipe: (default: output)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    workers: int = 1  # processes for preparation on one machine
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 8192  # taken from the tokenizer when data is prepared
+    ffn_hidden: Optional[int] = None
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    attention: Literal["causal", "prefix"] = "prefix"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    init_from: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 100
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100
+    keep_last: int = 3
+    seed: int = 1234
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["next_item"])
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------
+# Checking values against field types
+# --------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}': bad value {value!r}; allowed: {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for c in choices:  # YAML gives "1" or 1 depending on quoting: accept both spellings
+            if value == c or (isinstance(c, int) and not isinstance(c, bool) and str(value) == str(c)):
+                return c
+        raise bad
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _build(cls: type, mapping: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in mapping:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(
+                f"unknown config key '{where}'; allowed keys{' under ' + repr(prefix) if prefix else ''}: "
+                + ", ".join(sorted(names))
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in mapping:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(key, mapping[f.name], hints[f.name])
+    obj = cls(**kwargs)
+    return obj
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a YAML preset and the presets it includes into one nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config include cycle through {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    includes = raw.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    tree: dict = {}
+    for inc in includes:
+        tree = _merge(tree, load_yaml_tree(path.parent / inc, _seen + (path.resolve(),)))
+    return _merge(tree, raw)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn ``['--data.max_items', '50', '--train.lr=1e-3']`` into a nested dict."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected a dotted override like --data.max_items 50, got {arg!r}")
+        body = arg[2:]
+        if "=" in body:
+            key, text = body.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{body} has no value")
+            key, text = body, args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return tree
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    d = cfg.data
+    positive = {
+        "data.max_items": d.max_items,
+        "data.stride": d.stride,
+        "data.shard_size": d.shard_size,
+        "data.workers": d.workers,
+        "data.tokenizer.vocab_size": d.tokenizer.vocab_size,
+        "data.stream.seq_len": d.stream.seq_len,
+        "data.stream.batch_size": d.stream.batch_size,
+        "data.stream.shuffle_shards": d.stream.shuffle_shards,
+        "data.images.size": d.images.size,
+        "data.images.patch_size": d.images.patch_size,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"config key '{key}': bad value {v!r}; allowed: an integer > 0")
+    if d.stride > d.max_items:
+        raise ConfigError(
+            f"config key 'data.stride': bad value {d.stride!r}; allowed: 1..data.max_items ({d.max_items})"
+        )
+    if not 0 <= d.min_context_items < d.max_items:
+        raise ConfigError(
+            f"config key 'data.min_context_items': bad value {d.min_context_items!r}; "
+            f"allowed: 0..{d.max_items - 1} (below data.max_items)"
+        )
+    if d.images.size % d.images.patch_size:
+        raise ConfigError(
+            f"config key 'data.images.size': bad value {d.images.size!r}; allowed: a multiple of "
+            f"data.images.patch_size ({d.images.patch_size})"
+        )
+    if d.stream.num_workers < 0:
+        raise ConfigError(f"config key 'data.stream.num_workers': bad value {d.stream.num_workers!r}; allowed: >= 0")
+    if d.filters.min_user_interactions < 3:
+        raise ConfigError(
+            f"config key 'data.filters.min_user_interactions': bad value {d.filters.min_user_interactions!r}; "
+            "allowed: >= 3 (leave-one-out needs a training item, a validation and a test target)"
+        )
+    if d.filters.kcore < 0:
+        raise ConfigError(f"config key 'data.filters.kcore': bad value {d.filters.kcore!r}; allowed: >= 0")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Build and validate the configuration from a preset and dotted overrides."""
+    tree = load_yaml_tree(path) if path else {}
+    if overrides:
+        tree = _merge(tree, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+    cfg = _build(Config, tree)
+    _check(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
