@@ -52,10 +52,10 @@ class TextConfig:
 
     item_repr: Literal["text", "token", "both"] = "text"
     profile_template: str = "User: {profile}."
-    item_template: str = "{title} ({genres}){rating}{tags}{when}"
+    genres_template: str = " ({genres})"  # after the title; empty string drops genres
     rating_template: str = ", rated {rating}"  # empty string drops ratings from the text
-    tags_template: str = ", tagged {tags}"
-    time_unit: Literal["day", "none"] = "day"  # relative time between consecutive items
+    tags_template: str = ", tagged {tags}"  # the user's own tags on the item (ml-latest)
+    time_unit: Literal["day", "none"] = "day"  # relative time since the previous item
     user_fields: list[str] = field(default_factory=lambda: ["age", "gender", "occupation"])
     images: bool = True  # insert an image slot before every item that has an image
 

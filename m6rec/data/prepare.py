@@ -1,0 +1,438 @@
+"""``m6rec prepare``: raw logs → cleaned split → M6-Rec text → tokenizer → WebDataset shards.
+
+Work is split into *parts* by a stable hash of the user id.  On one machine
+``--workers N`` runs N parts in processes and merges them; on a cluster each
+job-array task runs ``--part I --num-parts N`` and a last step runs
+``--merge``.  Everything is written into ``<output>.staging/`` and the
+finished directory replaces ``<output>`` in one rename, so a failed or
+interrupted preparation never leaves a half-written dataset where training
+looks for one, and never destroys the previous one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from m6rec.config import ConfigError, DataConfig, to_dict
+from m6rec.data import text as T
+from m6rec.data.sources import clean, load_source
+from m6rec.data.split import leave_one_out, save_split
+from m6rec.data.tokenizer import (
+    SegmentEncoder,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
+
+MANIFEST_FORMAT = 1
+SPLITS = ("train", "valid", "test")
+TOKENIZER_USERS = 2000  # training windows of this many users (plus the whole catalog) teach the BPE
+
+
+def user_part(user_ids: pd.Series, num_parts: int) -> np.ndarray:
+    """Stable across processes and machines (Python's hash() is salted per process)."""
+    return np.fromiter((zlib.crc32(u.encode()) % num_parts for u in user_ids), dtype=np.int64, count=len(user_ids))
+
+
+def safe_name(s: str) -> str:
+    """A tar member name piece: webdataset cuts keys at the first dot."""
+    ok = "".join(c if c.isalnum() or c in "-_" else "_" for c in s)
+    return ok if ok == s else f"{ok}_{zlib.crc32(s.encode()):08x}"
+
+
+@dataclass
+class Prepared:
+    """Everything a part needs; computed identically by every part."""
+
+    cfg: DataConfig
+    timeline: pd.DataFrame  # interactions with split/position, sorted by user and time
+    items: pd.DataFrame
+    catalog: T.Catalog
+    images: dict[str, bytes]  # item_id -> resized JPEG bytes
+    report: dict
+
+
+def _load_images(items: pd.DataFrame, size: int) -> tuple[dict[str, bytes], list[str]]:
+    """Decode and resize each item image once; stored at ``size`` so shards stay small."""
+    out: dict[str, bytes] = {}
+    failed: list[str] = []
+    for iid, path in zip(items["item_id"], items["image"]):
+        if not isinstance(path, str) or not path:  # None or NaN: the item has no image
+            continue
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=90)
+                out[iid] = buf.getvalue()
+        except Exception as e:  # PIL raises many types for bad files
+            failed.append(f"{path}: cannot decode image ({type(e).__name__}: {e}); item {iid} has no image")
+    for msg in failed:
+        warnings.warn(msg)
+    return out, failed
+
+
+def build(cfg: DataConfig) -> Prepared:
+    t0 = time.time()
+    raw = load_source(cfg)
+    data = clean(raw, cfg.filters)
+    timeline = leave_one_out(data.interactions)
+    images, failed = _load_images(data.items, cfg.images.size) if cfg.text.images else ({}, [])
+    items = data.items.copy()
+    items["image"] = [p if iid in images else None for iid, p in zip(items["item_id"], items["image"])]
+    catalog = T.build_catalog(items, data.users, data.tags, cfg.text)
+    report = dict(data.report)
+    report["malformed_rows"] = len(raw.malformed)
+    report["malformed_examples"] = raw.malformed[:100]
+    report["images_found"] = len(images)
+    report["images_failed"] = failed
+    report["seconds_load_clean_split"] = round(time.time() - t0, 2)
+    return Prepared(cfg, timeline, items, catalog, images, report)
+
+
+def _user_arrays(timeline: pd.DataFrame):
+    """Yield (user_id, item_ids, timestamps, ratings, splits) per user without per-row Python."""
+    users = timeline["user_id"].to_numpy()
+    bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
+    item = timeline["item_id"].to_numpy()
+    ts = timeline["timestamp"].to_numpy()
+    rating = timeline["rating"].to_numpy(dtype=np.float64)
+    split = timeline["split"].to_numpy()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        yield users[a], item[a:b], ts[a:b], rating[a:b], split[a:b]
+
+
+def _iter_samples(prep: Prepared, user_filter=None):
+    c = prep.cfg
+    for uid, items, ts, ratings, splits in _user_arrays(prep.timeline):
+        if user_filter is not None and not user_filter(uid):
+            continue
+        for w in T.make_windows(uid, splits, c.max_items, c.stride, c.min_context_items):
+            yield w, items, ts, T.window_segments(w, items, ts, ratings, prep.catalog, c.text)
+
+
+def get_tokenizer(prep: Prepared):
+    """Train the BPE on catalog, profiles and training windows (never valid/test text)."""
+    c = prep.cfg
+    item_tokens = []
+    if c.text.item_repr in ("token", "both"):
+        # Item tokens get ids in a seeded random order: an id must carry no hint of
+        # when an item appears in anyone's history (P5's leakage).
+        ids = prep.items["item_id"].to_numpy()
+        order = np.random.default_rng(0).permutation(len(ids))
+        item_tokens = [T.item_token(ids[i]) for i in order]
+    if c.tokenizer.path:
+        tok = load_tokenizer(c.tokenizer.path)
+        missing = [t for t in item_tokens if tok.token_to_id(t) is None]
+        if missing:
+            tok.add_special_tokens(missing)
+        return tok
+    first_users = set(sorted(prep.timeline["user_id"].unique())[:TOKENIZER_USERS])
+
+    def corpus():
+        yield from prep.catalog.item_text.values()
+        yield from prep.catalog.profiles.values()
+        for w, _, _, segs in _iter_samples(prep, lambda u: u in first_users):
+            if w.split == "train":
+                yield "".join(s.text for s in segs if not s.special)
+
+    return train_tokenizer(corpus(), c.tokenizer.vocab_size, c.tokenizer.min_frequency, item_tokens)
+
+
+def _staging(cfg: DataConfig) -> Path:
+    out = Path(cfg.output)
+    return out.with_name(out.name + ".staging")
+
+
+class _ShardSet:
+    """Writes one split of one part as tar shards of ``shard_size`` samples."""
+
+    def __init__(self, root: Path, split: str, part: int, shard_size: int):
+        self.dir = root / split
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.split, self.part, self.shard_size = split, part, shard_size
+        self.shards: list[dict] = []
+        self.writer = None
+
+    def _open(self):
+        name = f"{self.split}-p{self.part:03d}-{len(self.shards):06d}.tar"
+        self.path = self.dir / name
+        self.writer = wds.TarWriter(str(self.path), encoder=False)
+        self.cur = {"url": f"{self.split}/{name}", "samples": 0, "tokens": 0, "lengths": []}
+
+    def write(self, sample: dict, n_tokens: int):
+        if self.writer is None:
+            self._open()
+        self.writer.write(sample)
+        self.cur["samples"] += 1
+        self.cur["tokens"] += n_tokens
+        self.cur["lengths"].append(n_tokens)
+        if self.cur["samples"] >= self.shard_size:
+            self._close()
+
+    def _close(self):
+        self.writer.close()
+        self.writer = None
+        self.cur["sha256"] = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        self.cur["bytes"] = self.path.stat().st_size
+        self.shards.append(self.cur)
+
+    def finish(self) -> list[dict]:
+        if self.writer is not None:
+            self._close()
+        return self.shards
+
+
+def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progress: bool) -> dict:
+    """Write the shards of users in ``part`` and its part manifest; return the manifest."""
+    c = prep.cfg
+    t0 = time.time()
+    enc = SegmentEncoder(tok, (c.images.size // c.images.patch_size) ** 2)
+    enc.prime(list(prep.catalog.item_text.values()) + list(prep.catalog.profiles.values()))
+    for split in SPLITS:  # a re-run part replaces its own shards, nothing else
+        for old in (root / split).glob(f"{split}-p{part:03d}-*.tar"):
+            old.unlink()
+    sets = {s: _ShardSet(root, s, part, c.shard_size) for s in SPLITS}
+    users = prep.timeline["user_id"].drop_duplicates()
+    mine = set(users[user_part(users, num_parts) == part])
+    bar = tqdm(total=len(mine), desc=f"prepare {c.name} part {part}/{num_parts}", unit="user", disable=not progress)
+    last_user = None
+    for w, items, ts, segs in _iter_samples(prep, mine.__contains__):
+        if w.user_id != last_user:
+            bar.update(1)
+            last_user = w.user_id
+        ids, mask = enc.encode(segs)
+        key = f"u{safe_name(w.user_id)}-{w.split}-{w.index}"
+        window_items = [str(items[r]) for r in w.rows]
+        imgs = [s.image_item for s in segs if s.image_item is not None]
+        meta = {
+            "user_id": w.user_id,
+            "split": w.split,
+            "window": w.index,
+            "items": window_items,
+            "targets": window_items[w.n_context :],
+            "timestamps": [int(ts[r]) for r in w.rows],
+            "images": imgs,
+            "num_tokens": int(len(ids)),
+        }
+        sample = {
+            "__key__": key,
+            "txt": T.segments_text(segs).encode("utf-8"),
+            "ids.npy": _npy(ids),
+            "mask.npy": _npy(mask),
+            "json": json.dumps(meta).encode("utf-8"),
+        }
+        for iid in imgs:
+            sample[f"img.{safe_name(iid)}.jpg"] = prep.images[iid]
+        sets[w.split].write(sample, len(ids))
+    bar.close()
+    manifest = {
+        "part": part,
+        "num_parts": num_parts,
+        "users": len(mine),
+        "splits": {s: sets[s].finish() for s in SPLITS},
+        "seconds": round(time.time() - t0, 2),
+    }
+    parts_dir = root / "parts"
+    parts_dir.mkdir(exist_ok=True)
+    _write_json(parts_dir / f"part-{part:03d}.json", manifest)
+    return manifest
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_dataset_files(prep: Prepared, tok, root: Path) -> str:
+    """The files every part shares: tokenizer, split, catalog, report.  Returns the tokenizer sha."""
+    root.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tok, root / "tokenizer.json")
+    save_split(prep.timeline, root / "splits.parquet")
+    counts = prep.timeline.groupby("item_id").size()
+    items = pd.DataFrame(
+        {
+            "item_id": prep.items["item_id"],
+            "title": prep.items["title"],
+            "text": [prep.catalog.item_text[i] for i in prep.items["item_id"]],
+            "genres": prep.items["genres"],
+            "has_image": [i in prep.images for i in prep.items["item_id"]],
+            "interactions": prep.items["item_id"].map(counts).fillna(0).astype("int64"),
+        }
+    )
+    tmp = root / "items.parquet.tmp"
+    items.to_parquet(tmp, index=False)
+    os.replace(tmp, root / "items.parquet")
+    _write_json(root / "prepare_report.json", prep.report)
+    return tokenizer_fingerprint(tok)
+
+
+def merge(cfg: DataConfig, num_parts: int) -> dict:
+    """Combine part manifests into manifest.json and move the dataset into place."""
+    root = _staging(cfg)
+    parts = []
+    for p in range(num_parts):
+        f = root / "parts" / f"part-{p:03d}.json"
+        if not f.is_file():
+            raise ConfigError(f"cannot merge: part {p} of {num_parts} is missing ({f} not written; did that task fail?)")
+        parts.append(json.loads(f.read_text()))
+        if parts[-1]["num_parts"] != num_parts:
+            raise ConfigError(f"cannot merge: {f} was written with --num-parts {parts[-1]['num_parts']}, not {num_parts}")
+    tok_file = root / "tokenizer.json"
+    if not tok_file.is_file():
+        raise ConfigError(f"cannot merge: {tok_file} missing (part 0 writes it)")
+    tok = load_tokenizer(tok_file)
+    sha = tokenizer_fingerprint(tok)
+    for p in parts:
+        if p.get("tokenizer_sha256") != sha:
+            raise ConfigError(
+                f"cannot merge: part {p['part']} used a different tokenizer than part 0 "
+                f"({p.get('tokenizer_sha256')} vs {sha}); re-run it with data.tokenizer.path={tok_file}"
+            )
+    splits = {}
+    for s in SPLITS:
+        shards = sorted((sh for p in parts for sh in p["splits"][s]), key=lambda sh: sh["url"])
+        splits[s] = {
+            "samples": sum(sh["samples"] for sh in shards),
+            "tokens": sum(sh["tokens"] for sh in shards),
+            "shards": shards,
+        }
+    c = cfg
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "name": c.name,
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "tokenizer_sha256": sha,
+        "special_tokens": {t: tok.token_to_id(t) for t in T.SPECIAL_TOKENS},
+        "image": {
+            "size": c.images.size,
+            "patch_size": c.images.patch_size,
+            "patches": (c.images.size // c.images.patch_size) ** 2,
+        },
+        "item_repr": c.text.item_repr,
+        "splits": splits,
+        "config": to_dict(c),
+    }
+    if splits["train"]["samples"] == 0:
+        raise ConfigError(f"dataset '{c.name}' has no training samples after filtering; loosen data.filters")
+    _write_json(root / "manifest.json", manifest)
+    shutil.rmtree(root / "parts")
+    out = Path(c.output)
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    root.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+    return manifest
+
+
+_PREP: Prepared | None = None  # inherited by forked workers
+
+
+def _worker(args):
+    part, num_parts = args
+    tok = load_tokenizer(_staging(_PREP.cfg) / "tokenizer.json")
+    m = write_part(_PREP, tok, _staging(_PREP.cfg), part, num_parts, progress=part == 0)
+    return m
+
+
+def prepare(cfg: DataConfig, workers: int = 1) -> dict:
+    """Whole preparation on this machine with ``workers`` processes."""
+    global _PREP
+    t0 = time.time()
+    root = _staging(cfg)
+    if root.exists():
+        shutil.rmtree(root)
+    prep = build(cfg)
+    tok = get_tokenizer(prep)
+    sha = write_dataset_files(prep, tok, root)
+    if workers <= 1:
+        parts = [write_part(prep, tok, root, 0, 1, progress=True)]
+    else:
+        _PREP = prep
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # rayon's pool does not survive fork
+        with mp.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_worker, [(p, workers) for p in range(workers)])
+        _PREP = None
+    for m in parts:
+        m["tokenizer_sha256"] = sha
+        _write_json(root / "parts" / f"part-{m['part']:03d}.json", m)
+    manifest = merge(cfg, len(parts))
+    manifest["seconds_total"] = round(time.time() - t0, 2)
+    return manifest
+
+
+def prepare_part(cfg: DataConfig, part: int, num_parts: int) -> dict:
+    """One task of a cluster job array: builds the same tables, writes its users' shards."""
+    if not 0 <= part < num_parts:
+        raise ConfigError(f"--part {part} out of range for --num-parts {num_parts}")
+    root = _staging(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    prep = build(cfg)
+    tok_file = root / "tokenizer.json"
+    if part == 0:
+        tok = get_tokenizer(prep)
+        sha = write_dataset_files(prep, tok, root)
+    else:
+        # BPE training is deterministic for the same corpus, so every part trains
+        # the same tokenizer; merge() checks the fingerprints agree.
+        tok = get_tokenizer(prep)
+        sha = tokenizer_fingerprint(tok)
+    m = write_part(prep, tok, root, part, num_parts, progress=True)
+    m["tokenizer_sha256"] = sha
+    _write_json(root / "parts" / f"part-{part:03d}.json", m)
+    return m
+
+
+def summary(manifest: dict) -> str:
+    lines = [f"dataset {manifest['name']}: vocab {manifest['vocab_size']}"]
+    for s in SPLITS:
+        sp = manifest["splits"][s]
+        lines.append(f"  {s:5s}: {sp['samples']:>8,} samples {sp['tokens']:>12,} tokens {len(sp['shards'])} shards")
+    return "\n".join(lines)
+
+
+def main(cfg, args) -> int:
+    d = cfg.data
+    if args.merge:
+        if not args.num_parts:
+            raise ConfigError("--merge needs --num-parts N")
+        m = merge(d, args.num_parts)
+    elif args.part is not None:
+        if not args.num_parts:
+            raise ConfigError("--part needs --num-parts N")
+        m = prepare_part(d, args.part, args.num_parts)
+        print(f"part {args.part}/{args.num_parts} written to {_staging(d)}; run --merge when all parts are done")
+        return 0
+    else:
+        m = prepare(d, args.workers or d.workers)
+    print(summary(m))
+    print(f"written to {d.output}")
+    return 0
