@@ -99,7 +99,7 @@ def build(cfg: DataConfig) -> Prepared:
     items["image"] = [p if iid in images else None for iid, p in zip(items["item_id"], items["image"])]
     catalog = T.build_catalog(items, data.users, data.tags, cfg.text)
     report = dict(data.report)
-    report["malformed_rows"] = len(raw.malformed)
+    report["malformed_rows"] = raw.counts["malformed_rows"]
     report["malformed_examples"] = raw.malformed[:100]
     report["images_found"] = len(images)
     report["images_failed"] = failed

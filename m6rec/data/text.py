@@ -118,7 +118,8 @@ def render_item_text(title: str, genres: list[str], extra: dict[str, str] | None
 def render_profile(attributes: dict[str, str], cfg: TextConfig) -> str:
     fields = cfg.user_fields or list(attributes)
     parts = [f"{k}: {attributes[k]}" for k in fields if attributes.get(k) not in (None, "")]
-    return cfg.profile_template.format(profile=", ".join(parts) if parts else "no profile")
+    # No attributes, no sentence: tokens spent on "unknown" teach nothing.
+    return cfg.profile_template.format(profile=", ".join(parts)) if parts else ""
 
 
 def build_catalog(items: pd.DataFrame, users: pd.DataFrame, tags: pd.DataFrame, cfg: TextConfig) -> Catalog:
@@ -156,7 +157,9 @@ def window_segments(
 ) -> list[Segment]:
     """The segments of one window (``item_ids`` etc. are the user's whole timeline)."""
     segs = [Segment(BOS, False, True), Segment(CONTEXT, False, True)]
-    segs.append(Segment(catalog.profiles.get(w.user_id, cfg.profile_template.format(profile="no profile")), False))
+    profile = catalog.profiles.get(w.user_id, "")
+    if profile:
+        segs.append(Segment(profile, False))
     prev_ts = None
     for j, row in enumerate(w.rows):
         target = j >= w.n_context
