@@ -95,6 +95,13 @@ class DataConfig:
     max_items: int = 20  # items per text window
     stride: int = 10  # new (predicted) items per window; the rest of the window is context
     min_context_items: int = 1  # context items in a user's first window
+    # "full": every training window holds max_items items (as much history as fits);
+    # "random": each window's history is cut to a seeded random length between
+    # min_context_items and full.  Varied lengths let packing fill rows (>= 95% on
+    # ml-1m-partial, 86% with "full" at seq_len 1024) and train on short and long
+    # histories alike.  Validation and test windows always get the full history.
+    context: Literal["full", "random"] = "random"
+    seed: int = 0  # seeds "random" context lengths and the item-token order
     text: TextConfig = field(default_factory=TextConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     images: ImageConfig = field(default_factory=ImageConfig)

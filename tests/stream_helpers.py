@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from m6rec.data.text import image_member
+
 PAD_ID = 1  # deliberately not 0: the stream must take it from the manifest
 IMAGE_ID = 3
 
@@ -120,7 +122,7 @@ def write_dataset(
                         "images": items, "num_tokens": len(ids)}
                 sample = {"__key__": key, "txt": f"sample {key}".encode(), "ids.npy": _npy(ids),
                           "mask.npy": _npy(mask), "json": json.dumps(meta).encode()}
-                sample.update({f"img.{it}.jpg": b for it, b in jpgs.items()})
+                sample.update({image_member(it): b for it, b in jpgs.items()})
                 writer.write(sample)
                 truth[key] = {"ids": ids, "mask": mask, "image_starts": starts, "images": items, "jpg": jpgs, "url": url}
             sha = ""

@@ -93,3 +93,17 @@ def test_item_token_modes(repr_):
     text = T.segments_text(T.window_segments(w, np.array(["1", "2"]), np.array([0, 0]), np.array([1.0, 2.0]), cat, cfg))
     assert "<item_1>" in text and "<item_2>" in text
     assert ("Toy Story" in text) == (repr_ == "both")
+
+
+def test_random_context_keeps_targets_and_varies_history():
+    splits = splits_for(200)
+    full = T.make_windows("9", splits, max_items=20, stride=5, min_context_items=2)
+    rnd = T.make_windows("9", splits, max_items=20, stride=5, min_context_items=2, rng=np.random.default_rng(0))
+    targets = lambda ws: [int(r) for w in ws if w.split == "train" for r in w.rows[w.n_context:]]
+    assert targets(rnd) == targets(full) == list(range(2, 200))
+    ctx = [w.n_context for w in rnd if w.split == "train"][1:]
+    assert min(ctx) >= 2 and max(ctx) <= 15 and len(set(ctx)) > 5  # varied, within bounds
+    for w in rnd:  # the history kept is the most recent one: rows stay contiguous
+        assert np.all(np.diff(w.rows) == 1)
+    assert [(w.split, list(w.rows)) for w in rnd if w.split != "train"] == [
+        (w.split, list(w.rows)) for w in full if w.split != "train"]  # eval windows keep full history

@@ -43,18 +43,12 @@ from m6rec.data.tokenizer import (
 
 MANIFEST_FORMAT = 1
 SPLITS = ("train", "valid", "test")
-TOKENIZER_USERS = 2000  # training windows of this many users (plus the whole catalog) teach the BPE
+TOKENIZER_USERS = 300  # training windows of this many users (plus the whole catalog) teach the BPE its phrases
 
 
 def user_part(user_ids: pd.Series, num_parts: int) -> np.ndarray:
     """Stable across processes and machines (Python's hash() is salted per process)."""
     return np.fromiter((zlib.crc32(u.encode()) % num_parts for u in user_ids), dtype=np.int64, count=len(user_ids))
-
-
-def safe_name(s: str) -> str:
-    """A tar member name piece: webdataset cuts keys at the first dot."""
-    ok = "".join(c if c.isalnum() or c in "-_" else "_" for c in s)
-    return ok if ok == s else f"{ok}_{zlib.crc32(s.encode()):08x}"
 
 
 @dataclass
@@ -124,7 +118,9 @@ def _iter_samples(prep: Prepared, user_filter=None):
     for uid, items, ts, ratings, splits in _user_arrays(prep.timeline):
         if user_filter is not None and not user_filter(uid):
             continue
-        for w in T.make_windows(uid, splits, c.max_items, c.stride, c.min_context_items):
+        # Seeded per user, so parts and workers draw the same windows wherever the user lands.
+        rng = np.random.default_rng([c.seed, zlib.crc32(uid.encode())]) if c.context == "random" else None
+        for w in T.make_windows(uid, splits, c.max_items, c.stride, c.min_context_items, rng):
             yield w, items, ts, T.window_segments(w, items, ts, ratings, prep.catalog, c.text)
 
 
@@ -136,7 +132,7 @@ def get_tokenizer(prep: Prepared):
         # Item tokens get ids in a seeded random order: an id must carry no hint of
         # when an item appears in anyone's history (P5's leakage).
         ids = prep.items["item_id"].to_numpy()
-        order = np.random.default_rng(0).permutation(len(ids))
+        order = np.random.default_rng(c.seed).permutation(len(ids))
         item_tokens = [T.item_token(ids[i]) for i in order]
     if c.tokenizer.path:
         tok = load_tokenizer(c.tokenizer.path)
@@ -174,7 +170,9 @@ class _ShardSet:
     def _open(self):
         name = f"{self.split}-p{self.part:03d}-{len(self.shards):06d}.tar"
         self.path = self.dir / name
-        self.writer = wds.TarWriter(str(self.path), encoder=False)
+        # An integer mtime keeps tarfile from adding a PAX header to every member
+        # (a float mtime needs one): half the header blocks, a third less time.
+        self.writer = wds.TarWriter(str(self.path), encoder=False, mtime=int(time.time()))
         self.cur = {"url": f"{self.split}/{name}", "samples": 0, "tokens": 0, "lengths": []}
 
     def write(self, sample: dict, n_tokens: int):
@@ -212,14 +210,15 @@ def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progr
     sets = {s: _ShardSet(root, s, part, c.shard_size) for s in SPLITS}
     users = prep.timeline["user_id"].drop_duplicates()
     mine = set(users[user_part(users, num_parts) == part])
-    bar = tqdm(total=len(mine), desc=f"prepare {c.name} part {part}/{num_parts}", unit="user", disable=not progress)
+    bar = tqdm(total=len(mine), desc=f"prepare {c.name} part {part}/{num_parts}", unit="user", disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # logs get a line per 30 s, not per user
     last_user = None
     for w, items, ts, segs in _iter_samples(prep, mine.__contains__):
         if w.user_id != last_user:
             bar.update(1)
             last_user = w.user_id
         ids, mask = enc.encode(segs)
-        key = f"u{safe_name(w.user_id)}-{w.split}-{w.index}"
+        key = w.key
         window_items = [str(items[r]) for r in w.rows]
         imgs = [s.image_item for s in segs if s.image_item is not None]
         meta = {
@@ -229,6 +228,7 @@ def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progr
             "items": window_items,
             "targets": window_items[w.n_context :],
             "timestamps": [int(ts[r]) for r in w.rows],
+            "positions": [int(r) for r in w.rows],  # indices in the user's timeline (splits.parquet)
             "images": imgs,
             "num_tokens": int(len(ids)),
         }
@@ -240,7 +240,7 @@ def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progr
             "json": json.dumps(meta).encode("utf-8"),
         }
         for iid in imgs:
-            sample[f"img.{safe_name(iid)}.jpg"] = prep.images[iid]
+            sample[T.image_member(iid)] = prep.images[iid]
         sets[w.split].write(sample, len(ids))
     bar.close()
     manifest = {

@@ -55,6 +55,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from m6rec.config import DataConfig, ImageConfig, StreamConfig
+from m6rec.data.text import image_member
 
 IGNORE_INDEX = -100  # labels value cross_entropy ignores
 
@@ -427,7 +428,7 @@ class PackedStream(IterableDataset):
             raise ValueError(f"sample {key}: an image slot is not {self.P} consecutive tokens")
         images = np.empty((len(items), self.image_size, self.image_size, 3), dtype=np.uint8)
         for k, item in enumerate(items):
-            data = s.get(f"img.{item}.jpg")
+            data = s.get(image_member(item))
             if data is None:
                 raise ValueError(f"sample {key}: no image member for item {item!r}")
             with Image.open(io.BytesIO(data)) as im:

@@ -12,6 +12,7 @@ renderings.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,18 @@ def item_token(item_id: str) -> str:
     return f"<item_{item_id}>"
 
 
+def safe_name(s: str) -> str:
+    """A tar member name piece.  webdataset cuts keys at the first dot and lower-cases
+    extensions, so other ids get a checksum suffix that keeps them distinct."""
+    ok = "".join(c if c.isalnum() or c in "-_" else "_" for c in s).lower()
+    return ok if ok == s else f"{ok}_{zlib.crc32(s.encode()):08x}"
+
+
+def image_member(item_id: str) -> str:
+    """The member name (after the sample key) of an item's image in a shard."""
+    return f"img.{safe_name(item_id)}.jpg"
+
+
 @dataclass
 class Window:
     """Items [start, end) of one user's timeline; the first ``n_context`` are context."""
@@ -46,11 +59,16 @@ class Window:
     @property
     def key(self) -> str:
         # webdataset splits keys at the first dot: keys must not contain one.
-        return f"u{self.user_id}-{self.split}-{self.index}".replace(".", "_")
+        return f"u{safe_name(self.user_id)}-{self.split}-{self.index}"
 
 
 def make_windows(
-    user_id: str, splits: np.ndarray, max_items: int, stride: int, min_context_items: int
+    user_id: str,
+    splits: np.ndarray,
+    max_items: int,
+    stride: int,
+    min_context_items: int,
+    rng: np.random.Generator | None = None,
 ) -> list[Window]:
     """Windows over one user's timeline (``splits`` holds 'train'/'valid'/'test' per row, in time order).
 
@@ -64,6 +82,9 @@ def make_windows(
     The validation window predicts the validation target from the training
     items before it; the test window predicts the test target from everything
     before it.  No valid/test target ever appears in a training window.
+
+    With ``rng`` given, each training window keeps a random amount of its
+    history (at least ``min_context_items``, or all there is).
     """
     n_train = int((splits == "train").sum())
     windows: list[Window] = []
@@ -73,6 +94,10 @@ def make_windows(
         new_end = min(n_train, max_items if end == 0 else end + stride)
         start = max(0, new_end - max_items)
         n_context = min_context_items if end == 0 else end - start
+        if rng is not None and n_context > min_context_items:
+            keep = int(rng.integers(min_context_items, n_context + 1))
+            start += n_context - keep
+            n_context = keep
         if new_end - start > n_context:  # at least one target
             windows.append(Window(user_id, "train", k, np.arange(start, new_end), n_context))
             k += 1
