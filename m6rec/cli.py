@@ -18,6 +18,8 @@ COMMANDS = {
     "prepare": ("m6rec.data.prepare", "main", "raw logs -> M6-Rec text -> tokenizer -> WebDataset shards"),
     "model-info": ("m6rec.model.info", "main", "parameters, FLOPs/token and ZeRO memory of a model preset"),
     "bench": ("m6rec.bench", "main", "benchmarks: data | model | train"),
+    "train": ("m6rec.train.engine", "main", "pretrain with DeepSpeed (one machine; launch/train.py for clusters)"),
+    "plot": ("m6rec.train.plot", "main", "draw a run's metrics.jsonl to a PNG"),
 }
 
 
@@ -37,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model-info", help=COMMANDS["model-info"][2])
     _add_common(p)
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs for the ZeRO memory table")
+    p = sub.add_parser("train", help=COMMANDS["train"][2])
+    _add_common(p)
+    p.add_argument("--resume", default="none", help="'auto' = the newest complete checkpoint of train.run_dir, "
+                   "'none', or a tag like step00000100")
+    p = sub.add_parser("plot", help=COMMANDS["plot"][2])
+    p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/metrics.png)")
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("bench", help=COMMANDS["bench"][2])
     p.add_argument("what", choices=["data", "model", "train"])
     _add_common(p)
@@ -47,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
     args, rest = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, rest)

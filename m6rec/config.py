@@ -131,6 +131,17 @@ class ModelConfig:
 
 
 @dataclass
+class WandbConfig:
+    # "auto": online when logged in (WANDB_API_KEY or ~/.netrc), offline otherwise;
+    # the WANDB_MODE environment variable, when set, always wins.
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "m6rec"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # default: the run directory's name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     steps: int = 100
@@ -143,9 +154,15 @@ class TrainConfig:
     grad_accum: int = 1
     log_every: int = 10
     eval_every: int = 100
-    save_every: int = 100
+    eval_batches: int = 0  # validation batches per evaluation; 0 = the whole validation split
+    save_every: int = 100  # steps; 0 = off
+    save_every_minutes: float = 0.0  # also save when this much time passed since the last save; 0 = off
     keep_last: int = 3
+    max_nonfinite: int = 5  # consecutive non-finite losses tolerated (updates skipped) before stopping
+    infill_rate: float = 0.0  # fraction of samples trained with the M6 text-infilling objective
+    peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; None = known GPU table / measured on CPU
     seed: int = 1234
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

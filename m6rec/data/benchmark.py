@@ -1,0 +1,121 @@
+"""``m6rec bench data``: preparation throughput, reader throughput, and how far the
+reader stays ahead of what one training rank consumes — measured side by side
+in one run on the same machine."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from m6rec.config import Config, load_config
+from m6rec.data.prepare import prepare
+from m6rec.data.stream import StreamLoader
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def bench_prepare(cfg: Config, workers: int, out_dir: Path) -> dict:
+    data = dataclasses.replace(cfg.data, output=str(out_dir))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    t0 = time.perf_counter()
+    manifest = prepare(data, workers=workers)
+    seconds = time.perf_counter() - t0
+    samples = sum(s["samples"] for s in manifest["splits"].values())
+    tokens = sum(s["tokens"] for s in manifest["splits"].values())
+    size = _dir_bytes(out_dir)
+    return dict(workers=workers, seconds=round(seconds, 2), samples=samples, tokens=tokens, bytes=size,
+                samples_per_s=round(samples / seconds, 1), mb_per_s=round(size / seconds / 1e6, 2))
+
+
+def bench_reader(dataset: Path, cfg: Config, num_workers: int, max_batches: int, max_seconds: float) -> dict:
+    stream = dataclasses.replace(cfg.data.stream, num_workers=num_workers)
+    loader = StreamLoader(dataset, "train", stream, rank=0, world_size=1)
+    t0 = time.perf_counter()
+    it = iter(loader)
+    first = next(it)
+    t_first = time.perf_counter() - t0
+    n = samples = tokens = 0
+    t1 = time.perf_counter()
+    for batch in it:  # timed after the first batch: steady-state throughput
+        n += 1
+        samples += sum(len(k) for k in batch["sample_keys"])
+        tokens += int((batch["document_ids"] >= 0).sum())
+        if n >= max_batches or time.perf_counter() - t1 > max_seconds:
+            break
+    seconds = time.perf_counter() - t1
+    del first, it
+    return dict(num_workers=num_workers, first_batch_s=round(t_first, 2), batches=n, seconds=round(seconds, 2),
+                samples_per_s=round(samples / seconds, 1), tokens_per_s=round(tokens / seconds, 1),
+                packing_efficiency=round(loader.packing_efficiency, 4))
+
+
+def bench_train_consumption(dataset: Path, cfg: Config, model_preset: str, steps: int) -> dict:
+    """Tokens/s one training rank of ``model_preset`` consumes (fp32 fwd+bwd+AdamW on CPU)."""
+    from m6rec.model import build_model
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    mcfg = load_config(model_preset).model
+    mcfg = dataclasses.replace(mcfg, vocab_size=manifest["vocab_size"],
+                               max_seq_len=max(mcfg.max_seq_len, cfg.data.stream.seq_len))
+    torch.manual_seed(0)
+    model = build_model(mcfg, image_size=manifest["image"]["size"], patch_size=manifest["image"]["patch_size"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loader = StreamLoader(dataset, "train", dataclasses.replace(cfg.data.stream, num_workers=0),
+                          rank=0, world_size=1)
+    batches = [b for _, b in zip(range(steps + 1), loader)]
+
+    def step(b):
+        out = model(**{k: v for k, v in b.items() if isinstance(v, torch.Tensor)})
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(batches[0])  # warm-up
+    tokens = 0
+    t0 = time.perf_counter()
+    for b in batches[1:]:
+        step(b)
+        tokens += int((b["document_ids"] >= 0).sum())
+    seconds = time.perf_counter() - t0
+    return dict(model=model_preset, params=model.num_params(), steps=steps, seconds=round(seconds, 2),
+                tokens_per_s=round(tokens / seconds, 1))
+
+
+def bench_data(cfg: Config, work_dir: Path, prepare_workers=(1, 2), loader_workers=(0, 1, 2),
+               model_preset: str = "configs/model/small.yaml", max_batches: int = 200, max_seconds: float = 30.0,
+               train_steps: int = 3) -> dict:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = dict(dataset=cfg.data.name, seq_len=cfg.data.stream.seq_len, batch_size=cfg.data.stream.batch_size)
+    result["prepare"] = [bench_prepare(cfg, w, work_dir / f"prepared-w{w}") for w in prepare_workers]
+    dataset = work_dir / f"prepared-w{prepare_workers[-1]}"
+    result["reader"] = [bench_reader(dataset, cfg, w, max_batches, max_seconds) for w in loader_workers]
+    result["train_rank"] = bench_train_consumption(dataset, cfg, model_preset, train_steps)
+    need = result["train_rank"]["tokens_per_s"]
+    for r in result["reader"]:
+        r["x_ahead_of_training"] = round(r["tokens_per_s"] / need, 1)
+    result["target_x_ahead"] = 20
+    return result
+
+
+def format_table(r: dict) -> str:
+    lines = [f"dataset {r['dataset']} (seq_len {r['seq_len']}, batch {r['batch_size']})", "",
+             "| prepare workers | seconds | samples/s | MB/s | samples | MB |", "|---|---|---|---|---|---|"]
+    for p in r["prepare"]:
+        lines.append(f"| {p['workers']} | {p['seconds']} | {p['samples_per_s']} | {p['mb_per_s']} | "
+                     f"{p['samples']:,} | {p['bytes'] / 1e6:.0f} |")
+    t = r["train_rank"]
+    lines += ["", "| loader workers | first batch s | samples/s | tokens/s | × one training rank |",
+              "|---|---|---|---|---|"]
+    for x in r["reader"]:
+        lines.append(f"| {x['num_workers']} | {x['first_batch_s']} | {x['samples_per_s']} | {x['tokens_per_s']:,.0f} | "
+                     f"{x['x_ahead_of_training']}× |")
+    lines.append(f"\none training rank of `{t['model']}` ({t['params'] / 1e6:.1f}M params, fp32 CPU) consumes "
+                 f"{t['tokens_per_s']:,.0f} tokens/s; target: reader ≥ {r['target_x_ahead']}× ahead")
+    return "\n".join(lines)
