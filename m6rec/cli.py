@@ -15,6 +15,7 @@ from m6rec.config import ConfigError, load_config
 
 # name -> (module, function, help). Each function takes (cfg, args).
 COMMANDS = {
+    "config": ("m6rec.cli", "show_config", "print the resolved configuration (or one key with --get)"),
     "prepare": ("m6rec.data.prepare", "main", "raw logs -> M6-Rec text -> tokenizer -> WebDataset shards"),
     "model-info": ("m6rec.model.info", "main", "parameters, FLOPs/token and ZeRO memory of a model preset"),
     "bench": ("m6rec.bench", "main", "benchmarks: data | model | train"),
@@ -30,6 +31,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m6rec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("config", help=COMMANDS["config"][2])
+    _add_common(p)
+    p.add_argument("--get", default=None, help="print only this dotted key, e.g. train.run_dir")
     p = sub.add_parser("prepare", help=COMMANDS["prepare"][2])
     _add_common(p)
     p.add_argument("--workers", type=int, default=None, help="processes on this machine (overrides data.workers)")
@@ -52,6 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return parser
+
+
+def show_config(cfg, args) -> int:
+    """`m6rec config`: scripts (slurm/*.sbatch) read resolved values through this."""
+    import yaml
+
+    from m6rec.config import to_dict
+
+    tree = to_dict(cfg)
+    if args.get:
+        node = tree
+        for part in args.get.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"unknown config key '{args.get}'")
+            node = node[part]
+        print(node if not isinstance(node, (dict, list)) else yaml.safe_dump(node, sort_keys=False).rstrip())
+    else:
+        print(yaml.safe_dump(tree, sort_keys=False).rstrip())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

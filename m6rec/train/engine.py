@@ -159,18 +159,38 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 # Signals: finish the step, checkpoint, exit 0
 # ---------------------------------------------------------------------------
 class StopFlag:
-    def __init__(self):
+    """Set by SIGTERM/SIGUSR1, or by a file ``RUN_DIR/STOP`` (what slurm/train.sbatch
+    touches: launchers such as deepspeed's do not forward SIGUSR1 to the ranks)."""
+
+    def __init__(self, stop_file: Path):
         self.signal: Optional[int] = None
+        self.stop_file = stop_file
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.signal = signum
 
+    def requested(self) -> bool:
+        return self.signal is not None or self.stop_file.exists()
+
+    def reason(self) -> str:
+        if self.signal is not None:
+            return "signal " + signal.Signals(self.signal).name
+        return f"stop file {self.stop_file}" if self.stop_file.exists() else "stop on another rank"
+
 
 # ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
+def _fault_steps(name: str) -> set[int]:
+    """Test hook: ``M6REC_FAULT=nan_loss@3,4`` makes the loss non-finite at those steps."""
+    spec = os.environ.get("M6REC_FAULT", "")
+    if not spec.startswith(name + "@"):
+        return set()
+    return {int(x) for x in spec.split("@", 1)[1].split(",")}
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
@@ -217,7 +237,7 @@ def train(cfg: Config, resume: str = "none") -> dict:
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
     from m6rec.model.info import flops_per_token
-    from m6rec.train.metrics import MetricsLogger, memory_stats, peak_flops, progress
+    from m6rec.train.metrics import MetricsLogger, StepTimer, memory_stats, peak_flops, progress
 
     rank, world, device = init_distributed()
     on_gpu = device.type == "cuda"
@@ -272,118 +292,105 @@ def train(cfg: Config, resume: str = "none") -> dict:
     metrics = MetricsLogger(run_dir, to_dict(cfg), rank, world, cfg.train.wandb)
     peak, peak_source = peak_flops(cfg.train.precision, device, configured=cfg.train.peak_flops)
     fpt = flops_per_token(margs, cfg.data.stream.seq_len)["total"]
-    stop = StopFlag()
+    stop = StopFlag(run_dir / "STOP")
     bar = progress(total=cfg.train.steps, initial=step, desc="train", rank=rank)
     accum = cfg.train.grad_accum
+    timer = StepTimer()
     last_save_time = time.time()
-    window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "n": 0}
-    last_metrics: dict[str, Any] = {}
+    interval_loss, interval_steps = 0.0, 0
     stopped_by = "steps"
     batches = iter(train_loader)
     consecutive_nonfinite = 0
+    nan_steps = _fault_steps("nan_loss")
 
     def save_now(reason: str):
         nonlocal last_save_time
         client = {"step": step, "tokens_seen": tokens_seen, "stream": train_loader.state_dict(),
                   "reason": reason, "world_size": world}
-        ckpt.save(engine, ckpt_dir, step, client, {"rng": ckpt.rng_state()}, cfg.train.keep_last)
+        with timer.paused():
+            ckpt.save(engine, ckpt_dir, step, client, {"rng": ckpt.rng_state()}, cfg.train.keep_last)
         last_save_time = time.time()
 
     while step < cfg.train.steps:
-        t_step = time.perf_counter()
-        data_wait = 0.0
-        step_tokens = 0
-        step_loss = 0.0
-        nonfinite_here = False
+        step_tokens, step_loss, nonfinite_here = 0, 0.0, False
         for _ in range(accum):
-            t0 = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:  # the epoch ended: the loader moved to the next one
-                batches = iter(train_loader)
-                batch = next(batches)
-            data_wait += time.perf_counter() - t0
+            with timer.waiting_for_data():
+                try:
+                    batch = next(batches)
+                except StopIteration:  # the epoch ended: the loader moved on to the next one
+                    batches = iter(train_loader)
+                    batch = next(batches)
             b = _to_device(batch, device)
-            out = engine(**b)
-            loss = out.loss
-            if os.environ.get("M6REC_FAULT", "").startswith("nan_loss@"):
-                # Test hook: make the loss non-finite at the listed steps.
-                bad = {int(x) for x in os.environ["M6REC_FAULT"].split("@", 1)[1].split(",")}
-                if step in bad:
-                    loss = loss * float("nan")
-            finite = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=device)
+            loss = engine(**b).loss
+            if step in nan_steps:
+                loss = loss * float("nan")  # test hook (M6REC_FAULT=nan_loss@N,M)
+            bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=device)
             if dist.is_initialized():
-                dist.all_reduce(finite, op=dist.ReduceOp.MAX)
-            if finite.item() > 0:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
+                # Every rank skips this micro-batch together: no update from it,
+                # and no rank waits in a gradient all-reduce the others skip.
                 nonfinite_here = True
-                # Every rank skips backward together: no update from this micro-batch.
                 continue
             engine.backward(loss)
             engine.step()
             step_tokens += int((b["document_ids"] >= 0).sum())  # real (non-pad) tokens processed
-            step_loss += float(loss.detach())
+            step_loss += loss.item()  # .item() syncs the device: the step time is real
         if nonfinite_here:
             consecutive_nonfinite += 1
             skipped_nonfinite += 1
             if consecutive_nonfinite >= cfg.train.max_nonfinite:
+                bar.close()
                 metrics.close()
                 raise RuntimeError(
-                    f"stopping: the loss was non-finite at {consecutive_nonfinite} consecutive steps "
-                    f"(train.max_nonfinite={cfg.train.max_nonfinite}); no checkpoint was written after "
-                    f"step {step}. Lower train.lr, use bf16 instead of fp16, or check the data.")
+                    f"stopping at step {step}: the loss was non-finite at {consecutive_nonfinite} consecutive "
+                    f"steps (train.max_nonfinite={cfg.train.max_nonfinite}); those updates were skipped and no "
+                    f"checkpoint was written after them. Lower train.lr, prefer bf16 to fp16, or check the data.")
         else:
             consecutive_nonfinite = 0
         step += 1
-        tokens_seen += step_tokens
-        elapsed = time.perf_counter() - t_step
-        window["tokens"] += step_tokens
-        window["time"] += elapsed
-        window["data"] += data_wait
-        window["loss"] += step_loss / max(1, accum)
-        window["n"] += 1
+        tokens_seen += step_tokens * world
+        timer.step_done(step_tokens)
+        interval_loss += step_loss / accum
+        interval_steps += 1
         bar.update(1)
 
         # One all-reduce decides what every rank does next.
         decide = torch.tensor([
-            1.0 if stop.signal is not None else 0.0,
-            1.0 if (cfg.train.save_every_minutes and
-                    time.time() - last_save_time >= 60 * cfg.train.save_every_minutes) else 0.0,
-        ], device=device)
+            1.0 if stop.requested() else 0.0,
+            1.0 if (cfg.train.save_every_minutes
+                    and time.time() - last_save_time >= 60 * cfg.train.save_every_minutes) else 0.0,
+            interval_loss,
+        ], dtype=torch.float64, device=device)
         if dist.is_initialized():
-            dist.all_reduce(decide, op=dist.ReduceOp.MAX)
-        want_stop, want_time_save = decide.tolist()
+            dist.all_reduce(decide, op=dist.ReduceOp.SUM)
+        want_stop, want_time_save, loss_sum = decide.tolist()
 
+        row: dict[str, Any] = {}
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            counts = torch.tensor([window["tokens"], window["loss"]], dtype=torch.float64, device=device)
-            if dist.is_initialized():
-                dist.all_reduce(counts)
-            tps_global = counts[0].item() / window["time"] if window["time"] else 0.0
-            last_metrics = {
-                "loss": counts[1].item() / world / max(1, window["n"]),
+            row = {
+                "loss": loss_sum / world / max(1, interval_steps),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "loss_scale": float(getattr(optimizer, "cur_scale", 1.0) if cfg.train.precision == "fp16" else 1.0),
-                "tokens_per_s": tps_global,
-                "tokens_per_s_per_rank": tps_global / world,
-                "mfu": (tps_global / world) * fpt / peak if peak else 0.0,
-                "step_time_s": window["time"] / window["n"],
-                "data_wait_frac": window["data"] / window["time"] if window["time"] else 0.0,
+                **timer.interval_metrics(world, fpt, peak),
                 "tokens_seen": tokens_seen,
-                "skipped_nonfinite": skipped_nonfinite,
+                "samples_skipped": train_loader.stats.get("skipped_samples", 0),
                 "corrupt_shards": train_loader.stats.get("corrupt_shards", 0),
-                "skipped_samples": train_loader.stats.get("skipped_samples", 0),
+                "nonfinite_steps": skipped_nonfinite,
                 "epoch": train_loader.epoch,
                 **memory_stats(device),
             }
-            window = {"tokens": 0, "time": 0.0, "data": 0.0, "loss": 0.0, "n": 0}
+            if cfg.train.precision == "fp16":
+                row["loss_scale"] = float(getattr(optimizer, "cur_scale", float("nan")))
+            interval_loss, interval_steps = 0.0, 0
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-            last_metrics["val_loss"] = evaluate(engine, val_loader, device, cfg.train.eval_batches)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps or "val_loss" in last_metrics:
-            metrics.log(step, last_metrics)
-            last_metrics.pop("val_loss", None)
+            with timer.paused():
+                row["val_loss"] = evaluate(engine, val_loader, device, cfg.train.eval_batches)
+        if row:
+            metrics.log(step, row)
 
         if want_stop:
-            stopped_by = f"signal {signal.Signals(int(stop.signal or signal.SIGTERM)).name}" if stop.signal else "signal"
+            stopped_by = stop.reason()
             save_now("preempted")
             break
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or want_time_save or step == cfg.train.steps:

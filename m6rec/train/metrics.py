@@ -1,0 +1,533 @@
+"""Training metrics: peak FLOP/s and MFU, step timing, memory, and the sinks.
+
+One :class:`MetricsLogger` per process; only rank 0 writes.  Every ``log``
+call goes to three sinks: one console line, one JSON line appended to
+``RUN_DIR/metrics.jsonl`` (read by ``m6rec plot``), and Weights & Biases.
+W&B is optional at run time: if it cannot be imported or started, a warning
+is printed once and the other sinks go on, because a dashboard must never
+kill a multi-day run.  See docs/wandb.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import netrc
+import os
+import re
+import resource
+import secrets
+import string
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+# Metric names written by the trainer, with units.  The logger accepts any
+# name; these are the ones the console line, the plot and docs/wandb.md know.
+METRICS: dict[str, str] = {
+    "loss": "training loss, nats per target token (mean over the log interval)",
+    "val_loss": "validation loss, nats per target token",
+    "lr": "learning rate after the step",
+    "grad_norm": "global L2 norm of the gradients before clipping",
+    "loss_scale": "fp16 dynamic loss scale (fp16 only)",
+    "tokens_per_s": "tokens/s over all ranks",
+    "tokens_per_s_per_device": "tokens/s on one rank",
+    "tflops_per_device": "achieved model TFLOP/s on one rank",
+    "mfu_pct": "model FLOPs utilization, % of the device's peak FLOP/s",
+    "step_time_ms": "wall time per optimizer step, ms (mean over the interval)",
+    "data_wait_pct": "% of the interval's wall time spent waiting for the next batch",
+    "memory_gib": "CUDA: max allocated since the last log; CPU: process RSS; GiB",
+    "memory_reserved_gib": "CUDA only: max reserved by the caching allocator since the last log, GiB",
+    "memory_peak_gib": "CPU only: peak process RSS since start, GiB",
+    "tokens_seen": "tokens trained on so far, all ranks",
+    "samples_skipped": "corrupt samples skipped so far",
+    "corrupt_shards": "corrupt shards skipped so far (this epoch, this rank's readers)",
+    "epoch": "epoch of the training stream",
+    "nonfinite_steps": "updates skipped because the loss was not finite, so far",
+}
+
+# --------------------------------------------------------------------------
+# Peak FLOP/s and MFU
+# --------------------------------------------------------------------------
+# Dense (no sparsity) tensor-core peaks per GPU, FLOP/s.  bf16 values are the
+# ones torchtitan assumes (torchtitan/tools/utils.py get_peak_flops); all are
+# from NVIDIA's product datasheets, whose headline numbers are "with sparsity"
+# and so twice these.  "fp32" is the plain CUDA-core peak, used when TF32 is
+# off (PyTorch's default for matmuls).  The first entry whose substrings all
+# occur in torch.cuda.get_device_name() wins, so specific names come first
+# ("H100 PCIe" before "H100", "A100" before "A10").
+KNOWN_PEAK_FLOPS: tuple[tuple[tuple[str, ...], dict[str, float]], ...] = (
+    (("h100", "nvl"), dict(bf16=835e12, fp16=835e12, tf32=417.5e12, fp32=60e12)),
+    (("h100", "pcie"), dict(bf16=756e12, fp16=756e12, tf32=378e12, fp32=51e12)),
+    (("h100",), dict(bf16=989e12, fp16=989e12, tf32=494.5e12, fp32=67e12)),  # SXM: "H100 80GB HBM3"
+    (("h200", "nvl"), dict(bf16=836e12, fp16=836e12, tf32=418e12, fp32=60e12)),
+    (("h200",), dict(bf16=989e12, fp16=989e12, tf32=494.5e12, fp32=67e12)),  # SXM, and GH200
+    (("a100",), dict(bf16=312e12, fp16=312e12, tf32=156e12, fp32=19.5e12)),
+    (("a10",), dict(bf16=125e12, fp16=125e12, tf32=62.5e12, fp32=31.2e12)),  # A10 datasheet; A10G shares it
+    (("l40s",), dict(bf16=362e12, fp16=362e12, tf32=183e12, fp32=91.6e12)),
+    (("l4",), dict(bf16=121e12, fp16=121e12, tf32=60e12, fp32=30.3e12)),
+    (("v100",), dict(fp16=125e12, fp32=15.7e12)),  # SXM2; no bf16 tensor cores
+)
+
+_measured_peaks: dict[tuple[str, str], float] = {}  # (device, dtype) -> FLOP/s, once per process
+
+
+def measure_matmul_flops(dtype: Any = None, device: Any = "cpu", seconds: float = 1.0) -> float:
+    """Best FLOP/s of square matmuls in ``dtype`` on ``device``: a practical peak.
+
+    Used where no datasheet applies (CPUs, unknown accelerators).  Cached per
+    process, since every call costs ``seconds``.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    key = (str(device), str(dtype))
+    if key in _measured_peaks:
+        return _measured_peaks[key]
+    is_cuda = torch.device(device).type == "cuda"
+    best, deadline, rep_time = 0.0, time.perf_counter() + seconds, 0.0
+    for n in (512, 1024, 2048):  # small sizes miss the peak; larger ones only if they fit the budget
+        if best and time.perf_counter() + 3 * 8 * rep_time > deadline:  # 3 matmuls, each 8x the last size's
+            break
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        a @ b  # warm-up: thread pool, kernel selection
+        t_end = time.perf_counter() + seconds / 3
+        reps = 0
+        while reps < 2 or time.perf_counter() < t_end:
+            t = time.perf_counter()
+            a @ b
+            if is_cuda:
+                torch.cuda.synchronize(device)
+            rep_time = time.perf_counter() - t
+            best = max(best, 2 * n**3 / rep_time)
+            reps += 1
+    _measured_peaks[key] = best
+    return best
+
+
+def _matmul_precision_name(precision: str) -> str:
+    """Which tensor-core mode a ``train.precision`` runs its matmuls in on CUDA."""
+    if precision != "fp32":
+        return precision
+    import torch
+
+    # PyTorch runs fp32 matmuls in TF32 only when allowed: precision "high" or
+    # "medium" (torch.set_float32_matmul_precision); the default "highest" is fp32.
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def peak_flops(
+    precision: str,
+    device: Any,
+    configured: Optional[float] = None,
+    measure: Callable[..., float] = measure_matmul_flops,
+) -> tuple[float, str]:
+    """Peak FLOP/s of one device for MFU, and where the number came from.
+
+    Order: ``configured`` (train.peak_flops) > :data:`KNOWN_PEAK_FLOPS` for a
+    known CUDA GPU > ``measure(dtype, device)`` (a short matmul measurement,
+    the only honest number for CPUs and unlisted devices).
+    """
+    import torch
+
+    if configured:
+        return float(configured), "configured (train.peak_flops)"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        mode = _matmul_precision_name(precision)
+        for patterns, peaks in KNOWN_PEAK_FLOPS:
+            if all(p in name.lower() for p in patterns) and mode in peaks:
+                return peaks[mode], f"datasheet {mode} peak of {name} (KNOWN_PEAK_FLOPS)"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype_name = str(dtype).removeprefix("torch.")
+    label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return float(measure(dtype, dev)), f"measured {dtype_name} matmul peak on {label}"
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilization as a fraction: achieved model FLOP/s over the peak."""
+    if peak <= 0:
+        raise ValueError(f"peak FLOP/s must be > 0, got {peak}")
+    return tokens_per_s_per_device * flops_per_token / peak
+
+
+# --------------------------------------------------------------------------
+# Step timing and memory
+# --------------------------------------------------------------------------
+class StepTimer:
+    """Wall time per step and the share of it spent waiting for data.
+
+    ``with timer.waiting_for_data(): batch = next(it)``, then
+    ``timer.step_done(tokens)`` after the step (after something that syncs the
+    device, such as ``loss.item()``, or CUDA time is not counted), and
+    ``timer.interval_metrics(...)`` at every log, which also starts a new
+    interval.  ``with timer.paused():`` keeps evaluation and checkpoint saves
+    out of the throughput numbers.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock  # injectable so tests need not patch the global time module
+        self.reset()
+
+    def reset(self) -> None:
+        self._start = self._clock()
+        self._excluded = self._data_wait = 0.0
+        self._steps = self._tokens = 0
+
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        t = self._clock()
+        try:
+            yield
+        finally:
+            self._data_wait += self._clock() - t
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t = self._clock()
+        try:
+            yield
+        finally:
+            self._excluded += self._clock() - t
+
+    def step_done(self, tokens: int = 0) -> None:
+        self._steps += 1
+        self._tokens += int(tokens)
+
+    def interval_metrics(
+        self, world_size: int = 1, flops_per_token: Optional[float] = None, peak: Optional[float] = None
+    ) -> dict[str, float]:
+        """Throughput metrics of the steps since the last call (tokens counted on this rank)."""
+        elapsed = max(self._clock() - self._start - self._excluded, 1e-9)
+        out: dict[str, float] = {}
+        if self._steps:
+            per_device = self._tokens / elapsed
+            out = dict(
+                step_time_ms=1000 * elapsed / self._steps,
+                data_wait_pct=100 * self._data_wait / elapsed,
+                tokens_per_s_per_device=per_device,
+                tokens_per_s=per_device * world_size,
+            )
+            if flops_per_token:
+                out["tflops_per_device"] = per_device * flops_per_token / 1e12
+                if peak:
+                    out["mfu_pct"] = 100 * mfu(per_device, flops_per_token, peak)
+        self.reset()
+        return out
+
+
+def memory_stats(device: Any = "cpu", reset_peak: bool = True) -> dict[str, float]:
+    """This process's memory on ``device``, in GiB (names and meaning in METRICS)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        out = dict(memory_gib=torch.cuda.max_memory_allocated(dev) / 2**30,
+                   memory_reserved_gib=torch.cuda.max_memory_reserved(dev) / 2**30)
+        if reset_peak:  # so each log shows the peak of its own interval
+            torch.cuda.reset_peak_memory_stats(dev)
+        return out
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    try:  # current resident set: second field of /proc/self/statm, in pages
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = peak_kib * 1024
+    return dict(memory_gib=rss / 2**30, memory_peak_gib=peak_kib * 1024 / 2**30)
+
+
+# --------------------------------------------------------------------------
+# Progress bar
+# --------------------------------------------------------------------------
+def current_rank() -> int:
+    """This process's global rank: torch.distributed if started, else the launcher's env."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:
+        pass
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def progress(total: int, initial: int = 0, desc: str = "train", rank: Optional[int] = None):
+    """A tqdm bar on rank 0 (disabled elsewhere).
+
+    When stderr is not a terminal (batch jobs, CI) the bar refreshes at most
+    once a minute, so log files get a line a minute rather than one per step.
+    """
+    from tqdm.auto import tqdm
+
+    rank = current_rank() if rank is None else rank
+    interactive = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    interval = 0.5 if interactive else 60.0
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=rank != 0,
+                dynamic_ncols=interactive, mininterval=interval, maxinterval=max(interval, 10.0))
+
+
+# --------------------------------------------------------------------------
+# Weights & Biases mode and secrets
+# --------------------------------------------------------------------------
+_WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+_SECRET_NAME = re.compile(r"(api_?key|secret|password|passwd|credential|auth_?token|access_?token)", re.I)
+_SECRET_ENV = re.compile(r"(^|_)(KEY|TOKEN|SECRET|PASSWORD|PASSWD)$", re.I)  # WANDB_API_KEY, HF_TOKEN
+
+
+def has_wandb_credentials(env: Mapping[str, str] = os.environ) -> bool:
+    """True when W&B could log in: WANDB_API_KEY, an identity token file, or a netrc entry."""
+    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = re.sub(r"^\w+://", "", env.get("WANDB_BASE_URL", "https://api.wandb.ai")).split("/")[0]
+    path = env.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def resolve_wandb_mode(configured: str = "auto", env: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """The W&B mode to use ("online", "offline" or "disabled") and why.
+
+    The WANDB_MODE environment variable wins over train.wandb.mode, so a
+    cluster's job script can force offline without touching the config.
+    """
+    if env.get("WANDB_MODE"):
+        mode = env["WANDB_MODE"].strip().lower()
+        return _WANDB_MODE_ALIASES.get(mode, mode), "WANDB_MODE"
+    if configured == "auto":
+        if has_wandb_credentials(env):
+            return "online", "auto: W&B credentials found"
+        return "offline", "auto: no W&B credentials (WANDB_API_KEY or netrc)"
+    return configured, "train.wandb.mode"
+
+
+def scrub_secrets(config: Any, env: Mapping[str, str] = os.environ) -> dict:
+    """The config as a plain dict with anything secret replaced by "<redacted>".
+
+    Secret means: a key named like a credential, or a value containing the
+    value of an environment variable named like one (WANDB_API_KEY, HF_TOKEN).
+    """
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    secret_values = sorted((v for k, v in env.items() if _SECRET_ENV.search(k) and len(v) >= 8),
+                           key=len, reverse=True)
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {clean(str(k)): "<redacted>" if _SECRET_NAME.search(str(k)) and node[k] else clean(node[k])
+                    for k in node}
+        if isinstance(node, (list, tuple)):
+            return [clean(v) for v in node]
+        if isinstance(node, str):
+            for s in secret_values:
+                node = node.replace(s, "<redacted>")
+        return node
+
+    out = clean(dict(config or {}))
+    text = json.dumps(out, default=str)
+    if any(s in text for s in secret_values):  # cannot happen after clean(); a guard, not a filter
+        raise ValueError("a secret survived scrubbing of the run config")
+    return out
+
+
+def _new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits  # what W&B's own ids use
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able scalar: tensors and numpy numbers to float, NaN/inf to None (strict JSON)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------
+# The logger
+# --------------------------------------------------------------------------
+class MetricsLogger:
+    """Console line + ``metrics.jsonl`` + W&B, written by rank 0 only.
+
+    A run directory keeps one W&B run id (in ``RUN_DIR/wandb_id``), so a
+    resumed or requeued job continues the same W&B run.
+    """
+
+    SINKS = ("console", "jsonl", "wandb")
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config_dict: Any,
+        rank: int,
+        world_size: int,
+        wandb_cfg: Any = None,
+        *,
+        enabled_sinks: tuple[str, ...] | set[str] = SINKS,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = rank, world_size
+        self.active = rank == 0
+        self.sinks = set(enabled_sinks) if self.active else set()
+        unknown = self.sinks - set(self.SINKS)
+        if unknown:
+            raise ValueError(f"unknown metrics sinks {sorted(unknown)}; allowed: {', '.join(self.SINKS)}")
+        self.wandb_run = None
+        self.wandb_mode = "disabled"
+        self._jsonl = None
+        self._last_fsync = time.monotonic()
+        self._warned: set[str] = set()
+        if not self.active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if "jsonl" in self.sinks:
+            # Line-buffered append: a resumed run adds to the same file, and a
+            # crash loses no line that log() returned from.
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
+        if "wandb" in self.sinks:
+            self._start_wandb(scrub_secrets(config_dict), wandb_cfg)
+
+    # -- W&B ---------------------------------------------------------------
+    def wandb_run_id(self) -> str:
+        """The run directory's W&B id, created on first use."""
+        path = self.run_dir / "wandb_id"
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        run_id = _new_run_id()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written id
+        return run_id
+
+    def _start_wandb(self, config: dict, cfg: Any) -> None:
+        mode, why = resolve_wandb_mode(getattr(cfg, "mode", "auto"))
+        self.wandb_mode = mode
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except Exception as e:  # noqa: BLE001 - any import failure must not stop training
+            self._warn_once("wandb", f"W&B unavailable ({type(e).__name__}: {e}); logging to console and JSONL only")
+            self.wandb_mode = "disabled"
+            return
+        kwargs = dict(
+            project=getattr(cfg, "project", "m6rec"), entity=getattr(cfg, "entity", None),
+            name=getattr(cfg, "name", None) or self.run_dir.resolve().name,
+            tags=list(getattr(cfg, "tags", []) or []) or None, job_type="train",
+            dir=str(self.run_dir), config=config, resume="allow", id=self.wandb_run_id(),
+        )
+        attempts = [mode] + (["offline"] if mode == "online" and why.startswith("auto") else [])
+        for attempt in attempts:
+            try:
+                self.wandb_run = wandb.init(mode=attempt, **kwargs)
+                self.wandb_mode = attempt
+                print(f"m6rec metrics: W&B {attempt} ({why}), run id {kwargs['id']}", flush=True)
+                return
+            except Exception as e:  # noqa: BLE001
+                # "auto" on a node that has credentials but no internet: keep
+                # the data offline for `wandb sync` rather than losing it.
+                self._warn_once(f"wandb-{attempt}", f"W&B {attempt} start failed ({type(e).__name__}: {e})"
+                                + ("; trying offline" if attempt != attempts[-1] else
+                                   "; logging to console and JSONL only"))
+        self.wandb_mode = "disabled"
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            print(f"m6rec metrics: warning: {message}", file=sys.stderr, flush=True)
+
+    # -- logging -----------------------------------------------------------
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Write ``metrics`` of optimizer step ``step`` to every sink (rank 0 only)."""
+        if not self.active:
+            return
+        metrics = {k: _plain(v) for k, v in metrics.items()}
+        if "console" in self.sinks:
+            from tqdm import tqdm
+
+            tqdm.write(format_line(step, metrics), file=sys.stdout)  # prints above a live bar
+            sys.stdout.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}, default=str) + "\n")
+            if time.monotonic() - self._last_fsync > 30:  # survive a node crash too, cheaply
+                os.fsync(self._jsonl.fileno())
+                self._last_fsync = time.monotonic()
+        if self.wandb_run is not None:
+            self._log_wandb(step, metrics)
+
+    def _log_wandb(self, step: int, metrics: dict) -> None:
+        # A resumed run repeats the steps after its last checkpoint; W&B keeps
+        # steps increasing and would warn on each one, so skip them quietly.
+        if step < self.wandb_run.step:
+            self._warn_once("wandb-step", f"W&B already has step {self.wandb_run.step - 1}; "
+                            f"steps before {self.wandb_run.step} go to metrics.jsonl only")
+            return
+        try:
+            self.wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+        except Exception as e:  # noqa: BLE001
+            self._warn_once("wandb-log", f"W&B log failed ({type(e).__name__}: {e}); W&B logging stopped")
+            self.wandb_run = None
+
+    def close(self) -> None:
+        """Flush the JSONL file and finish the W&B run (idempotent)."""
+        if self._jsonl is not None:
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
+            self._jsonl.close()
+            self._jsonl = None
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+                # finish() returns before wandb-core has written the run's
+                # .wandb log to disk; teardown waits for it, so the offline
+                # files are complete when close() returns.  Only when no other
+                # W&B run lives in this process (teardown would finish it too).
+                import wandb
+
+                if getattr(wandb, "run", None) is None:
+                    wandb.teardown()
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - teardown may sys.exit
+                self._warn_once("wandb-finish", f"W&B finish failed ({type(e).__name__}: {e})")
+            self.wandb_run = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _si(x: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{suffix}"
+    return f"{x:.0f}"
+
+
+def format_line(step: int, m: Mapping[str, Any]) -> str:
+    """The one console line: ``step 120 | loss 3.214 | val 3.301 | lr 3.0e-04 | ...``."""
+    parts = [f"step {step}"]
+    fields = (
+        ("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
+        ("grad_norm", "gnorm {:.3f}"), ("loss_scale", "scale {:g}"),
+    )
+    parts += [fmt.format(m[k]) for k, fmt in fields if isinstance(m.get(k), (int, float))]
+    if isinstance(m.get("tokens_per_s"), (int, float)):
+        parts.append(f"{_si(m['tokens_per_s'])} tok/s")
+    later = (
+        ("mfu_pct", "mfu {:.1f}%"), ("step_time_ms", "{:.0f} ms/step"),
+        ("data_wait_pct", "data {:.1f}%"), ("memory_gib", "mem {:.2f} GiB"),
+    )
+    parts += [fmt.format(m[k]) for k, fmt in later if isinstance(m.get(k), (int, float))]
+    if m.get("loss") is None and "loss" in m:
+        parts.insert(1, "loss non-finite")  # NaN/inf losses arrive here as None
+    return " | ".join(parts)
