@@ -248,6 +248,9 @@ def train(cfg: Config, resume: str = "none") -> dict:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        # A STOP file left by the run that was stopped is stale now (ranks look only
+        # inside the loop, after deepspeed.initialize's barriers).
+        (run_dir / "STOP").unlink(missing_ok=True)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
 
