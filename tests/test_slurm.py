@@ -158,3 +158,13 @@ def test_prepare_job_array_equals_single_process(slurm, tmp_path):
         return out
 
     assert keys(single, m1) == keys(arrayed, m2)
+
+
+def test_hostfile_from_slurm_nodelist_and_plain_hosts(slurm, tmp_path):
+    hostfile = str(ROOT / "launch" / "hostfile.py")
+    r = slurm.run([sys.executable, hostfile, "--slots", "8", "--nodelist", "gpu[01-03,07]"])
+    assert r.stdout.splitlines() == ["gpu01 slots=8", "gpu02 slots=8", "gpu03 slots=8", "gpu07 slots=8"]
+    r = slurm.run([sys.executable, hostfile, "--slots", "2", "a", "b", "a", "-o", str(tmp_path / "h")])
+    assert (tmp_path / "h").read_text() == "a slots=2\nb slots=2\n"
+    r = slurm.run([sys.executable, hostfile, "--slots", "2", "--slurm"], check=False)
+    assert r.returncode != 0 and "outside a Slurm job" in r.stderr
