@@ -1,0 +1,160 @@
+"""The evaluation protocol: saved leave-one-out targets, full-catalog ranking, history excluded.
+
+* Targets come from the dataset's ``splits.parquet`` (written once by
+  ``m6rec prepare``): ``valid`` targets for model selection, ``test`` targets
+  reported once.
+* Every model ranks the **whole catalog** for every user (no sampled
+  negatives); items the user interacted with before the target are removed
+  from the ranking (a target the user had seen before stays eligible).
+* Metrics (m6rec.rec.metrics): HR and NDCG at each k, MRR, catalog coverage,
+  intra-list genre diversity, HR on head vs tail targets by training
+  popularity.
+
+A recommender is anything with ``rank(queries, k) -> list[list[item_id]]``;
+a query is one :class:`Query` per user.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+
+from m6rec.rec import metrics as M
+
+
+@dataclass
+class Query:
+    user_id: str
+    history: list[str]  # items before the target, in time order
+    target: str
+    split: str  # valid | test
+
+
+@dataclass
+class EvalData:
+    dataset_dir: Path
+    items: pd.DataFrame  # item_id, title, text, genres, ...
+    splits: pd.DataFrame
+
+    @classmethod
+    def load(cls, dataset_dir: str | Path) -> "EvalData":
+        d = Path(dataset_dir)
+        for f in ("splits.parquet", "items.parquet"):
+            if not (d / f).is_file():
+                raise FileNotFoundError(f"{d / f} missing: is {d} a dataset written by `m6rec prepare`?")
+        return cls(d, pd.read_parquet(d / "items.parquet"), pd.read_parquet(d / "splits.parquet"))
+
+    @property
+    def catalog(self) -> list[str]:
+        return self.items["item_id"].tolist()
+
+    def queries(self, split: str, max_users: int = 0, seed: int = 0) -> list[Query]:
+        """One query per user: the history before the ``split`` target, and the target.
+
+        ``max_users`` > 0 evaluates a seeded random subset of users (every
+        user's ranking is still over the full catalog)."""
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        df = self.splits
+        keep = ("train",) if split == "valid" else ("train", "valid")
+        hist = df[df["split"].isin(keep)].sort_values(["user_id", "position"])
+        histories = hist.groupby("user_id", sort=False)["item_id"].agg(list).to_dict()
+        targets = df[df["split"] == split].set_index("user_id")["item_id"]
+        users = sorted(targets.index)
+        if max_users and max_users < len(users):
+            rng = np.random.default_rng(seed)
+            users = sorted(rng.choice(users, size=max_users, replace=False).tolist())
+        return [Query(u, histories.get(u, []), targets[u], split) for u in users]
+
+    def train_counts(self) -> dict:
+        return self.splits[self.splits["split"] == "train"].groupby("item_id").size().to_dict()
+
+    def genres(self) -> dict:
+        return {i: set(g) if g is not None else set() for i, g in zip(self.items["item_id"], self.items["genres"])}
+
+
+class Recommender(Protocol):
+    name: str
+
+    def rank(self, queries: Sequence[Query], k: int) -> list[list[str]]: ...
+
+
+def top_k_excluding(scores: np.ndarray, catalog: np.ndarray, exclude: set, k: int) -> list[str]:
+    """Top-k catalog items by score, skipping ``exclude`` (ties broken by catalog order)."""
+    order = np.argsort(-scores, kind="stable")
+    out = []
+    for idx in order:
+        item = catalog[idx]
+        if item in exclude:
+            continue
+        out.append(item)
+        if len(out) == k:
+            break
+    return out
+
+
+class Popularity:
+    """Most-interacted training items first: the baseline every model must beat."""
+
+    name = "popularity"
+
+    def __init__(self, data: EvalData):
+        counts = data.train_counts()
+        self.catalog = np.array(data.catalog, dtype=object)
+        self.scores = np.array([counts.get(i, 0) for i in self.catalog], dtype=np.float64)
+
+    def rank(self, queries: Sequence[Query], k: int) -> list[list[str]]:
+        return [top_k_excluding(self.scores, self.catalog, set(q.history) - {None}, k) for q in queries]
+
+
+def evaluate(model: Recommender, data: EvalData, queries: Sequence[Query], ks: Sequence[int]) -> dict:
+    k_max = max(ks)
+    rankings = model.rank(queries, k_max)
+    for q, r in zip(queries, rankings):
+        # The protocol, enforced: full catalog, the user's history excluded.
+        assert not (set(r) & set(q.history)), f"{model.name} recommended history items to user {q.user_id}"
+    report = M.ranking_report(rankings, [q.target for q in queries], ks, len(data.catalog),
+                              genres=data.genres(), head=M.head_items(data.train_counts()))
+    report["model"] = model.name
+    return report
+
+
+def markdown_table(rows: list[dict], ks: Sequence[int]) -> str:
+    cols = ["model"] + [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
+    extra = [c for c in rows[0] if c.startswith(("coverage", "diversity", "hr@10_head", "hr@10_tail"))] if rows else []
+    cols += extra
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c)) if c == "model" else f"{r.get(c, float('nan')):.4f}"
+                                       for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], ks: Sequence[int], out: Path, meta: dict) -> None:
+    """JSON (all numbers), a markdown table beside it, and a PNG chart comparing models."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown_table(rows, ks) + "\n")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4))
+    FigureCanvasAgg(fig)
+    ax_hr, ax_nd = fig.subplots(1, 2)
+    for r in rows:
+        ax_hr.plot(ks, [r[f"hr@{k}"] for k in ks], marker="o", label=r["model"])
+        ax_nd.plot(ks, [r[f"ndcg@{k}"] for k in ks], marker="o", label=r["model"])
+    for ax, name in ((ax_hr, "HR@k"), (ax_nd, "NDCG@k")):
+        ax.set_xscale("log")
+        ax.set_xticks(list(ks), [str(k) for k in ks])
+        ax.set_xlabel("k")
+        ax.set_title(f"{name} ({meta.get('split', '')}, full ranking)")
+        ax.grid(alpha=0.3)
+    ax_hr.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=100)
