@@ -21,6 +21,9 @@ COMMANDS = {
     "bench": ("m6rec.bench", "main", "benchmarks: data | model | train"),
     "train": ("m6rec.train.engine", "main", "pretrain with DeepSpeed (one machine; launch/train.py for clusters)"),
     "plot": ("m6rec.train.plot", "main", "draw a run's metrics.jsonl to a PNG"),
+    "export": ("m6rec.train.export", "main", "a ZeRO checkpoint -> fp32 safetensors or a Hugging Face Llama directory"),
+    "eval": ("m6rec.rec.commands", "eval_main", "rank the whole catalog for every user: popularity vs checkpoints"),
+    "recommend": ("m6rec.rec.commands", "recommend_main", "top-k items for a user id or a free-text history"),
 }
 
 
@@ -55,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["data", "model", "train"])
     _add_common(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p = sub.add_parser("export", help=COMMANDS["export"][2])
+    p.add_argument("--ckpt", required=True, help="RUN_DIR/checkpoints (the newest complete one) or .../checkpoints/TAG")
+    p.add_argument("--to", choices=["fp32", "hf"], default="fp32",
+                   help="fp32: consolidated model.safetensors; hf: transformers Llama directory")
+    p.add_argument("out", help="output directory (fp32 also takes a FILE.safetensors)")
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    from m6rec.rec.commands import add_eval_arguments, add_recommend_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help=COMMANDS["eval"][2]))
+    add_recommend_arguments(sub.add_parser("recommend", help=COMMANDS["recommend"][2]))
     return parser
 
 
@@ -83,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith("--local_rank")]
     args, rest = parser.parse_known_args(argv)
+    args.overrides = rest  # for commands with a default preset (bench data)
     try:
         cfg = load_config(args.config, rest)
     except ConfigError as e:

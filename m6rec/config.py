@@ -126,8 +126,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     attention: Literal["causal", "prefix"] = "prefix"
     activation_checkpointing: bool = False
-    compile: bool = False
-    init_from: Optional[str] = None
+    compile: bool = False  # torch.compile each block (GPU training; also faster on CPU after a compile)
+    init_from: Optional[str] = None  # "hf:DIR": start from a transformers Llama directory
+    init_std: float = 0.02  # normal init std; residual projections get init_std / sqrt(2 * n_layers)
+    ffn_multiple_of: int = 256  # rounding of the default SwiGLU width (ffn_hidden: null)
+    # auto: FlexAttention on CUDA, per-document fused SDPA ("varlen") on CPU
+    attn_impl: Literal["auto", "sdpa", "flex", "varlen"] = "auto"
 
 
 @dataclass

@@ -64,15 +64,16 @@ def train_args(data: Path, run_dir: Path, steps: int, **kw) -> list[str]:
     return args
 
 
-def test_train_job_completes_with_two_ranks(slurm, tiny_data, tmp_path):
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_train_job_completes_with_two_ranks(slurm, tiny_data, tmp_path, launcher):
     run = tmp_path / "run"
     out = tmp_path / "job.out"
     job = submit(slurm, "slurm/train.sbatch", ["--output", str(out)],
-                 train_args(tiny_data, run, 10, save_every=5, log_every=5), job_env())
+                 train_args(tiny_data, run, 10, save_every=5, log_every=5), job_env(M6REC_LAUNCHER=launcher))
     state = slurm.wait(job, timeout=420)
     log = out.read_text() if out.exists() else ""
     assert state == "COMPLETED", log[-3000:]
-    assert "2 rank(s) via deepspeed" in log
+    assert f"2 rank(s) via {launcher}" in log
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000010"
     assert sorted(p.name for p in (run / "checkpoints" / "step00000010").glob("m6rec_rank*.pt")) == [
         "m6rec_rank0.pt", "m6rec_rank1.pt"]

@@ -1,0 +1,376 @@
+"""The m6rec transformer: a decoder-only LM that reads M6-Rec text with posters in place.
+
+A Llama-style block (pre-norm RMSNorm, rotary position embeddings, SwiGLU MLP,
+no biases) repeated ``n_layers`` times, a token embedding that is tied or not
+to the LM head, and a patch embedding whose outputs replace the ``<|image|>``
+placeholder tokens of each image slot.  Masks and kernels live in
+:mod:`m6rec.model.masks`; this file holds no softmax of its own.
+
+Inputs follow the batch contract of docs/architecture.md: ``labels`` are
+already shifted, ``position_ids`` restart per packed document,
+``document_ids`` is -1 on padding, ``prefix_mask`` marks the bidirectional
+context region, ``image_patches [N_img, P, 3*p*p]`` go to the P slots starting
+at ``image_positions[i] = (row, first slot)``.
+
+Heads: the LM head (``forward``: loss and/or logits), pooled embeddings per
+document (``encode``: user / item towers for retrieval) and a yes/no scorer
+(``score_yes_no``: the log-odds of "yes" over "no" after a question, for
+ranking).
+
+Two fused projections keep the matmuls large: ``wqkv`` is q, k and v stacked
+(rows ``[q | k | v]``) and ``w13`` is the SwiGLU gate and up projections
+stacked (rows ``[gate | up]``); :mod:`m6rec.model.hf` splits them for Llama.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from m6rec.model.args import ModelArgs
+from m6rec.model.masks import AttentionMask, attend, bidirectional_region, build_attention_mask
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    loss: Optional[Tensor] = None  # mean cross-entropy over labelled tokens (fp32)
+    logits: Optional[Tensor] = None  # [B, T, V] when asked for (default: when no labels)
+    hidden: Optional[Tensor] = None  # [B, T, D] final-normed hidden states when asked for
+    n_tokens: Optional[Tensor] = None  # number of labelled tokens behind ``loss``
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and *signed* sin ``[B, T, 1, head_dim]`` (fp32) for the rotate-half (Llama / NeoX) layout.
+
+    Rotate-half RoPE is ``x * cos + cat(-x2, x1) * sin``; with
+    ``sin_signed = cat(-sin, sin)`` it is ``x * cos + roll(x, Q/2) * sin_signed``,
+    which costs one kernel less per call than ``neg`` + ``cat``."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = (position_ids[..., None].float() * inv_freq)[:, :, None, :]
+    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs, freqs], dim=-1).sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate ``x [B, T, H, Q]`` by its positions."""
+    rolled = torch.roll(x, shifts=x.shape[-1] // 2, dims=-1)  # cat(x2, x1)
+    return torch.addcmul(x * cos.to(x.dtype), rolled, sin_signed.to(x.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wqkv = nn.Linear(args.dim, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+        B, T, _ = x.shape
+        H, Hkv = self.n_heads, self.n_kv
+        qk, v = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim).split([H + Hkv, Hkv], dim=2)
+        # q and k rotated in one go, then laid out [B, H, T, Q] contiguous: the CPU flash kernel
+        # runs measurably faster on contiguous q and k than on strided views
+        q, k = apply_rope(qk, cos, sin).transpose(1, 2).contiguous().split([H, Hkv], dim=1)
+        out = attend(q, k, v.transpose(1, 2), mask)  # [B, H, T, Q]
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(x W_gate) * x W_up)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class PatchEmbed(nn.Module):
+    """Pixels of one image's patches ``[N, P, C*p*p]`` -> ``[N, P, dim]``.
+
+    A linear projection of the patch (pixels rescaled from [0, 1] to [-1, 1])
+    plus a learned 2-D position: a row and a column embedding, summed.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.grid = args.grid
+        self.proj = nn.Linear(args.patch_dim, args.dim, bias=False)
+        self.row_pos = nn.Parameter(torch.empty(args.grid, args.dim))
+        self.col_pos = nn.Parameter(torch.empty(args.grid, args.dim))
+
+    def forward(self, patches: Tensor) -> Tensor:
+        pos = (self.row_pos[:, None, :] + self.col_pos[None, :, :]).reshape(self.grid * self.grid, -1)
+        return self.proj(patches.to(self.proj.weight.dtype) * 2 - 1) + pos
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+class M6Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.patch_embed = PatchEmbed(args)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.init_weights()
+
+    # --- initialisation -----------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Scaled init: N(0, init_std) everywhere; the two projections that
+        write into the residual stream (``wo``, ``w2``) get init_std/sqrt(2L)
+        (GPT-2); patch projection scaled so patch embeddings start at the
+        token embeddings' scale.  Call again after ``to_empty`` when the
+        model was built on the meta device."""
+        a = self.args
+        std, out_std = a.init_std, a.init_std / math.sqrt(2 * a.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for layer in self.layers:
+            nn.init.normal_(layer.attention.wqkv.weight, std=std)
+            nn.init.normal_(layer.attention.wo.weight, std=out_std)
+            nn.init.normal_(layer.feed_forward.w13.weight, std=std)
+            nn.init.normal_(layer.feed_forward.w2.weight, std=out_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=std)
+        # inputs in [-1, 1] have E[x^2] = 1/3: std_w * sqrt(patch_dim / 3) = init_std
+        nn.init.normal_(self.patch_embed.proj.weight, std=std * math.sqrt(3 / a.patch_dim))
+        nn.init.normal_(self.patch_embed.row_pos, std=std)
+        nn.init.normal_(self.patch_embed.col_pos, std=std)
+
+    # --- helpers --------------------------------------------------------------
+    @property
+    def head_weight(self) -> Tensor:
+        """``[V, D]``: the LM head (the token embedding when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counted once (tied weights once).  ``non_embedding``
+        drops the token embedding, the untied LM head and the patch embedding."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.tok_embeddings.weight.numel()
+            total -= sum(p.numel() for p in self.patch_embed.parameters())
+            if self.output is not None:
+                total -= self.output.weight.numel()
+        return total
+
+    def embed(self, input_ids: Tensor, image_patches: Optional[Tensor] = None,
+              image_positions: Optional[Tensor] = None) -> Tensor:
+        """Token embeddings with each image's patch embeddings written over its slot tokens."""
+        x = self.tok_embeddings(input_ids)
+        if image_patches is not None and image_patches.numel():
+            n, P = image_patches.shape[:2]
+            emb = self.patch_embed(image_patches).to(x.dtype)  # [N, P, D]
+            rows = image_positions[:, :1].expand(n, P)
+            cols = image_positions[:, 1:2] + torch.arange(P, device=x.device)
+            x = x.index_put((rows.reshape(-1), cols.reshape(-1)), emb.reshape(n * P, -1))
+        return x
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        position_ids: Optional[Tensor] = None,
+        document_ids: Optional[Tensor] = None,
+        prefix_mask: Optional[Tensor] = None,
+        image_patches: Optional[Tensor] = None,
+        image_positions: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The final-normed hidden states ``[B, T, D]``."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        mask = build_attention_mask(T, document_ids=document_ids, prefix_mask=prefix_mask,
+                                    attention=self.args.attention, impl=self.args.attn_impl,
+                                    device=input_ids.device)
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+        x = self.embed(input_ids, image_patches, image_positions)
+        ckpt = self.args.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if ckpt:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    # --- LM head ----------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        document_ids: Optional[Tensor] = None,
+        prefix_mask: Optional[Tensor] = None,
+        image_patches: Optional[Tensor] = None,
+        image_positions: Optional[Tensor] = None,
+        sample_keys: Optional[list] = None,  # part of the batch contract; unused
+        *,
+        return_logits: Optional[bool] = None,
+        return_hidden: bool = False,
+    ) -> ModelOutput:
+        """Language-model pass.  With ``labels`` (already shifted, -100 = no
+        loss) the loss is the mean fp32 cross-entropy over labelled tokens,
+        and by default the LM head runs on those tokens only (no ``[B, T, V]``
+        logits are made).  Without labels, logits ``[B, T, V]`` are returned."""
+        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions)
+        out = ModelOutput(hidden=h if return_hidden else None)
+        if return_logits is None:
+            return_logits = labels is None
+        if return_logits:
+            out.logits = F.linear(h, self.head_weight)
+        if labels is not None:
+            if self.args.attention == "prefix" and prefix_mask is not None:
+                labels = self._drop_visible_labels(labels, document_ids, prefix_mask)
+            sel = labels != IGNORE_INDEX
+            out.n_tokens = sel.sum()
+            if out.logits is not None:
+                logits = out.logits[sel]
+            else:
+                logits = F.linear(h[sel], self.head_weight)
+            if logits.shape[0]:
+                out.loss = F.cross_entropy(logits.float(), labels[sel])
+            else:  # nothing to predict: a zero that keeps the graph
+                out.loss = h.sum().float() * 0.0
+        return out
+
+    @staticmethod
+    def _drop_visible_labels(labels: Tensor, document_ids: Optional[Tensor], prefix_mask: Tensor) -> Tensor:
+        """Inside the bidirectional region a position can read its own next
+        token, so a label there would be a copy task: ignore it."""
+        doc = document_ids if document_ids is not None else torch.zeros_like(labels)
+        region = bidirectional_region(doc, prefix_mask)
+        sees_next = torch.zeros_like(region)
+        sees_next[:, :-1] = region[:, :-1] & region[:, 1:] & (doc[:, :-1] == doc[:, 1:])
+        return labels.masked_fill(sees_next, IGNORE_INDEX)
+
+    # --- pooled embeddings (retrieval towers) -------------------------------
+    @staticmethod
+    def _doc_keys(document_ids: Optional[Tensor], B: int, T: int, device) -> tuple[Tensor, Tensor, int]:
+        doc = document_ids if document_ids is not None else torch.zeros(B, T, dtype=torch.long, device=device)
+        n_doc = int(doc.max()) + 1 if doc.numel() else 1
+        valid = doc >= 0
+        keys = torch.arange(B, device=device)[:, None] * n_doc + doc
+        return keys, valid, n_doc
+
+    def pool(self, h: Tensor, document_ids: Optional[Tensor] = None, pool: str = "mean") -> tuple[Tensor, Tensor]:
+        """One vector per document of ``h [B, T, D]``: ``(emb [N, D], index [N, 2])``
+        with ``index[i] = (row, document id)``, rows then documents in order.
+        ``pool`` is "mean" (over the document's tokens) or "last" (its last token)."""
+        B, T, D = h.shape
+        keys, valid, n_doc = self._doc_keys(document_ids, B, T, h.device)
+        k, hv = keys[valid], h[valid]
+        if pool == "mean":
+            sums = torch.zeros(B * n_doc, D, device=h.device, dtype=torch.float32).index_add(0, k, hv.float())
+            counts = torch.bincount(k, minlength=B * n_doc)
+            present = counts > 0
+            emb = (sums[present] / counts[present, None]).to(h.dtype)
+        elif pool == "last":
+            t = torch.arange(T, device=h.device).expand(B, T)[valid]
+            last = torch.full((B * n_doc,), -1, device=h.device, dtype=torch.long).scatter_reduce(0, k, t, "amax")
+            present = last >= 0
+            rows = torch.arange(B * n_doc, device=h.device)[present] // n_doc
+            emb = h[rows, last[present]]
+        else:
+            raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
+        ids = torch.arange(B * n_doc, device=h.device)[present]
+        return emb, torch.stack([ids // n_doc, ids % n_doc], dim=1)
+
+    def encode(self, input_ids: Tensor, position_ids=None, document_ids=None, prefix_mask=None,
+               image_patches=None, image_positions=None, *, pool: str = "mean",
+               normalize: bool = True) -> tuple[Tensor, Tensor]:
+        """Pooled (L2-normalised) embeddings of each document: ``(emb [N, D], index [N, 2])``."""
+        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions)
+        emb, index = self.pool(h, document_ids, pool)
+        return (F.normalize(emb.float(), dim=-1).to(emb.dtype) if normalize else emb), index
+
+    # --- yes/no scorer (ranking) ----------------------------------------------
+    def score_yes_no(self, input_ids: Tensor, yes_id: int, no_id: int, position_ids=None, document_ids=None,
+                     prefix_mask=None, image_patches=None, image_positions=None) -> tuple[Tensor, Tensor]:
+        """Log-odds ``log p(yes) - log p(no)`` of the token after each document's
+        last token (e.g. after "... Would the user enjoy X? Answer:"): the
+        LM's own next-token distribution restricted to the two answers.
+        Returns ``(scores [N] fp32, index [N, 2])``."""
+        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions)
+        last, index = self.pool(h, document_ids, "last")
+        w = self.head_weight
+        return (last.float() @ (w[yes_id] - w[no_id]).float()), index
+
+
+# ---------------------------------------------------------------------------
+# Construction
+# ---------------------------------------------------------------------------
+def apply_compile(model: M6Transformer, **compile_kwargs) -> M6Transformer:
+    """``torch.compile`` each block in place (per-block, as torchtitan does:
+    small graphs, quick recompiles, works with activation checkpointing).
+    ``compile_kwargs`` go to ``torch.compile`` (default ``dynamic=False``)."""
+    compile_kwargs.setdefault("dynamic", False)
+    for layer in model.layers:
+        layer.compile(**compile_kwargs)
+    return model
+
+
+def build_model(cfg, *, device: str | torch.device = "cpu", meta: bool = False, **overrides) -> M6Transformer:
+    """Build the model of a config (``Config``, ``ModelConfig`` or ``ModelArgs``).
+
+    ``meta=True`` allocates nothing (for counting, or for ``to_empty`` +
+    ``init_weights`` / loading later).  ``init_from: hf:DIR`` loads a Llama
+    directory's weights; ``compile: true`` compiles each block.
+    """
+    args = cfg if isinstance(cfg, ModelArgs) else ModelArgs.from_config(cfg, **overrides)
+    with torch.device("meta" if meta else device):
+        model = M6Transformer(args)
+    if meta:
+        return model
+    if args.init_from:
+        if not args.init_from.startswith("hf:"):
+            raise ValueError(f"model.init_from: only 'hf:DIR' is understood here, got {args.init_from!r}")
+        from m6rec.model.hf import load_hf_weights
+
+        load_hf_weights(model, args.init_from[3:])
+    if args.compile:
+        apply_compile(model)
+    return model
