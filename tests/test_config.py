@@ -66,3 +66,7 @@ def test_cli_reports_config_error_and_exits_2():
     )
     assert r.returncode == 2
     assert "data.shard_size" in r.stderr and "> 0" in r.stderr
+
+
+def test_float_written_without_a_dot():
+    assert load_config(None, ["--train.peak_flops", "1e11"]).train.peak_flops == 1e11

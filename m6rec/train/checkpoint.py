@@ -2,17 +2,31 @@
 
 Layout under ``<run_dir>/checkpoints/``::
 
-    step00000100/            one DeepSpeed tag (model, optimizer, scheduler shards)
-        m6rec_rank{r}.pt     per-rank state DeepSpeed does not keep: RNGs, stream position
-        COMPLETE             written by rank 0 after every rank has finished writing
-    latest                   DeepSpeed's pointer file; moved (os.replace) only after COMPLETE
+    step00000100/            one DeepSpeed tag (model, optimizer shards; the client state)
+        m6rec_rank{r}.pt     per-rank state DeepSpeed does not keep: RNGs
+        COMPLETE             JSON {step, world_size, zero_stage, precision, model_args, tokenizer};
+                             written by rank 0 after every rank finished writing and the
+                             files were fsync'ed
+    latest                   the tag to resume from; replaced (os.replace) only after COMPLETE
+    zero_to_fp32.py          DeepSpeed's offline converter (``m6rec export`` does the same)
 
 A crash or kill at any moment of a save leaves a tag without ``COMPLETE`` and
 ``latest`` still naming the previous complete tag; ``--resume auto`` loads
-that one, and the next successful save removes the debris.
+that one, and the next successful save removes the debris.  A save into a
+tag that already exists (a run resumed from an older checkpoint reaching the
+same step again) first removes the old tag's ``COMPLETE`` and files, so a
+half-overwritten tag can never pass for complete.
+
+Fault hooks for tests (``M6REC_FAULT``, ``;``-separated ``name@step[,step...]``;
+``M6REC_FAULT_RANK=r`` restricts them to one rank):
+
+* ``crash_in_save@N``: the process exits (code 17) in the save at step N,
+  after writing its shards, before the save is complete;
+* ``nan_loss@N,M``: the loss of steps N and M is made non-finite (engine).
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -26,10 +40,15 @@ import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
 TAG_RE = re.compile(r"^step(\d{8})$")
+CRASH_EXIT_CODE = 17
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -37,11 +56,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fault(name: str, step: int) -> None:
-    """Test hook: ``M6REC_FAULT=<name>@<step>`` kills this process at a named point."""
-    spec = os.environ.get("M6REC_FAULT", "")
-    if spec == f"{name}@{step}":
-        os._exit(17)
+def fault_steps(name: str, rank: Optional[int] = None) -> set[int]:
+    """Steps at which the test hook ``name`` fires on this rank (see module doc)."""
+    only = os.environ.get("M6REC_FAULT_RANK", "")
+    if only and int(only) != (_rank() if rank is None else rank):
+        return set()
+    steps: set[int] = set()
+    for part in os.environ.get("M6REC_FAULT", "").split(";"):
+        if part.startswith(name + "@"):
+            steps |= {int(x) for x in part.split("@", 1)[1].split(",") if x.strip()}
+    return steps
 
 
 def rng_state() -> dict:
@@ -57,41 +81,86 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def is_complete(ckpt_dir: Path, tag: str) -> bool:
+    return (Path(ckpt_dir) / tag / COMPLETE).is_file()
+
+
 def complete_tags(ckpt_dir: Path) -> list[str]:
     """Complete tags, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    tags = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
-    return sorted(tags)
+    return sorted(p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file())
 
 
 def latest_complete(ckpt_dir: Path) -> Optional[str]:
     """The tag ``latest`` names if it is complete, else the newest complete tag."""
-    pointer = ckpt_dir / "latest"
+    pointer = Path(ckpt_dir) / "latest"
     if pointer.is_file():
         tag = pointer.read_text().strip()
-        if (ckpt_dir / tag / COMPLETE).is_file():
+        if is_complete(ckpt_dir, tag):
             return tag
     tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int) -> str:
+def read_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """The ``COMPLETE`` marker's JSON (world size, ZeRO stage, model args, ...)."""
+    text = (Path(ckpt_dir) / tag / COMPLETE).read_text()
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:  # an old plain "step" marker
+        meta = {"step": int(text.strip() or 0)}
+    if isinstance(meta, int):
+        meta = {"step": meta}
+    meta.setdefault("world_size", len(list((Path(ckpt_dir) / tag).glob("m6rec_rank*.pt"))))
+    return meta
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int,
+         meta: Optional[dict] = None) -> str:
     """Collective: every rank must call it (DeepSpeed writes per-rank shards)."""
     tag = tag_for(step)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    ckpt_dir = Path(ckpt_dir)
+    rank = _rank()
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if (ckpt_dir / tag).exists():  # the marker goes first: never a complete-looking mix
+            (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(ckpt_dir / tag)
+    _barrier()
     # save_latest=False: DeepSpeed would otherwise rewrite `latest` before the
     # other ranks finish, pointing at a checkpoint that may never be complete.
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rank_state, ckpt_dir / tag / f"m6rec_rank{rank}.pt")
-    _fault("crash_in_save", step)
+    if step in fault_steps("crash_in_save"):
+        os._exit(CRASH_EXIT_CODE)
     _barrier()
     if rank == 0:
-        (ckpt_dir / tag / COMPLETE).write_text(f"{step}\n")
+        _fsync_tree(ckpt_dir / tag)
+        marker = {"step": step, **(meta or {})}
+        (ckpt_dir / tag / COMPLETE).write_text(json.dumps(marker, indent=1) + "\n")
+        _fsync_dir(ckpt_dir / tag)
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")
+        _fsync_dir(ckpt_dir)
         _prune(ckpt_dir, keep_last, keep=tag)
     _barrier()
     return tag
@@ -105,25 +174,27 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
                if TAG_RE.match(p.name) and not (p / COMPLETE).is_file() and p.name < keep]
     for tag in doomed:
         if tag != keep:
+            (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, Optional[dict]]:
     """Load a complete tag into the engine; return (client_state, this rank's state or None)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    if not is_complete(ckpt_dir, tag):
+        raise FileNotFoundError(f"checkpoint {Path(ckpt_dir) / tag} is not complete (no {COMPLETE} marker)")
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    rank_file = ckpt_dir / tag / f"m6rec_rank{rank}.pt"
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+    rank_file = Path(ckpt_dir) / tag / f"m6rec_rank{_rank()}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
     return client_state or {}, rank_state
 
 
 def saved_world_size(ckpt_dir: Path, tag: str) -> int:
-    return len(list((ckpt_dir / tag).glob("m6rec_rank*.pt")))
+    return int(read_meta(ckpt_dir, tag)["world_size"])
 
 
 def describe(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    files = sorted(p.name for p in (ckpt_dir / tag).iterdir())
-    return {"tag": tag, "files": files, "world_size": saved_world_size(ckpt_dir, tag)}
+    files = sorted(p.name for p in (Path(ckpt_dir) / tag).iterdir())
+    return {"tag": tag, "files": files, **read_meta(ckpt_dir, tag)}

@@ -6,18 +6,31 @@ One entry, :func:`train`, runs unchanged under the ``deepspeed`` launcher,
 
 The loop, per optimizer step::
 
-    for each micro-batch of the step:   forward → agree on finiteness → backward → engine.step()
-    every log_every:   one metrics line (console, JSONL, W&B)
-    every eval_every:  validation loss over the validation split
-    every save_every / save_every_minutes, on SIGTERM/SIGUSR1 (after the step), at the end: checkpoint
+    lr = schedule(step)                        a pure function of the step: nothing to save
+    for each micro-batch:  forward → backward → engine.step()   (the last one is the boundary)
+    before the boundary:   one all-reduce decides for every rank: skip a non-finite update?
+                           stop (SIGTERM/SIGUSR1/RUN_DIR/STOP)? save (minutes elapsed)?
+                           plus the step's loss and token count
+    every log_every:       one metrics line (console, JSONL, W&B)
+    every eval_every:      validation loss over the validation split
+    every save_every, save_every_minutes, on a stop, at the end: checkpoint
 
-Decisions every rank must share (stop, save, skip a non-finite update) are
-taken together through one small all-reduce per step, so no rank can wait in
-a collective the others never enter.
+Decisions every rank must share are taken together through that one
+all-reduce, so no rank can wait in a collective the others never enter.
+
+A non-finite loss on any rank skips the whole optimizer step on every rank:
+each micro-batch still runs forward and backward (DeepSpeed's accumulation
+and ZeRO's gradient hooks stay in lockstep), and the optimizer's ``step`` is
+suppressed (:func:`skippable`); ZeRO 1-3 in fp32 also see the non-finite
+gradient norm and skip on their own.  No checkpoint is written while the
+latest step was non-finite, and after ``train.max_nonfinite`` in a row the
+run stops with :class:`NonFiniteLossError`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -37,6 +50,12 @@ from m6rec.config import Config, ConfigError, save_config, to_dict
 from m6rec.train import checkpoint as ckpt
 
 log = logging.getLogger("m6rec.train")
+
+STOP_FILE = "STOP"  # RUN_DIR/STOP: finish the step, checkpoint, exit 0 (slurm/train.sbatch touches it)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was non-finite at train.max_nonfinite consecutive steps."""
 
 
 # ---------------------------------------------------------------------------
@@ -71,35 +90,51 @@ def launcher_env() -> dict[str, str]:
     return {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
+def local_world_size() -> int:
+    """Ranks on this machine: torchrun, deepspeed, Slurm, else (one machine assumed) the world."""
+    env = os.environ
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", ""))
+    if per_node[:1].isdigit():  # "2(x3)" or "2,1"
+        return int(per_node.split("(")[0].split(",")[0])
+    return int(env.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     launcher_env()
-    if torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cuda")
-    else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    on_gpu = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+    if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
+        # Ranks sharing a CPU split its cores instead of oversubscribing them.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size()))
     import deepspeed
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
+    if on_gpu:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------
 # DeepSpeed configuration: rendered from the one config tree
 # ---------------------------------------------------------------------------
 def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON of a config (``python -m m6rec.train.engine --config X`` prints it).
+
+    The optimizer is not in it: the engine passes its own AdamW (see
+    :func:`build_optimizer`) and sets the learning rate every step."""
     t, z, s = cfg.train, cfg.deepspeed, cfg.data.stream
     if z.offload_optimizer and not on_gpu:
         raise ConfigError("config key 'deepspeed.offload_optimizer': true needs GPUs "
                           "(without one the optimizer already lives on the CPU)")
+    if z.offload_optimizer and z.zero_stage == 0:
+        raise ConfigError("config key 'deepspeed.offload_optimizer': true needs deepspeed.zero_stage 1, 2 or 3")
     if t.precision == "fp16" and not on_gpu:
         raise ConfigError("config key 'train.precision': 'fp16' needs a GPU (CPU kernels lack fp16); "
                           "use 'bf16' or 'fp32' here")
@@ -107,42 +142,56 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, An
         "stage": z.zero_stage,
         "overlap_comm": z.overlap_comm,
         "contiguous_gradients": True,
+        "reduce_scatter": True,
         "reduce_bucket_size": z.reduce_bucket_size,
         "allgather_bucket_size": z.allgather_bucket_size,
     }
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    ds: dict[str, Any] = {
+    return {
         "train_micro_batch_size_per_gpu": s.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": s.batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # a torch AdamW on CPU
+        "zero_allow_untested_optimizer": True,  # our AdamW subclass (see skippable())
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 1 << 30,  # m6rec logs its own metrics
         "wall_clock_breakdown": False,
     }
-    if on_gpu:
-        # DeepSpeed's fused Adam kernels on GPU (CPU-Adam with offload).
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                      "weight_decay": t.weight_decay}}
-    return ds
 
 
-def lr_lambda(cfg: Config):
-    """Linear warmup to train.lr, cosine decay to train.min_lr at train.steps."""
+def lr_at(cfg: Config, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup to
+    train.lr, cosine decay to train.min_lr at train.steps.  A pure function of
+    the step, so a resumed run needs no scheduler state."""
     t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
-    def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-        return (t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))) / t.lr
 
-    return f
+def skippable(cls: type) -> type:
+    """``cls`` (an optimizer class) whose ``step`` does nothing while ``skip_update`` is set.
+
+    DeepSpeed calls the wrapped optimizer's ``step`` at the accumulation
+    boundary (ZeRO 3 once per sub-group); with the flag set no parameter and
+    no optimizer state moves.  A subclass, so DeepSpeed's isinstance checks
+    (FusedAdam, DeepSpeedCPUAdam) still hold."""
+
+    class Skippable(cls):
+        skip_update = False
+
+        def step(self, *args, **kwargs):
+            if self.skip_update:
+                return None
+            return super().step(*args, **kwargs)
+
+    Skippable.__name__ = Skippable.__qualname__ = cls.__name__
+    return Skippable
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -155,42 +204,112 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(cfg: Config, model: torch.nn.Module, on_gpu: bool) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeed's fused kernel on GPU (its CPU-Adam with optimizer
+    offload), torch's on CPU; always skippable (see :func:`skippable`)."""
+    kw: dict[str, Any] = dict(lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8)
+    if on_gpu and cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam as cls
+
+        kw["adamw_mode"] = True
+    elif on_gpu:
+        from deepspeed.ops.adam import FusedAdam as cls
+
+        kw["adam_w_mode"] = True
+    else:
+        cls = torch.optim.AdamW
+    return skippable(cls)(_param_groups(model, cfg.train.weight_decay), **kw)
+
+
 # ---------------------------------------------------------------------------
 # Signals: finish the step, checkpoint, exit 0
 # ---------------------------------------------------------------------------
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1, or by a file ``RUN_DIR/STOP`` (what slurm/train.sbatch
-    touches: launchers such as deepspeed's do not forward SIGUSR1 to the ranks)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, stop_file: Path):
+
+class StopFlag:
+    def __init__(self):
         self.signal: Optional[int] = None
-        self.stop_file = stop_file
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.signal = signum
 
-    def requested(self) -> bool:
-        return self.signal is not None or self.stop_file.exists()
 
-    def reason(self) -> str:
-        if self.signal is not None:
-            return "signal " + signal.Signals(self.signal).name
-        return f"stop file {self.stop_file}" if self.stop_file.exists() else "stop on another rank"
+@contextlib.contextmanager
+def shielded_children():
+    """Processes started inside (DataLoader workers) inherit SIGTERM/SIGUSR1 *blocked*.
+
+    Slurm and torchrun signal every process of a task, and a DataLoader
+    worker dies of SIGTERM (torch installs a handler that re-raises it),
+    which would crash the rank instead of letting it checkpoint.  A blocked
+    signal stays pending in the worker until the rank shuts it down; in this
+    thread it is only deferred to the end of the block, never lost."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 # ---------------------------------------------------------------------------
-# The loop
+# The M6 text-infilling objective, as a transform of packed rows
 # ---------------------------------------------------------------------------
-def _fault_steps(name: str) -> set[int]:
-    """Test hook: ``M6REC_FAULT=nan_loss@3,4`` makes the loss non-finite at those steps."""
-    spec = os.environ.get("M6REC_FAULT", "")
-    if not spec.startswith(name + "@"):
-        return set()
-    return {int(x) for x in spec.split("@", 1)[1].split(",")}
+def infill_documents(batch: dict, rate: float, rng: np.random.Generator, special: dict[str, int]) -> int:
+    """Rewrite a share ``rate`` of the batch's documents for text infilling, in place.
+
+    In a chosen document one target item ``B`` (``<|item|>`` + its text, no
+    image slot) is cut out and asked for at the end::
+
+        A  B  C <|eos|>   →   A <|item|> C <|predict|> B[1:]
+
+    The empty ``<|item|>`` marks the hole; everything before the new
+    ``<|predict|>`` is the bidirectional context (prefix) and the loss is on
+    the item's text only.  The length is unchanged (the ``<|eos|>`` makes
+    room for ``<|predict|>``), so packing, positions and the other documents
+    of the row stay as they are; image slots in ``C`` move with it.  Documents
+    without a target item or cut by truncation (no final ``<|eos|>``) stay
+    next-item documents.  Returns the number of documents rewritten.
+    """
+    if rate <= 0:
+        return 0
+    item, predict, eos, image = (special[k] for k in ("<|item|>", "<|predict|>", "<|eos|>", "<|image|>"))
+    ids, labels, prefix = batch["input_ids"], batch["labels"], batch["prefix_mask"]
+    doc = batch["document_ids"].numpy()
+    img = batch["image_positions"]
+    done = 0
+    for b in range(ids.shape[0]):
+        bounds = np.flatnonzero(np.diff(doc[b], prepend=-2, append=-2)) # document starts, and the end
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            if doc[b, s] < 0 or rng.random() >= rate:
+                continue
+            t = ids[b, s:e].numpy()
+            starts = np.flatnonzero((t == item) & ~prefix[b, s:e].numpy())
+            if t[-1] != eos or len(starts) == 0:
+                continue
+            ends = np.append(starts[1:], len(t) - 1)
+            ok = [(i, j) for i, j in zip(starts, ends) if j - i >= 2 and not (t[i:j] == image).any()]
+            if not ok:
+                continue
+            i, j = ok[rng.integers(len(ok))]
+            k = j - i
+            new = np.concatenate([t[:i], [item], t[j:-1], [predict], t[i + 1:j]])
+            ids[b, s:e] = torch.from_numpy(new)
+            cut = e - k  # absolute position of the new <|predict|>
+            prefix[b, s:cut] = True
+            prefix[b, cut:e] = False
+            labels[b, s:e] = -100
+            labels[b, cut:e - 1] = ids[b, cut + 1:e]
+            moved = (img[:, 0] == b) & (img[:, 1] >= s + j) & (img[:, 1] < e)
+            img[moved, 1] -= k - 1
+            done += 1
+    return done
 
 
+# ---------------------------------------------------------------------------
+# Helpers of the loop
+# ---------------------------------------------------------------------------
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
@@ -213,24 +332,116 @@ def model_config_for(cfg: Config, manifest: dict):
 
 
 def evaluate(engine, loader, device, max_batches: int) -> float:
-    """Token-weighted mean loss over the validation stream (same steps on every rank)."""
+    """Token-weighted mean loss over the validation split, from its start.
+
+    ``max_batches`` (train.eval_batches) counts batches over all ranks; each
+    rank takes ``ceil(max_batches / world)``, so 1 rank with W workers and W
+    ranks with one worker each read the same batches.  Every rank runs the
+    same number of forwards (ZeRO 3 gathers parameters collectively)."""
+    loader.load_state_dict({"epoch": 0, "step_in_epoch": 0, "fingerprint": loader.fingerprint})
+    per_rank = -(-max_batches // loader.world_size) if max_batches else 0
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = iter(loader)
     with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break
+        for _ in range(min(per_rank or loader.steps_per_epoch, loader.steps_per_epoch)):
+            with shielded_children():  # the first next() starts the workers
+                batch = next(batches)
             out = engine(**_to_device(batch, device))
             n = out.n_tokens.double()
             total += torch.stack([out.loss.double() * n, n])
+    batches.close()  # stops the loader's workers now, not at garbage collection
     if dist.is_initialized():
         dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
+def _global_grad_norm(engine) -> Optional[float]:
+    """ZeRO and the fp16/bf16 wrappers report it after the step; plain stage 0
+    does not, so it is computed from the (already averaged) gradients before."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if not params:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+
+
+class _Trace:
+    """``M6REC_TRACE=1``: every rank appends one exact JSON line per step to
+    ``RUN_DIR/trace/rank{r}.jsonl`` (losses as float.hex, sample keys, a
+    digest of this rank's parameters) -- what the resume tests compare."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.file = None
+        if os.environ.get("M6REC_TRACE") == "1":
+            (run_dir / "trace").mkdir(parents=True, exist_ok=True)
+            self.file = open(run_dir / "trace" / f"rank{rank}.jsonl", "a", buffering=1)
+
+    def write(self, engine, **rec) -> None:
+        if self.file is None:
+            return
+        h = hashlib.sha256()
+        for p in engine.module.parameters():  # ZeRO 3: this rank's partition
+            h.update(getattr(p, "ds_tensor", p).detach().float().cpu().numpy().tobytes())
+        self.file.write(json.dumps({**rec, "params": h.hexdigest()[:16]}) + "\n")
+
+    def final_weights(self, engine, path: Path) -> None:
+        """The live model's full weights (gathered under ZeRO 3) to a safetensors file (rank 0)."""
+        if self.file is None:
+            return
+        import deepspeed
+        from safetensors.torch import save_file
+
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+            if dist.get_rank() == 0:
+                sd = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+                save_file(sd, str(path))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+# ---------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------
+def _resume(engine, ckpt_dir: Path, resume: str, cfg: Config, world: int, loader) -> dict:
+    """Load the checkpoint ``resume`` names into the engine and the stream; return its client state."""
+    if resume == "none":
+        return {}
+    if resume != "auto" and not ckpt.TAG_RE.match(resume):
+        raise ConfigError(f"--resume: expected 'auto', 'none' or a checkpoint tag like step00000100, got {resume!r}")
+    tag = ckpt.latest_complete(ckpt_dir) if resume == "auto" else resume
+    if tag is None:
+        log.info("--resume auto: no complete checkpoint in %s, starting from step 0", ckpt_dir)
+        return {}
+    if not ckpt.is_complete(ckpt_dir, tag):
+        raise ConfigError(f"--resume {resume}: {ckpt_dir / tag} is not a complete checkpoint")
+    meta = ckpt.read_meta(ckpt_dir, tag)
+    if meta.get("world_size") and meta["world_size"] != world:
+        raise ConfigError(
+            f"checkpoint {ckpt_dir / tag} was written by {meta['world_size']} ranks but this run has {world}: "
+            f"the ZeRO optimizer shards and the data stream's position belong to {meta['world_size']} ranks. "
+            f"Resume with {meta['world_size']} ranks, or start a new run from its weights "
+            f"(m6rec export --ckpt {ckpt_dir / tag} --to hf OUT, then --model.init_from hf:OUT); "
+            f"see docs/training.md#changing-the-number-of-ranks")
+    if meta.get("zero_stage", cfg.deepspeed.zero_stage) != cfg.deepspeed.zero_stage:
+        raise ConfigError(f"checkpoint {ckpt_dir / tag} was written with ZeRO stage {meta['zero_stage']} but "
+                          f"deepspeed.zero_stage is {cfg.deepspeed.zero_stage}: resume with the same stage")
+    client, rank_state = ckpt.load(engine, ckpt_dir, tag)
+    loader.load_state_dict(client["stream"])
+    if rank_state is not None:
+        ckpt.set_rng_state(rank_state["rng"])
+    log.info("resumed from %s at step %d", ckpt_dir / tag, client["step"])
+    return client
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
 def train(cfg: Config, resume: str = "none") -> dict:
-    """Run training; returns a summary (last step, last metrics, why it stopped)."""
+    """Run training; returns a summary (last step, why it stopped, ...)."""
     import deepspeed
 
     from m6rec.data.stream import StreamLoader
@@ -239,169 +450,190 @@ def train(cfg: Config, resume: str = "none") -> dict:
     from m6rec.model.info import flops_per_token
     from m6rec.train.metrics import MetricsLogger, StepTimer, memory_stats, peak_flops, progress
 
+    stop = StopFlag()  # first: a signal during start-up still ends in a clean stop after one step
     rank, world, device = init_distributed()
     on_gpu = device.type == "cuda"
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     manifest = _manifest(cfg)
     cfg = model_config_for(cfg, manifest)
+    ds_config = deepspeed_config(cfg, world, on_gpu)
+    accelerate_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if rank == 0 and accelerate_stage not in (None, str(cfg.deepspeed.zero_stage)):
+        log.warning("accelerate's DeepSpeed plugin says ZeRO stage %s; m6rec uses deepspeed.zero_stage=%d from "
+                    "its config (the one source of truth)", accelerate_stage, cfg.deepspeed.zero_stage)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
         # A STOP file left by the run that was stopped is stale now (ranks look only
         # inside the loop, after deepspeed.initialize's barriers).
-        (run_dir / "STOP").unlink(missing_ok=True)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
 
     model = build_model(cfg, device=device)
     margs = ModelArgs.from_config(cfg)
-    ds_config = deepspeed_config(cfg, world, on_gpu)
-    optimizer = None
-    if not on_gpu:
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                      betas=(0.9, 0.95), eps=1e-8)
-    if optimizer is None:
-        ds_params = _param_groups(model, cfg.train.weight_decay)
-    else:
-        ds_params = None
-    # The scheduler goes to DeepSpeed: it steps it at accumulation boundaries and
-    # saves it in its checkpoints.
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, model_parameters=ds_params,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    optimizer = build_optimizer(cfg, model, on_gpu)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     train_loader = StreamLoader.from_config(cfg.data, "train", train=True, rank=rank, world_size=world)
     val_loader = StreamLoader.from_config(cfg.data, "valid", train=False, rank=rank, world_size=world)
-
-    step, tokens_seen, skipped_nonfinite = 0, 0, 0
-    if resume not in ("none", "auto") and not resume.startswith("step"):
-        raise ConfigError(f"--resume: expected 'auto', 'none' or a checkpoint tag like step00000100, got {resume!r}")
-    tag = ckpt.latest_complete(ckpt_dir) if resume == "auto" else (resume if resume != "none" else None)
-    if tag is not None:
-        saved_world = ckpt.saved_world_size(ckpt_dir, tag)
-        if saved_world and saved_world != world:
-            raise ConfigError(
-                f"checkpoint {ckpt_dir / tag} was written by {saved_world} ranks, this run has {world}: "
-                f"resuming ZeRO optimizer shards on a different world size needs a universal checkpoint "
-                f"(docs/training.md#changing-the-number-of-gpus)")
-        client, rank_state = ckpt.load(engine, ckpt_dir, tag)
-        step, tokens_seen = client["step"], client["tokens_seen"]
-        train_loader.load_state_dict(client["stream"])
-        if rank_state is not None:
-            ckpt.set_rng_state(rank_state["rng"])
-        if rank == 0:
-            log.info("resumed from %s at step %d", ckpt_dir / tag, step)
+    client = _resume(engine, ckpt_dir, resume, cfg, world, train_loader)
+    step, tokens_seen = client.get("step", 0), client.get("tokens_seen", 0)
+    nonfinite_total = client.get("nonfinite_steps", 0)
+    start_step = step
 
     metrics = MetricsLogger(run_dir, to_dict(cfg), rank, world, cfg.train.wandb)
     peak, peak_source = peak_flops(cfg.train.precision, device, configured=cfg.train.peak_flops)
     fpt = flops_per_token(margs, cfg.data.stream.seq_len)["total"]
-    stop = StopFlag(run_dir / "STOP")
+    trace = _Trace(run_dir, rank)
     bar = progress(total=cfg.train.steps, initial=step, desc="train", rank=rank)
-    accum = cfg.train.grad_accum
     timer = StepTimer()
-    last_save_time = time.time()
-    interval_loss, interval_steps = 0.0, 0
-    stopped_by = "steps"
+    accum, stage = cfg.train.grad_accum, cfg.deepspeed.zero_stage
+    special = manifest["special_tokens"]
+    nan_steps = ckpt.fault_steps("nan_loss")
+    meta = {"world_size": world, "zero_stage": stage, "precision": cfg.train.precision,
+            "model_args": margs.to_dict(), "tokenizer": str(Path(cfg.data.output) / "tokenizer.json")}
+    last_save_time, last_saved = time.time(), step
+    interval_losses: list[float] = []
+    consecutive_nonfinite, save_due, stopped_by = 0, False, "steps"
     batches = iter(train_loader)
-    consecutive_nonfinite = 0
-    nan_steps = _fault_steps("nan_loss")
 
-    def save_now(reason: str):
-        nonlocal last_save_time
-        client = {"step": step, "tokens_seen": tokens_seen, "stream": train_loader.state_dict(),
-                  "reason": reason, "world_size": world}
+    def next_batch() -> dict:
+        nonlocal batches
+        with timer.waiting_for_data(), shielded_children():  # a new epoch's first next() starts workers
+            try:
+                return next(batches)
+            except StopIteration:  # the epoch ended: the loader moved on to the next one
+                batches = iter(train_loader)
+                return next(batches)
+
+    def save_now(reason: str) -> None:
+        nonlocal last_save_time, last_saved
+        state = {"step": step, "tokens_seen": tokens_seen, "stream": train_loader.state_dict(),
+                 "nonfinite_steps": nonfinite_total, "reason": reason, "world_size": world}
         with timer.paused():
-            ckpt.save(engine, ckpt_dir, step, client, {"rng": ckpt.rng_state()}, cfg.train.keep_last)
-        last_save_time = time.time()
+            ckpt.save(engine, ckpt_dir, step, state, {"rng": ckpt.rng_state()}, cfg.train.keep_last, meta)
+        last_save_time, last_saved = time.time(), step
 
     while step < cfg.train.steps:
-        step_tokens, step_loss, nonfinite_here = 0, 0.0, False
-        for _ in range(accum):
-            with timer.waiting_for_data():
-                try:
-                    batch = next(batches)
-                except StopIteration:  # the epoch ended: the loader moved on to the next one
-                    batches = iter(train_loader)
-                    batch = next(batches)
+        lr = lr_at(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        local_losses, keys, step_tokens, infilled = [], [], 0, 0
+        for micro in range(accum):
+            batch = next_batch()
+            if cfg.train.infill_rate > 0:
+                rng = np.random.default_rng((cfg.train.seed, step, rank, micro))
+                infilled += infill_documents(batch, cfg.train.infill_rate, rng, special)
+            keys.append(batch["sample_keys"])
             b = _to_device(batch, device)
             loss = engine(**b).loss
-            if step in nan_steps:
-                loss = loss * float("nan")  # test hook (M6REC_FAULT=nan_loss@N,M)
-            bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=device)
-            if dist.is_initialized():
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():
-                # Every rank skips this micro-batch together: no update from it,
-                # and no rank waits in a gradient all-reduce the others skip.
-                nonfinite_here = True
-                continue
+            if step + 1 in nan_steps:
+                loss = loss * float("nan")  # test hook (M6REC_FAULT=nan_loss@N)
             engine.backward(loss)
-            engine.step()
-            step_tokens += int((b["document_ids"] >= 0).sum())  # real (non-pad) tokens processed
-            step_loss += loss.item()  # .item() syncs the device: the step time is real
-        if nonfinite_here:
-            consecutive_nonfinite += 1
-            skipped_nonfinite += 1
-            if consecutive_nonfinite >= cfg.train.max_nonfinite:
-                bar.close()
-                metrics.close()
-                raise RuntimeError(
-                    f"stopping at step {step}: the loss was non-finite at {consecutive_nonfinite} consecutive "
-                    f"steps (train.max_nonfinite={cfg.train.max_nonfinite}); those updates were skipped and no "
-                    f"checkpoint was written after them. Lower train.lr, prefer bf16 to fp16, or check the data.")
-        else:
-            consecutive_nonfinite = 0
-        step += 1
-        tokens_seen += step_tokens * world
-        timer.step_done(step_tokens)
-        interval_loss += step_loss / accum
-        interval_steps += 1
-        bar.update(1)
+            local_losses.append(loss.detach().float())
+            step_tokens += int((b["document_ids"] >= 0).sum())
+            if micro < accum - 1:
+                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
 
-        # One all-reduce decides what every rank does next.
+        # The one all-reduce of the step, before the boundary: every rank takes the same branches.
+        losses = torch.stack(local_losses)
+        # Stage 0 keeps whole (already averaged) gradients: their norm is cheap, logged, and a
+        # non-finite one skips the step like a non-finite loss (ZeRO 1-3 check it themselves).
+        grad_norm = _global_grad_norm(engine) if stage == 0 else None
+        stop_file = rank == 0 and (run_dir / STOP_FILE).exists()
+        time_save = bool(cfg.train.save_every_minutes) and \
+            time.time() - last_save_time >= 60 * cfg.train.save_every_minutes
+        stats = train_loader.stats
         decide = torch.tensor([
-            1.0 if stop.requested() else 0.0,
-            1.0 if (cfg.train.save_every_minutes
-                    and time.time() - last_save_time >= 60 * cfg.train.save_every_minutes) else 0.0,
-            interval_loss,
+            float(not torch.isfinite(losses).all() or not math.isfinite(grad_norm or 0.0)),
+            float(losses.nan_to_num(0.0).sum()), step_tokens,
+            float(stop.signal is not None), float(stop_file), float(time_save),
+            stats["skipped_samples"], stats["corrupt_shards"], infilled,
         ], dtype=torch.float64, device=device)
         if dist.is_initialized():
-            dist.all_reduce(decide, op=dist.ReduceOp.SUM)
-        want_stop, want_time_save, loss_sum = decide.tolist()
+            dist.all_reduce(decide)
+        nonfinite, loss_sum, tokens, signalled, stop_file, time_save, skipped, corrupt, infilled = decide.tolist()
+        log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+        optimizer.skip_update = bool(nonfinite)
+        engine.step()  # the boundary: clip + optimizer step (suppressed if non-finite)
+        optimizer.skip_update = False
+
+        step += 1
+        tokens_seen += int(tokens)
+        timer.step_done(step_tokens)
+        bar.update(1)
+        step_loss = loss_sum / (world * accum) if not nonfinite else float("nan")
+        trace.write(engine, step=step, loss=step_loss.hex(), lr=lr, skipped=bool(nonfinite), keys=keys,
+                    local=[float(x).hex() for x in local_losses])
+        if nonfinite:
+            consecutive_nonfinite += 1
+            nonfinite_total += 1
+            log.warning("step %d: non-finite loss (or stage-0 gradient) on some rank; update skipped (%d in a row, %d in all)",
+                        step, consecutive_nonfinite, nonfinite_total)
+        else:
+            consecutive_nonfinite = 0
+            interval_losses.append(step_loss)
 
         row: dict[str, Any] = {}
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        if log_now:
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
+            if nonfinite:
+                grad_norm = None
             row = {
-                "loss": loss_sum / world / max(1, interval_steps),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "loss": sum(interval_losses) / len(interval_losses) if interval_losses else float("nan"),
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 **timer.interval_metrics(world, fpt, peak),
                 "tokens_seen": tokens_seen,
-                "samples_skipped": train_loader.stats.get("skipped_samples", 0),
-                "corrupt_shards": train_loader.stats.get("corrupt_shards", 0),
-                "nonfinite_steps": skipped_nonfinite,
+                "samples_skipped": int(skipped),
+                "corrupt_shards": int(corrupt),
+                "nonfinite_steps": nonfinite_total,
                 "epoch": train_loader.epoch,
                 **memory_stats(device),
             }
             if cfg.train.precision == "fp16":
-                row["loss_scale"] = float(getattr(optimizer, "cur_scale", float("nan")))
-            interval_loss, interval_steps = 0.0, 0
+                row["loss_scale"] = float(getattr(engine.optimizer, "cur_scale", float("nan")))
+            if cfg.train.infill_rate > 0:
+                row["infilled_docs"] = int(infilled)
+            interval_losses = []
+        if consecutive_nonfinite >= cfg.train.max_nonfinite:
+            metrics.log(step, row or {"nonfinite_steps": nonfinite_total})
+            bar.close()
+            metrics.close()
+            trace.close()
+            raise NonFiniteLossError(
+                f"stopping at step {step}: the loss was non-finite at {consecutive_nonfinite} consecutive steps "
+                f"(train.max_nonfinite={cfg.train.max_nonfinite}); those updates were skipped and no checkpoint was "
+                f"written after them (the newest is {ckpt.latest_complete(ckpt_dir) or 'none'}). "
+                f"Lower train.lr, prefer bf16 to fp16, or check the data.")
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
             with timer.paused():
                 row["val_loss"] = evaluate(engine, val_loader, device, cfg.train.eval_batches)
         if row:
             metrics.log(step, row)
 
+        # Saves wait for a step with a finite loss: no checkpoint right after a skipped update.
+        save_due |= bool(cfg.train.save_every and step % cfg.train.save_every == 0) or bool(time_save)
+        want_stop = signalled or stop_file
+        if (save_due or want_stop or step == cfg.train.steps) and not consecutive_nonfinite:
+            save_now("preempted" if want_stop else "scheduled" if step < cfg.train.steps else "final")
+            save_due = False
         if want_stop:
-            stopped_by = stop.reason()
-            save_now("preempted")
+            stopped_by = ("signal " + signal.Signals(stop.signal).name if stop.signal is not None
+                          else "signal on another rank" if signalled else f"stop file {run_dir / STOP_FILE}")
             break
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or want_time_save or step == cfg.train.steps:
-            save_now("scheduled" if step < cfg.train.steps else "final")
+    if step == cfg.train.steps and last_saved != step and step > start_step:
+        log.warning("step %d: the last step was non-finite; the final checkpoint was not written", step)
+    trace.final_weights(engine, run_dir / "trace" / "final_weights.safetensors")
     bar.close()
     metrics.close()
-    summary = {"step": step, "stopped_by": stopped_by, "tokens_seen": tokens_seen,
-               "skipped_nonfinite": skipped_nonfinite, "peak_flops": peak, "peak_source": peak_source}
+    trace.close()
+    summary = {"step": step, "stopped_by": stopped_by, "tokens_seen": tokens_seen, "start_step": start_step,
+               "nonfinite_steps": nonfinite_total, "last_checkpoint": ckpt.latest_complete(ckpt_dir),
+               "world_size": world, "zero_stage": stage, "peak_flops": peak, "peak_source": peak_source}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -409,5 +641,25 @@ def train(cfg: Config, resume: str = "none") -> dict:
 
 def main(cfg: Config, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    train(cfg, resume=args.resume)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except NonFiniteLossError as e:
+        print(f"m6rec train: {e}", file=sys.stderr, flush=True)
+        return 1
+    if summary["stopped_by"] != "steps":
+        log.info("stopped by %s at step %d after checkpoint %s", summary["stopped_by"], summary["step"],
+                 summary["last_checkpoint"])
     return 0
+
+
+if __name__ == "__main__":  # print the rendered DeepSpeed JSON of a config
+    import argparse
+
+    from m6rec.config import load_config
+
+    p = argparse.ArgumentParser(description="print the DeepSpeed config m6rec renders from a YAML preset")
+    p.add_argument("--config", required=True)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--gpu", action="store_true", help="render as on GPUs (offload and fp16 allowed)")
+    a, rest = p.parse_known_args()
+    print(json.dumps(deepspeed_config(load_config(a.config, rest), a.world_size, a.gpu), indent=2))

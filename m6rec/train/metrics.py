@@ -45,6 +45,7 @@ METRICS: dict[str, str] = {
     "samples_skipped": "corrupt samples skipped so far",
     "corrupt_shards": "corrupt shards skipped so far (this epoch, this rank's readers)",
     "epoch": "epoch of the training stream",
+    "infilled_docs": "documents trained with the M6 text-infilling objective in the interval (train.infill_rate > 0)",
     "nonfinite_steps": "updates skipped because the loss was not finite, so far",
 }
 

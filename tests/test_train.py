@@ -1,0 +1,197 @@
+"""Training engine pieces that need no process group: the rendered DeepSpeed config,
+the schedule, the skippable optimizer, the infilling transform, launcher
+environments, checkpoint bookkeeping.  The multi-rank runs are in
+test_train_multirank.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from m6rec.config import ConfigError, load_config
+from m6rec.train import checkpoint as ckpt
+from m6rec.train import engine as E
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs" / "deepspeed").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_rendered_deepspeed_config(preset):
+    cfg = load_config(preset, ["--data.stream.batch_size", "4", "--train.grad_accum", "2", "--train.precision", "bf16"])
+    ds = E.deepspeed_config(cfg, world_size=8, on_gpu=True)
+    stage = int(preset.stem[4])
+    assert ds["zero_optimization"]["stage"] == stage == cfg.deepspeed.zero_stage
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 64)
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == cfg.train.grad_clip
+    assert ("offload_optimizer" in ds["zero_optimization"]) == ("offload" in preset.stem)
+    assert "optimizer" not in ds and "scheduler" not in ds  # the engine owns both (one source of truth)
+    json.dumps(ds)
+    if "offload" in preset.stem:
+        with pytest.raises(ConfigError, match="offload_optimizer"):
+            E.deepspeed_config(cfg, world_size=8, on_gpu=False)
+    else:
+        assert E.deepspeed_config(cfg, 8, on_gpu=False) == ds
+
+
+def test_fp16_needs_a_gpu_and_pretrain_preset_uses_zero2():
+    cfg = load_config(ROOT / "configs/pretrain/tiny.yaml", ["--train.precision", "fp16"])
+    assert cfg.deepspeed.zero_stage == 2
+    with pytest.raises(ConfigError, match="'train.precision': 'fp16' needs a GPU"):
+        E.deepspeed_config(cfg, 1, on_gpu=False)
+    assert E.deepspeed_config(cfg, 1, on_gpu=True)["fp16"]["enabled"]
+
+
+def test_lr_schedule():
+    cfg = load_config(None, ["--train.lr", "1.0e-3", "--train.min_lr", "1.0e-4", "--train.warmup_steps", "4",
+                             "--train.steps", "104"])
+    lrs = [E.lr_at(cfg, s) for s in range(110)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3) and lrs[54] == pytest.approx(5.5e-4) and lrs[104] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(1e-4)
+
+
+def test_skippable_optimizer_moves_nothing():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = E.skippable(torch.optim.AdamW)([w], lr=0.1)
+    assert isinstance(opt, torch.optim.AdamW) and type(opt).__name__ == "AdamW"
+    before = w.detach().clone()
+    w.grad = torch.full_like(w, float("nan"))
+    opt.skip_update = True
+    opt.step()
+    assert torch.equal(w, before) and not opt.state  # no moment, no step count
+    opt.skip_update = False
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert not torch.equal(w, before) and opt.state[w]["step"] == 1
+
+
+SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|context|>": 3, "<|predict|>": 4, "<|item|>": 5, "<|image|>": 6}
+
+
+def _doc_batch():
+    """Row 0: doc 0 = bos ctx item(10 11) predict item(20 21) item(6 6 30) item(40 41 42) eos, doc 1 (truncated), pad."""
+    doc0 = [1, 3, 5, 10, 11, 4, 5, 20, 21, 5, 6, 6, 30, 5, 40, 41, 42, 2]
+    prefix0 = [True] * 5 + [False] * 13
+    doc1 = [1, 3, 5, 50, 4, 5, 60, 61]  # no eos: cut by truncation
+    T = 30
+    ids = torch.zeros(1, T, dtype=torch.long)
+    ids[0, :18], ids[0, 18:26] = torch.tensor(doc0), torch.tensor(doc1)
+    doc = torch.full((1, T), -1)
+    doc[0, :18], doc[0, 18:26] = 0, 1
+    prefix = torch.zeros(1, T, dtype=torch.bool)
+    prefix[0, :18], prefix[0, 18:22] = torch.tensor(prefix0), True
+    labels = torch.full((1, T), -100)
+    labels[0, 5:17] = ids[0, 6:18]
+    labels[0, 22:25] = ids[0, 23:26]
+    return {"input_ids": ids, "labels": labels, "document_ids": doc, "prefix_mask": prefix,
+            "position_ids": torch.zeros(1, T, dtype=torch.long),
+            "image_positions": torch.tensor([[0, 10]]), "image_patches": torch.zeros(1, 2, 12)}
+
+
+def test_infill_documents():
+    seen = set()
+    for seed in range(40):
+        b = _doc_batch()
+        before = {k: v.clone() for k, v in b.items()}
+        n = E.infill_documents(b, 1.0, np.random.default_rng(seed), SPECIAL)
+        assert n == 1  # doc 1 has no eos: left alone, like the padding
+        for k in before:
+            assert torch.equal(b[k][0, 18:], before[k][0, 18:]) or k == "image_positions", k
+        ids = b["input_ids"][0, :18].tolist()
+        # Targets without an image slot: (20 21) or (40 41 42); never the context item or the imaged one.
+        if ids[-3:] == [4, 20, 21]:
+            assert ids == [1, 3, 5, 10, 11, 4, 5, 5, 6, 6, 30, 5, 40, 41, 42, 4, 20, 21]
+            assert b["image_positions"].tolist() == [[0, 8]]  # C moved left by len(item) - 1 = 2
+            cut = 15
+        else:
+            assert ids == [1, 3, 5, 10, 11, 4, 5, 20, 21, 5, 6, 6, 30, 5, 4, 40, 41, 42]
+            assert b["image_positions"].tolist() == [[0, 10]]
+            cut = 14
+        seen.add(cut)
+        assert b["prefix_mask"][0, :18].tolist() == [True] * cut + [False] * (18 - cut)
+        assert b["labels"][0, :18].tolist() == [-100] * cut + ids[cut + 1:] + [-100]
+        assert len(ids) == 18 and b["document_ids"][0, :18].eq(0).all()
+    assert seen == {14, 15}
+    b = _doc_batch()
+    assert E.infill_documents(b, 0.0, np.random.default_rng(0), SPECIAL) == 0
+    assert torch.equal(b["input_ids"], _doc_batch()["input_ids"])
+
+
+def test_infill_keeps_the_model_loss_on_the_item(tmp_path):
+    """The model sees the hole bidirectionally and is scored on the item's text only."""
+    from m6rec.model import build_model
+    from m6rec.model.args import ModelArgs
+
+    b = _doc_batch()
+    E.infill_documents(b, 1.0, np.random.default_rng(1), SPECIAL)
+    b["position_ids"] = torch.where(b["document_ids"] >= 0, torch.arange(30) - torch.tensor(
+        [0] * 18 + [18] * 8 + [26] * 4), 0)
+    model = build_model(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=32, ffn_hidden=64))
+    out = model(**{k: v for k, v in b.items() if k not in ("image_patches", "image_positions")})
+    n_item = int((b["labels"][0, :18] != -100).sum())
+    assert out.n_tokens == n_item + 3 and torch.isfinite(out.loss)  # + doc 1's own targets
+
+
+def test_launcher_env_from_srun(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "4(x2)")
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        E.launcher_env()
+    monkeypatch.setenv("MASTER_ADDR", "node01")
+    env = E.launcher_env()
+    assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node01", "MASTER_PORT": "29500"}
+    assert E.local_world_size() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's wins
+    assert E.local_world_size() == 2
+
+
+def test_fault_spec(monkeypatch):
+    monkeypatch.setenv("M6REC_FAULT", "nan_loss@3,4;crash_in_save@6")
+    assert ckpt.fault_steps("nan_loss", rank=0) == {3, 4} and ckpt.fault_steps("crash_in_save", rank=1) == {6}
+    assert ckpt.fault_steps("nan", rank=0) == set()
+    monkeypatch.setenv("M6REC_FAULT_RANK", "1")
+    assert ckpt.fault_steps("nan_loss", rank=0) == set() and ckpt.fault_steps("nan_loss", rank=1) == {3, 4}
+
+
+def test_checkpoint_bookkeeping(tmp_path):
+    d = tmp_path / "checkpoints"
+    for step, complete in [(10, True), (20, True), (30, False), (40, True), (50, False)]:
+        (d / ckpt.tag_for(step)).mkdir(parents=True)
+        if complete:
+            (d / ckpt.tag_for(step) / ckpt.COMPLETE).write_text(json.dumps({"step": step, "world_size": 4}))
+    (d / "latest").write_text("step00000050")  # names an incomplete tag: the newest complete one wins
+    assert ckpt.latest_complete(d) == "step00000040"
+    (d / "latest").write_text("step00000020")
+    assert ckpt.latest_complete(d) == "step00000020"  # a complete `latest` is taken as is
+    assert ckpt.read_meta(d, "step00000010") == {"step": 10, "world_size": 4}
+    (d / "step00000010" / ckpt.COMPLETE).write_text("10\n")  # the old marker format
+    (d / "step00000010" / "m6rec_rank0.pt").write_bytes(b"")
+    assert ckpt.read_meta(d, "step00000010") == {"step": 10, "world_size": 1}
+    ckpt._prune(d, keep_last=2, keep="step00000040")
+    assert sorted(p.name for p in d.iterdir()) == ["latest", "step00000020", "step00000040", "step00000050"]
+
+    from m6rec.train.export import resolve
+
+    assert resolve(tmp_path) == (d, "step00000020")
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        resolve(d / "step00000050")
+
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.stem)
+def test_pretrain_presets_render(preset):
+    cfg = load_config(preset)
+    ds = E.deepspeed_config(cfg, world_size=8, on_gpu=True)
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+    assert ds["train_batch_size"] == 8 * cfg.data.stream.batch_size * cfg.train.grad_accum
+    assert cfg.train.warmup_steps < cfg.train.steps and cfg.train.run_dir.startswith("runs/")
