@@ -89,7 +89,7 @@ def bench_train_consumption(dataset: Path, cfg: Config, model_preset: str, steps
 
 
 def bench_data(cfg: Config, work_dir: Path, prepare_workers=(1, 2), loader_workers=(0, 1, 2),
-               model_preset: str = "configs/model/small.yaml", max_batches: int = 200, max_seconds: float = 30.0,
+               model_preset: str = "configs/model/small.yaml", max_batches: int = 1000, max_seconds: float = 40.0,
                train_steps: int = 3) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     result: dict = dict(dataset=cfg.data.name, seq_len=cfg.data.stream.seq_len, batch_size=cfg.data.stream.batch_size)
