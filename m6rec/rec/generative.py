@@ -1,0 +1,724 @@
+"""Generative next-item recommendation: the pretrained LM ranks the whole catalog.
+
+A user is written exactly as in training (m6rec.data.text): the profile, the
+last ``data.max_items - 1`` items of the history with their ratings, tags and
+relative times (and posters), then ``<|predict|><|item|>``.  What the model
+would write next is the recommendation.
+
+* **item-token mode** (``data.text.item_repr`` ``token`` or ``both``): the
+  next token after ``<|item|>`` is an item token; the logits at that position
+  restricted to the catalog's item tokens, softmaxed, give every item's
+  score (one forward pass per user, exact).
+* **text mode** (``item_repr: text``): the item is its catalog text
+  ("Title (Genre, Genre)").  A prefix trie holds every catalog item's token
+  ids (the same segment encoding as the training text), and a trie-constrained
+  beam search finds the items of highest length-normalised log-probability::
+
+      score(item) = ( sum_i log p(tok_i | prompt, tok_<i) + log p(END | prompt, tok_1..n) ) / (n + 1) ** A
+
+  where ``p`` is the model's own softmax over the full vocabulary (not
+  renormalised over the trie) and END is the event "the item's text ends
+  here": in training, the token after an item's text is the first token of
+  its rating / tag / time phrase (", rated 4", ", same day": always ``,``,
+  a segment of its own), or ``<|item|>`` / ``<|eos|>``; ``p(END)`` sums the
+  probabilities of those tokens.  END makes an item whose text is a prefix
+  of another's ("Heat (1995)" vs "Heat (1995) (Action)") score on its own
+  merits.  Items whose text is identical share a trie leaf and a score (ties
+  in catalog order).  History items are removed from the trie per user
+  (a branch holding only history items is never entered), so every beam slot
+  spends itself on an eligible item and a beam of ``B >= k`` always returns
+  ``min(k, eligible)`` items.  ``A`` (``length_norm``) is 1 by default
+  (mean log-probability per token); 0 ranks by the item's probability.
+  Beam search approximates the exact ranking, the more so with ``A > 0``:
+  partial items are pruned by summed log-probability, complete ones ranked
+  by their mean (docs/evaluation.md has the measured overlap); with a beam
+  as wide as the catalog it is exact.
+
+The model has no KV cache of its own; :class:`_Decoder` runs the prompt once
+(prefill, with the M6 prefix mask) and keeps each layer's rotated keys and
+values, then feeds one token per beam slot per step.  Without it every step
+would re-run the whole prompt for every slot: for a 500-token prompt, beam 50
+and 25 title tokens that is ~625k token-passes per user instead of ~1.75k.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from m6rec.config import Config, ConfigError, load_config
+from m6rec.data import text as T
+from m6rec.data.tokenizer import SegmentEncoder, load_tokenizer
+from m6rec.rec.evaluate import Query, top_k_excluding
+
+
+# ---------------------------------------------------------------------------
+# Loading a run
+# ---------------------------------------------------------------------------
+class LoadedRun(NamedTuple):
+    model: torch.nn.Module
+    cfg: Config
+    tokenizer: object
+    dataset_dir: Path
+
+
+def resolve_checkpoint(run_dir: str | Path, tag: Optional[str] = None) -> tuple[Path, str]:
+    """``RUN_DIR`` (or ``RUN_DIR/checkpoints``) -> (checkpoint dir, complete tag)."""
+    from m6rec.train import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir if run_dir.name == "checkpoints" else run_dir / "checkpoints"
+    if tag is None:
+        tag = ckpt.latest_complete(ckpt_dir)
+        if tag is None:
+            raise ConfigError(f"--ckpt {run_dir}: no complete checkpoint in {ckpt_dir} (is it a run directory "
+                              f"written by `m6rec train`?)")
+    elif not ckpt.is_complete(ckpt_dir, tag):
+        have = ckpt.complete_tags(ckpt_dir)
+        raise ConfigError(f"--tag {tag}: {ckpt_dir / tag} is not a complete checkpoint; complete ones: {have}")
+    return ckpt_dir, tag
+
+
+def _fp32_state_dict(ckpt_dir: Path, tag: str) -> dict:
+    """m6rec.train.export's consolidation (ZeRO 0-3, CPU), quietly."""
+    import contextlib
+    import io
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            from m6rec.train.export import fp32_state_dict
+        except ImportError:  # export.py not there: DeepSpeed's converter (stages 1-3)
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+            return {k: v.detach().float().contiguous() for k, v in sd.items()}
+        return fp32_state_dict(ckpt_dir, tag)
+
+
+def load_run(run_dir: str | Path, tag: Optional[str] = None, device: str | torch.device = "cpu") -> LoadedRun:
+    """A trained run ready for inference: ``(model, cfg, tokenizer, dataset_dir)``.
+
+    Reads ``RUN_DIR/config.yaml``, the prepared dataset it trained on
+    (``cfg.data.output``: manifest and tokenizer), builds the model with the
+    manifest's vocabulary and loads the fp32 weights of the newest complete
+    checkpoint (or ``tag``).  The model is in eval mode and carries
+    ``model.checkpoint = {"run_dir", "tag", "step"}``."""
+    import json
+
+    from m6rec.model import build_model
+    from m6rec.model.args import ModelArgs
+    from m6rec.train import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    if run_dir.name == "checkpoints":
+        run_dir = run_dir.parent
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"--ckpt {run_dir}: {cfg_file} missing (is it a run directory written by `m6rec train`?)")
+    cfg = load_config(cfg_file)
+    dataset_dir = Path(cfg.data.output)
+    if not (dataset_dir / "manifest.json").is_file():
+        raise ConfigError(f"{cfg_file}: data.output={cfg.data.output} holds no prepared dataset (manifest.json "
+                          f"missing; relative paths resolve against the current directory {Path.cwd()})")
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    tokenizer = load_tokenizer(dataset_dir / "tokenizer.json")
+    ckpt_dir, tag = resolve_checkpoint(run_dir, tag)
+    meta = ckpt.read_meta(ckpt_dir, tag)
+    if "model_args" in meta:
+        args = ModelArgs.from_dict(meta["model_args"])
+    else:
+        args = ModelArgs.from_config(cfg)
+    args = ModelArgs.from_dict({**args.to_dict(), "vocab_size": manifest["vocab_size"], "compile": False,
+                                "init_from": None, "activation_checkpointing": False})
+    model = build_model(args, device="cpu")
+    model.load_state_dict(_fp32_state_dict(ckpt_dir, tag), strict=True)
+    model.to(device).eval()
+    model.checkpoint = {"run_dir": str(run_dir), "tag": tag, "step": meta.get("step")}
+    return LoadedRun(model, cfg, tokenizer, dataset_dir)
+
+
+# ---------------------------------------------------------------------------
+# Prompts: the user written as in training
+# ---------------------------------------------------------------------------
+@dataclass
+class Prompt:
+    ids: np.ndarray  # int64 token ids, ending with <|predict|><|item|>
+    prefix: np.ndarray  # bool, the context region (through <|predict|>)
+    image_items: list  # item of each image slot, in order
+    image_starts: list  # first slot token of each
+    exclude: set  # catalog items never to recommend (the user's history)
+    user_id: str = ""
+    context_items: list = field(default_factory=list)  # the items written in the prompt
+
+
+_TARGET = "\x00target"  # placeholder row for the item to predict (cut off before it is written)
+
+
+class ContextBuilder:
+    """Renders users, histories and free-text histories as M6-Rec prompts.
+
+    Item texts come from the dataset's ``items.parquet`` (rendered by
+    ``m6rec prepare``).  User profiles, the users' own tags and the item
+    posters are not saved there, so they are rebuilt from the raw source
+    (``load_source(cfg.data)``, as prepare does) when the text templates use
+    them; the rebuilt item texts are checked against ``items.parquet``.
+    """
+
+    def __init__(self, cfg: Config, dataset_dir: str | Path, tokenizer, *, load_source: Optional[bool] = None):
+        import json
+
+        self.cfg = cfg
+        self.text_cfg = cfg.data.text
+        self.dataset_dir = Path(dataset_dir)
+        manifest = json.loads((self.dataset_dir / "manifest.json").read_text())
+        self.image_size = manifest["image"]["size"]
+        self.patch_size = manifest["image"]["patch_size"]
+        self.P = manifest["image"]["patches"]
+        self.items = pd.read_parquet(self.dataset_dir / "items.parquet")
+        self.catalog_ids = self.items["item_id"].tolist()
+        self.item_index = {i: n for n, i in enumerate(self.catalog_ids)}
+        self.titles = dict(zip(self.items["item_id"], self.items["title"]))
+        splits = pd.read_parquet(self.dataset_dir / "splits.parquet").sort_values(["user_id", "position"])
+        self._timeline = {u: (g["item_id"].to_numpy(), g["timestamp"].to_numpy(), g["rating"].to_numpy(np.float64))
+                          for u, g in splits.groupby("user_id", sort=False)}
+        self.catalog = T.Catalog(dict(zip(self.items["item_id"], self.items["text"])), {}, {}, {})
+        self.tokenizer = tokenizer
+        self.enc = SegmentEncoder(tokenizer, self.P)
+        self._pixels: dict[str, np.ndarray] = {}
+        self._image_paths: dict[str, str] = {}
+        need_images = bool(self.text_cfg.images and self.items["has_image"].any())
+        need_profiles = bool(self.text_cfg.profile_template)
+        need_tags = bool(self.text_cfg.tags_template) and cfg.data.source == "ml-latest"
+        if load_source is None:
+            load_source = need_images or need_profiles or need_tags
+        self.source_loaded = False
+        if load_source:
+            try:
+                self._from_source(need_images)
+            except (ConfigError, OSError) as e:
+                warnings.warn(f"cannot rebuild user profiles, tags and posters from the raw source ({e}); prompts "
+                              "will lack them, unlike the training text")
+
+    def _from_source(self, need_images: bool) -> None:
+        from m6rec.data.sources import load_source
+
+        raw = load_source(self.cfg.data)
+        rebuilt = T.build_catalog(raw.items, raw.users, raw.tags, self.text_cfg)
+        differ = [i for i, t in self.catalog.item_text.items() if rebuilt.item_text.get(i) != t]
+        if differ:
+            warnings.warn(f"{len(differ)} item texts rebuilt from {self.cfg.data.root} differ from "
+                          f"{self.dataset_dir / 'items.parquet'} (e.g. {differ[0]!r}); the source changed since "
+                          f"`m6rec prepare`: profiles, tags and posters may not match training")
+        self.catalog.profiles = rebuilt.profiles
+        self.catalog.tags = rebuilt.tags
+        if need_images:
+            has = set(self.items.loc[self.items["has_image"], "item_id"])
+            self._image_paths = {i: p for i, p in zip(raw.items["item_id"], raw.items["image"])
+                                 if i in has and isinstance(p, str) and p}
+            # window_segments puts a slot before every item listed here, as prepare did
+            self.catalog.item_image = dict(self._image_paths)
+        self.source_loaded = True
+
+    # -- pixels, exactly as prepare stored them and the stream decodes them --
+    def pixels(self, item_id: str) -> np.ndarray:
+        """``[P, 3*p*p]`` float32 in [0, 1] (patch order as in the stream)."""
+        if item_id not in self._pixels:
+            import io
+
+            from PIL import Image
+
+            from m6rec.data.prepare import _load_images
+
+            sub = pd.DataFrame({"item_id": [item_id], "image": [self._image_paths[item_id]]})
+            data, _ = _load_images(sub, self.image_size)
+            with Image.open(io.BytesIO(data[item_id])) as im:
+                im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+                arr = np.asarray(im, dtype=np.uint8)
+            g, p = self.image_size // self.patch_size, self.patch_size
+            arr = arr.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p * 3)
+            self._pixels[item_id] = arr.astype(np.float32) / 255.0
+        return self._pixels[item_id]
+
+    # -- rendering -----------------------------------------------------------
+    def _render(self, user_id: str, items: np.ndarray, ts: np.ndarray, ratings: np.ndarray, catalog: T.Catalog,
+                exclude: set) -> Prompt:
+        """The last max_items-1 of ``items`` as context, then <|predict|><|item|>."""
+        n = len(items)
+        start = max(0, n + 1 - self.cfg.data.max_items)
+        all_items = np.append(np.asarray(items, dtype=object), _TARGET)
+        all_ts = np.append(np.asarray(ts, dtype=np.int64), int(ts[-1]) if n else 0)
+        all_r = np.append(np.asarray(ratings, dtype=np.float64), np.nan)
+        w = T.Window(user_id, "test", 0, np.arange(start, n + 1), n - start)
+        segs = T.window_segments(w, all_items, all_ts, all_r, catalog, self.text_cfg)
+        cut = next(i for i, s in enumerate(segs) if s.special and s.text == T.PREDICT)
+        assert segs[cut + 1].text == T.ITEM
+        segs = segs[:cut + 2]
+        ids, mask = self.enc.encode(segs)
+        starts = np.flatnonzero(mask & T.MASK_IMAGE)[:: self.P].tolist() if self.P else []
+        imgs = [s.image_item for s in segs if s.image_item is not None]
+        assert len(starts) == len(imgs)
+        return Prompt(ids.astype(np.int64), (mask & T.MASK_CONTEXT) != 0, imgs, starts, exclude, user_id,
+                      [str(i) for i in items[start:]])
+
+    def timeline(self, user_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if user_id not in self._timeline:
+            raise KeyError(f"unknown user {user_id!r} (not in {self.dataset_dir / 'splits.parquet'})")
+        return self._timeline[user_id]
+
+    def for_query(self, q: Query) -> Prompt:
+        """The evaluation prompt: the history before the target (ratings, times from splits.parquet)."""
+        items, ts, r = self.timeline(q.user_id)
+        n = len(q.history)
+        if list(items[:n]) != list(q.history):
+            raise ValueError(f"query of user {q.user_id}: history is not the start of the saved timeline")
+        return self._render(q.user_id, items[:n], ts[:n], r[:n], self.catalog, set(q.history))
+
+    def for_user(self, user_id: str) -> Prompt:
+        """Serving: everything the user did (all splits), all of it excluded."""
+        items, ts, r = self.timeline(user_id)
+        return self._render(user_id, items, ts, r, self.catalog, set(items.tolist()))
+
+    def match_titles(self, titles: Sequence[str]) -> list[tuple[str, Optional[str]]]:
+        """``(title, item_id or None)``: exact title, then case-insensitive title (first in catalog order)."""
+        exact, lower = {}, {}
+        for iid, t in zip(self.items["item_id"], self.items["title"]):
+            exact.setdefault(t.strip(), iid)
+            lower.setdefault(t.strip().casefold(), iid)
+        out = []
+        for t in titles:
+            t = t.strip()
+            out.append((t, exact.get(t) or lower.get(t.casefold())))
+        return out
+
+    def for_titles(self, titles: Sequence[str] | str) -> tuple[Prompt, list[tuple[str, Optional[str]]]]:
+        """A user the model never saw, from a free-text history ("Toy Story (1995); Heat (1995)").
+
+        Known titles become their catalog items (with genres and posters as in
+        training); unknown ones stay plain text items (the model reads text).
+        No ratings, times "same day", no profile."""
+        if isinstance(titles, str):
+            titles = [t for t in titles.split(";") if t.strip()]
+        matched = self.match_titles(titles)
+        cat = T.Catalog(dict(self.catalog.item_text), self.catalog.item_image, {}, {})
+        ids = []
+        for n, (t, iid) in enumerate(matched):
+            if iid is None:
+                iid = f"\x00text{n}"
+                cat.item_text[iid] = t
+            ids.append(iid)
+        items = np.array(ids, dtype=object)
+        prompt = self._render("", items, np.zeros(len(items), dtype=np.int64), np.full(len(items), np.nan), cat,
+                              {i for _, i in matched if i is not None})
+        return prompt, matched
+
+
+def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device) -> dict:
+    """Right-padded batch in the batch contract (one document per row, padding document -1)."""
+    B, L = len(prompts), max(len(p.ids) for p in prompts)
+    ids = np.full((B, L), pad_id, dtype=np.int64)
+    doc = np.full((B, L), -1, dtype=np.int64)
+    prefix = np.zeros((B, L), dtype=bool)
+    patches, where = [], []
+    for b, p in enumerate(prompts):
+        n = len(p.ids)
+        ids[b, :n], doc[b, :n], prefix[b, :n] = p.ids, 0, p.prefix
+        for item, st in zip(p.image_items, p.image_starts):
+            patches.append(ctx.pixels(item))
+            where.append((b, st))
+    P, pd_ = ctx.P, 3 * ctx.patch_size ** 2
+    t = torch.from_numpy
+    return {
+        "input_ids": t(ids).to(device),
+        "position_ids": t(np.where(doc >= 0, np.arange(L), 0)).to(device),
+        "document_ids": t(doc).to(device),
+        "prefix_mask": t(prefix).to(device),
+        "image_patches": (t(np.stack(patches)) if patches else torch.zeros(0, P, pd_)).to(device),
+        "image_positions": torch.tensor(where, dtype=torch.int64).reshape(-1, 2).to(device),
+        "lengths": torch.tensor([len(p.ids) for p in prompts], device=device),
+    }
+
+
+# ---------------------------------------------------------------------------
+# The catalog trie
+# ---------------------------------------------------------------------------
+class ItemTrie:
+    """Every catalog item's token ids in a prefix trie, stored as flat arrays.
+
+    ``child_ptr/child_tok/child_node``: the children of node ``n`` are
+    ``child_tok[child_ptr[n]:child_ptr[n+1]]`` (sorted by token) leading to
+    ``child_node[...]``; node 0 is the root.  ``item_node[i]``: the node where
+    catalog item ``i``'s sequence ends; ``item_path[i]``: its nodes, root
+    first.  ``subtree[n]``: items ending in ``n``'s subtree."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]):
+        edges: dict[tuple[int, int], int] = {}
+        parent = [-1]
+        self.item_node = np.zeros(len(sequences), dtype=np.int64)
+        self.item_path: list[np.ndarray] = []
+        for i, seq in enumerate(sequences):
+            node, path = 0, [0]
+            for tok in seq:
+                key = (node, int(tok))
+                nxt = edges.get(key)
+                if nxt is None:
+                    nxt = edges[key] = len(parent)
+                    parent.append(node)
+                node = nxt
+                path.append(node)
+            self.item_node[i] = node
+            self.item_path.append(np.asarray(path, dtype=np.int64))
+        self.n_nodes = len(parent)
+        pairs = sorted(edges.items())  # by (node, token)
+        src = np.array([k[0] for k, _ in pairs], dtype=np.int64)
+        self.child_tok = np.array([k[1] for k, _ in pairs], dtype=np.int64)
+        self.child_node = np.array([v for _, v in pairs], dtype=np.int64)
+        self.child_ptr = np.zeros(self.n_nodes + 1, dtype=np.int64)
+        np.add.at(self.child_ptr, src + 1, 1)
+        self.child_ptr = np.cumsum(self.child_ptr)
+        self.items_at = np.bincount(self.item_node, minlength=self.n_nodes)
+        self.subtree = np.zeros(self.n_nodes, dtype=np.int64)
+        for p in self.item_path:
+            self.subtree[p] += 1
+        order = np.argsort(self.item_node, kind="stable")  # items of a node in catalog order
+        self._items_sorted = order
+        self._items_ptr = np.concatenate([[0], np.cumsum(self.items_at)])
+        self.depth = max((len(s) for s in sequences), default=0)
+
+    def items_of(self, node: int) -> np.ndarray:
+        return self._items_sorted[self._items_ptr[node]:self._items_ptr[node + 1]]
+
+    def sequences(self) -> list[list[int]]:
+        """Every stored sequence, read back from the trie (for checks)."""
+        tok_of = np.zeros(self.n_nodes, dtype=np.int64)
+        tok_of[self.child_node] = self.child_tok
+        return [tok_of[p[1:]].tolist() for p in self.item_path]
+
+    def history_counts(self, history_items: Sequence[int]) -> np.ndarray:
+        """Per node, how many of these (catalog indices, distinct) end in its subtree."""
+        c = np.zeros(self.n_nodes, dtype=np.int64)
+        for i in history_items:
+            c[self.item_path[i]] += 1
+        return c
+
+
+# ---------------------------------------------------------------------------
+# Prefill once, then one token per beam slot per step
+# ---------------------------------------------------------------------------
+class _Decoder:
+    """A key/value cache around :class:`M6Transformer`'s own modules (no weights copied).
+
+    ``prefill`` runs right-padded prompts with the model's mask (M6 prefix
+    region read bidirectionally, the rest causal, padding never read) and
+    keeps each layer's rotated keys and values; ``step`` feeds one token to
+    each of ``B`` slots per user, which read the user's prompt and their own
+    earlier tokens."""
+
+    def __init__(self, model):
+        from m6rec.model.transformer import apply_rope, rope_cos_sin
+
+        self.m, self.a = model, model.args
+        self._rope, self._cos_sin = apply_rope, rope_cos_sin
+
+    def _qkv(self, layer, x, pos):
+        a = layer.attention
+        N, T_, _ = x.shape
+        H, Hkv, Q = a.n_heads, a.n_kv, a.head_dim
+        qk, v = a.wqkv(layer.attention_norm(x)).view(N, T_, H + 2 * Hkv, Q).split([H + Hkv, Hkv], dim=2)
+        cos, sin = self._cos_sin(pos, Q, self.a.rope_theta)
+        q, k = self._rope(qk, cos, sin).transpose(1, 2).split([H, Hkv], dim=1)
+        return q, k, v.transpose(1, 2)  # [N, H(kv), T, Q]
+
+    @staticmethod
+    def _finish(layer, x, out):
+        N, H, T_, Q = out.shape
+        x = x + layer.attention.wo(out.transpose(1, 2).reshape(N, T_, H * Q))
+        return x + layer.feed_forward(layer.ffn_norm(x))
+
+    @torch.no_grad()
+    def prefill(self, batch: dict) -> torch.Tensor:
+        """Last-position logits ``[U, V]`` of each prompt; the cache is kept on self."""
+        ids, lengths = batch["input_ids"], batch["lengths"]
+        U, L = ids.shape
+        valid = batch["document_ids"] >= 0
+        idx = torch.arange(L, device=ids.device)
+        allowed = (idx[None, :, None] >= idx[None, None, :]) & valid[:, None, :]
+        if self.a.attention == "prefix":
+            from m6rec.model.masks import bidirectional_region
+
+            region = bidirectional_region(batch["document_ids"], batch["prefix_mask"])
+            allowed = allowed | (region[:, :, None] & region[:, None, :])
+        allowed = (allowed | torch.eye(L, dtype=torch.bool, device=ids.device))[:, None]  # padding reads itself
+        x = self.m.embed(ids, batch["image_patches"], batch["image_positions"])
+        pos = batch["position_ids"]
+        self.k, self.v = [], []
+        for layer in self.m.layers:
+            q, k, v = self._qkv(layer, x, pos)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
+            x = self._finish(layer, x, out)
+            self.k.append(k)
+            self.v.append(v)
+        self.key_bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(~valid, float("-inf"))
+        self.lengths = lengths
+        self.dk: list[Optional[torch.Tensor]] = [None] * len(self.m.layers)
+        self.dv: list[Optional[torch.Tensor]] = [None] * len(self.m.layers)
+        last = self.m.norm(x[torch.arange(U, device=ids.device), lengths - 1])
+        return F.linear(last, self.m.head_weight).float()
+
+    @torch.no_grad()
+    def reorder(self, users: torch.Tensor, parent: torch.Tensor) -> None:
+        """Keep only ``users`` (indices into the current users); their slot ``b`` continues
+        slot ``parent[u, b]``.  Finished users and slots drop out, so late steps (long titles
+        only) cost little."""
+        if len(users) != self.key_bias.shape[0]:
+            self.k = [k[users] for k in self.k]
+            self.v = [v[users] for v in self.v]
+            self.key_bias, self.lengths = self.key_bias[users], self.lengths[users]
+        if self.dk[0] is None:
+            return
+        g = parent[:, :, None, None, None]
+        for i in range(len(self.dk)):
+            dk, dv = self.dk[i][users], self.dv[i][users]
+            self.dk[i] = dk.gather(1, g.expand(-1, -1, *dk.shape[2:]))
+            self.dv[i] = dv.gather(1, g.expand(-1, -1, *dv.shape[2:]))
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed ``tokens [U, B]`` (the ``t``-th generated token of each slot): logits ``[U, B, V]``."""
+        U, B = tokens.shape
+        x = self.m.tok_embeddings(tokens.reshape(U * B, 1))
+        pos = (self.lengths[:, None] + t).expand(U, B).reshape(U * B, 1)
+        for li, layer in enumerate(self.m.layers):
+            q, k, v = self._qkv(layer, x, pos)  # [N, H, 1, Q], [N, Hkv, 1, Q]
+            H, Hkv, Q = q.shape[1], k.shape[1], q.shape[3]
+            G = H // Hkv
+            k = k.reshape(U, B, Hkv, 1, Q)
+            v = v.reshape(U, B, Hkv, 1, Q)
+            self.dk[li] = k if self.dk[li] is None else torch.cat([self.dk[li], k], dim=3)
+            self.dv[li] = v if self.dv[li] is None else torch.cat([self.dv[li], v], dim=3)
+            qg = q.reshape(U, B, Hkv, G, Q) * (1.0 / math.sqrt(Q))
+            s_p = torch.einsum("ubkgq,uktq->ubkgt", qg, self.k[li])
+            s_p = s_p + self.key_bias[:, None, None, None, :]
+            s_d = torch.einsum("ubkgq,ubktq->ubkgt", qg, self.dk[li])
+            w = torch.softmax(torch.cat([s_p, s_d], dim=-1).float(), dim=-1).to(qg.dtype)
+            Lp = s_p.shape[-1]
+            out = torch.einsum("ubkgt,uktq->ubkgq", w[..., :Lp], self.v[li]) + \
+                torch.einsum("ubkgt,ubktq->ubkgq", w[..., Lp:], self.dv[li])
+            x = self._finish(layer, x, out.reshape(U * B, H, 1, Q))
+        h = self.m.norm(x[:, 0])
+        return F.linear(h, self.m.head_weight).float().reshape(U, B, -1)
+
+
+# ---------------------------------------------------------------------------
+# The recommender
+# ---------------------------------------------------------------------------
+class GenerativeRecommender:
+    """Ranks the whole catalog with the LM (see the module docstring).
+
+    ``mode``: "auto" (item tokens when the data has them, else text),
+    "token" or "text".  ``beam``: beam width of text mode (at least ``k``
+    is always used).  ``batch_size``: users per forward pass."""
+
+    def __init__(self, model, contexts: ContextBuilder, mode: str = "auto", beam: int = 0, batch_size: int = 16,
+                 name: Optional[str] = None, length_norm: float = 1.0):
+        repr_ = contexts.text_cfg.item_repr
+        if mode == "auto":
+            mode = "token" if repr_ in ("token", "both") else "text"
+        if mode == "token" and repr_ == "text":
+            raise ConfigError("mode 'token' needs a dataset prepared with data.text.item_repr token or both")
+        if mode == "text" and repr_ != "text":
+            raise ConfigError(f"mode 'text' needs data.text.item_repr 'text' (this run's data has {repr_!r}: "
+                              "its item text follows an item token); use mode 'token'")
+        if mode not in ("text", "token"):
+            raise ConfigError(f"mode must be auto, text or token, got {mode!r}")
+        self.model, self.ctx, self.mode = model, contexts, mode
+        self.beam, self.batch_size, self.length_norm = beam, batch_size, float(length_norm)
+        self.device = next(model.parameters()).device
+        tok = contexts.tokenizer
+        self.pad_id = tok.token_to_id(T.PAD)
+        self.catalog = np.array(contexts.catalog_ids, dtype=object)
+        ck = getattr(model, "checkpoint", {}) or {}
+        self.name = name or f"m6rec-{mode}" + (f" ({ck['tag']})" if ck.get("tag") else "")
+        self.stats: dict = {}
+        if mode == "token":
+            ids = [tok.token_to_id(T.item_token(i)) for i in contexts.catalog_ids]
+            missing = [i for i, t in zip(contexts.catalog_ids, ids) if t is None]
+            if missing:
+                raise ConfigError(f"tokenizer has no item token for {len(missing)} catalog items (e.g. {missing[0]})")
+            self.item_token_ids = torch.tensor(ids, device=self.device)
+        else:
+            texts = [contexts.catalog.item_text[i] for i in contexts.catalog_ids]
+            contexts.enc.prime(texts)
+            self.sequences = [contexts.enc.encode([T.Segment(t, True)])[0].astype(np.int64).tolist() for t in texts]
+            self.trie = ItemTrie(self.sequences)
+            self.end_ids = self._end_ids()
+
+    def _end_ids(self) -> list[int]:
+        """Tokens that follow an item's text in training: the first token of its
+        rating / tag / time phrase (each a segment of its own), <|item|>, <|eos|>."""
+        c, tok = self.ctx.text_cfg, self.ctx.tokenizer
+        tails = []
+        if c.rating_template:
+            tails += [c.rating_template.format(rating=r) for r in ("1", "4", "3.5")]
+        if c.tags_template:
+            tails.append(c.tags_template.format(tags="funny"))
+        if c.time_unit == "day":
+            tails += [", same day", ", 1 day later", ", 12 days later"]
+        ends = {tok.token_to_id(T.ITEM), tok.token_to_id(T.EOS)}
+        ends |= {tok.encode(t, add_special_tokens=False).ids[0] for t in tails if t}
+        return sorted(ends)
+
+    # -- public --------------------------------------------------------------
+    def rank(self, queries: Sequence[Query], k: int) -> list[list[str]]:
+        return [[i for i, _ in r] for r in self.rank_with_scores(queries, k)]
+
+    def rank_with_scores(self, queries: Sequence[Query], k: int, progress: bool = False) -> list[list[tuple[str, float]]]:
+        return self.rank_prompts([self.ctx.for_query(q) for q in queries], k, progress)
+
+    def rank_prompts(self, prompts: Sequence[Prompt], k: int, progress: bool = False) -> list[list[tuple[str, float]]]:
+        """Top-``k`` ``(item_id, score)`` per prompt, its ``exclude`` set removed."""
+        t0 = time.perf_counter()
+        order = np.argsort([len(p.ids) for p in prompts], kind="stable")  # similar lengths batch together
+        out: list = [None] * len(prompts)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), desc=f"rank {self.name}", unit="user")
+        for idx in batches:
+            group = [prompts[i] for i in idx]
+            res = self._rank_token(group, k) if self.mode == "token" else self._rank_text(group, k)
+            for i, r in zip(idx, res):
+                out[i] = r
+            if bar is not None:
+                bar.update(len(idx))
+        if bar is not None:
+            bar.close()
+        dt = time.perf_counter() - t0
+        self.stats = {"users": len(prompts), "seconds": round(dt, 3),
+                      "seconds_per_user": round(dt / max(1, len(prompts)), 5),
+                      "prompt_tokens_mean": float(np.mean([len(p.ids) for p in prompts])) if prompts else 0.0}
+        return out
+
+    # -- item tokens -----------------------------------------------------------
+    @torch.no_grad()
+    def _rank_token(self, prompts: list[Prompt], k: int) -> list:
+        b = collate(prompts, self.ctx, self.pad_id, self.device)
+        lengths = b.pop("lengths")
+        h = self.model.hidden_states(**b)
+        last = h[torch.arange(len(prompts), device=h.device), lengths - 1]
+        logits = last.float() @ self.model.head_weight[self.item_token_ids].float().T
+        scores = torch.log_softmax(logits, dim=-1).cpu().numpy()  # softmax over the catalog
+        out = []
+        for p, s in zip(prompts, scores):
+            top = top_k_excluding(s, self.catalog, p.exclude, k)
+            out.append([(i, float(s[self.ctx.item_index[i]])) for i in top])
+        return out
+
+    # -- text: trie-constrained beam search --------------------------------------
+    @torch.no_grad()
+    def _rank_text(self, prompts: list[Prompt], k: int) -> list:
+        trie, U = self.trie, len(prompts)
+        B = max(k, self.beam)
+        dec = _Decoder(self.model)
+        batch = collate(prompts, self.ctx, self.pad_id, self.device)
+        logits = dec.prefill(batch)[:, None, :]  # [U, 1, V]: only slot 0 (the root) is live at first
+        # per user: history items out of the trie
+        hist_sub = np.zeros((U, trie.n_nodes), dtype=np.int64)
+        hist_at = np.zeros((U, trie.n_nodes), dtype=np.int64)
+        for u, p in enumerate(prompts):
+            h = sorted({self.ctx.item_index[i] for i in p.exclude if i in self.ctx.item_index})
+            if h:
+                hist_sub[u] = trie.history_counts(h)
+                np.add.at(hist_at[u], trie.item_node[h], 1)
+        dead = hist_sub >= trie.subtree[None, :]  # nothing eligible below
+        eligible_at = trie.items_at[None, :] - hist_at
+        act = np.arange(U)  # users still searching (rows of node/cum and of the decoder's caches)
+        node = np.full((U, 1), 0, dtype=np.int64)
+        cum = np.zeros((U, 1), dtype=np.float64)
+        finished: list[list[tuple[float, int]]] = [[] for _ in range(U)]
+        end_ids = torch.tensor(self.end_ids, device=self.device)
+        alpha = self.length_norm
+        t = 0
+        while True:
+            logp = torch.log_softmax(logits, dim=-1)  # [A, width, V]
+            A, width = node.shape
+            rows = act[:, None]
+            live = node >= 0
+            live &= ~dead[rows, np.where(live, node, 0)]
+            # items ending here
+            nd = np.where(live, node, 0)
+            term = live & (eligible_at[rows, nd] > 0)
+            if term.any():
+                end_lp = torch.logsumexp(logp[..., end_ids], dim=-1).cpu().numpy()
+                for a, b in zip(*np.nonzero(term)):
+                    finished[act[a]].append(((cum[a, b] + end_lp[a, b]) / (t + 1) ** alpha, int(node[a, b])))
+            # expansions of every live slot into its children still holding an eligible item
+            flat = np.flatnonzero(live.ravel())
+            fa, fb, fn = flat // width, flat % width, node.ravel()[flat]
+            starts, counts = trie.child_ptr[fn], trie.child_ptr[fn + 1] - trie.child_ptr[fn]
+            total = int(counts.sum())
+            if total == 0:
+                break
+            rep = np.repeat(np.arange(len(flat)), counts)
+            offs = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+            ci = starts[rep] + offs
+            ca, cb, ctok, cnode = fa[rep], fb[rep], trie.child_tok[ci], trie.child_node[ci]
+            keep = ~dead[act[ca], cnode]
+            ca, cb, ctok, cnode = ca[keep], cb[keep], ctok[keep], cnode[keep]
+            if len(ca) == 0:
+                break
+            lp = logp[torch.from_numpy(ca).to(self.device), torch.from_numpy(cb).to(self.device),
+                      torch.from_numpy(ctok).to(self.device)].double().cpu().numpy()
+            score = cum[ca, cb] + lp
+            o = np.lexsort((-score, ca))  # per user, best first (stable: trie order on ties)
+            ca_o = ca[o]
+            rank = np.arange(len(o)) - np.searchsorted(ca_o, ca_o, side="left")
+            sel, slot = o[rank < B], rank[rank < B]
+            # compact: only users with a live slot, only as many slots as the fullest of them
+            keep_users = np.unique(ca[sel])
+            new_row = np.full(A, -1, dtype=np.int64)
+            new_row[keep_users] = np.arange(len(keep_users))
+            su = new_row[ca[sel]]
+            w = int(slot.max()) + 1
+            new_node = np.full((len(keep_users), w), -1, dtype=np.int64)
+            new_cum = np.zeros((len(keep_users), w), dtype=np.float64)
+            parent = np.zeros((len(keep_users), w), dtype=np.int64)
+            tokens = np.full((len(keep_users), w), self.pad_id, dtype=np.int64)
+            new_node[su, slot] = cnode[sel]
+            new_cum[su, slot] = score[sel]
+            parent[su, slot] = cb[sel]
+            tokens[su, slot] = ctok[sel]
+            dec.reorder(torch.from_numpy(keep_users).to(self.device), torch.from_numpy(parent).to(self.device))
+            logits = dec.step(torch.from_numpy(tokens).to(self.device), t)
+            act, node, cum = act[keep_users], new_node, new_cum
+            t += 1
+        out = []
+        for u, p in enumerate(prompts):
+            ranked = []
+            for score, n in finished[u]:
+                for i in trie.items_of(n):
+                    iid = self.catalog[i]
+                    if iid not in p.exclude:
+                        ranked.append((iid, float(score), i))
+            ranked.sort(key=lambda x: (-x[1], x[2]))
+            out.append([(iid, s) for iid, s, _ in ranked[:k]])
+        return out
+
+
+def recommender_from_run(run_dir: str | Path, tag: Optional[str] = None, mode: str = "auto", beam: int = 0,
+                         batch_size: int = 16, device: str = "cpu", length_norm: float = 1.0) -> GenerativeRecommender:
+    """``load_run`` + ``ContextBuilder`` + ``GenerativeRecommender`` in one call."""
+    run = load_run(run_dir, tag, device)
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    return GenerativeRecommender(run.model, ctx, mode=mode, beam=beam, batch_size=batch_size, length_norm=length_norm)

@@ -1,0 +1,280 @@
+"""Generative next-item recommendation on a real prepared dataset and real (tiny, briefly) trained runs.
+
+One module-level fixture prepares the generic test shop twice (item text, and
+item tokens: the ID baseline) and trains the tiny model a few steps on each
+with the real engine (ZeRO 2 and ZeRO 0 checkpoints), in this process.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from m6rec.cli import main as cli_main
+from m6rec.data import prepare as P
+from m6rec.data import text as T
+from m6rec.rec.evaluate import EvalData, evaluate
+from m6rec.rec.generative import ContextBuilder, GenerativeRecommender, ItemTrie, load_run
+from test_prepare import generic_cfg, write_generic_logs
+
+MODEL = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.ffn_hidden", "128",
+         "--model.max_seq_len", "256", "--data.stream.seq_len", "256", "--data.stream.batch_size", "4",
+         "--data.stream.num_workers", "0", "--train.steps", "6", "--train.warmup_steps", "2", "--train.lr", "0.003",
+         "--train.log_every", "3", "--train.eval_every", "0", "--train.save_every", "0"]
+
+
+def _prepare_and_train(tmp, root, name, zero_stage, *extra):
+    from m6rec.train.engine import train
+
+    cfg = generic_cfg(root, tmp / f"ds_{name}", *MODEL, "--train.run_dir", str(tmp / f"run_{name}"),
+                      "--deepspeed.zero_stage", str(zero_stage), *extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the shop's deliberately broken poster
+        P.prepare(cfg.data, workers=1)
+    summary = train(cfg)
+    assert summary["last_checkpoint"] == "step00000006"
+    return tmp / f"run_{name}"
+
+
+class Setup:
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.run = load_run(run_dir)
+        self.ctx = ContextBuilder(self.run.cfg, self.run.dataset_dir, self.run.tokenizer)
+        self.data = EvalData.load(self.run.dataset_dir)
+        self.model = self.run.model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    root = write_generic_logs(tmp / "logs")
+    text_dir = _prepare_and_train(tmp, root, "text", 2)
+    token_dir = _prepare_and_train(tmp, root, "token", 0, "--data.text.item_repr", "token")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small ops: one thread is ~10x faster on a busy 2-core machine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield {"text": Setup(text_dir), "token": Setup(token_dir), "tmp": tmp}
+    torch.set_num_threads(threads)
+
+
+def _shard_samples(ds_dir, split):
+    manifest = json.loads((ds_dir / "manifest.json").read_text())
+    for sh in manifest["splits"][split]["shards"]:
+        for s in wds.WebDataset(str(ds_dir / sh["url"]), shardshuffle=False, empty_check=False):
+            yield (json.loads(s["json"]), np.load(io.BytesIO(s["ids.npy"]), allow_pickle=False).astype(np.int64),
+                   np.load(io.BytesIO(s["mask.npy"]), allow_pickle=False))
+
+
+def _teacher_forced(setup, prompt, seq, end_ids, alpha=1.0):
+    """The slow way: one full forward of prompt + the item's tokens, length-normalised log-prob with END."""
+    ids = torch.tensor(np.concatenate([prompt.ids, seq]))[None]
+    n = ids.shape[1]
+    prefix = torch.tensor(np.concatenate([prompt.prefix, np.zeros(len(seq), dtype=bool)]))[None]
+    kw = {}
+    if prompt.image_items:
+        kw = {"image_patches": torch.from_numpy(np.stack([setup.ctx.pixels(i) for i in prompt.image_items])),
+              "image_positions": torch.tensor([[0, s] for s in prompt.image_starts])}
+    with torch.no_grad():
+        logits = setup.model(ids, position_ids=torch.arange(n)[None], document_ids=torch.zeros(1, n, dtype=torch.long),
+                             prefix_mask=prefix, **kw).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    L = len(prompt.ids)
+    total = sum(float(logp[L - 1 + j, tok]) for j, tok in enumerate(seq))
+    total += float(torch.logsumexp(logp[L - 1 + len(seq), end_ids], dim=0))
+    return total / (len(seq) + 1) ** alpha
+
+
+def test_trie_holds_exactly_the_catalog_with_training_ids(runs):
+    s = runs["text"]
+    rec = GenerativeRecommender(s.model, s.ctx, beam=10)
+    enc = s.ctx.enc
+    expected = [enc.encode([T.Segment(s.ctx.catalog.item_text[i], True)])[0].tolist() for i in s.ctx.catalog_ids]
+    assert rec.trie.sequences() == expected == rec.sequences
+    assert sorted(rec.trie.item_node.tolist()) == sorted(set(rec.trie.item_node.tolist()))  # distinct texts here
+    assert rec.trie.subtree[0] == len(s.ctx.catalog_ids) == int(rec.trie.items_at.sum())
+    leaves = {n for n in range(rec.trie.n_nodes) if rec.trie.child_ptr[n] == rec.trie.child_ptr[n + 1]}
+    assert leaves <= set(rec.trie.item_node.tolist())  # every path ends in an item
+    # the title ids are the ids the training text carries (segment-wise encoding)
+    seq = dict(zip(s.ctx.catalog_ids, expected))
+    seen = 0
+    for meta, ids, _ in _shard_samples(s.run.dataset_dir, "train"):
+        text = ids.tolist()
+        for item in meta["items"]:
+            q = seq[item]
+            assert any(text[j:j + len(q)] == q for j in range(len(text) - len(q) + 1)), item
+            seen += 1
+    assert seen > 100
+    # shared prefixes and a text that is a prefix of another are handled
+    t = ItemTrie([[1, 2], [1, 2, 3], [1, 4], [1, 2]])
+    assert t.sequences() == [[1, 2], [1, 2, 3], [1, 4], [1, 2]]
+    assert t.items_of(t.item_node[0]).tolist() == [0, 3] and t.subtree[t.item_node[0]] == 3
+
+
+def test_prompts_are_the_training_text(runs):
+    """The eval prompt equals the prepared valid/test sample up to <|predict|><|item|>, posters included."""
+    for name in ("text", "token"):
+        s = runs[name]
+        item_id = s.run.tokenizer.token_to_id(T.ITEM)
+        for split in ("valid", "test"):
+            queries = {q.user_id: q for q in s.data.queries(split)}
+            n = 0
+            for meta, ids, mask in _shard_samples(s.run.dataset_dir, split):
+                q = queries[meta["user_id"]]
+                assert meta["targets"] == [q.target]
+                p = s.ctx.for_query(q)
+                L = len(p.ids)
+                assert p.ids[-1] == item_id and p.ids.tolist() == ids[:L].tolist()
+                assert p.prefix.tolist() == ((mask[:L] & T.MASK_CONTEXT) != 0).tolist()
+                assert len(p.image_items) * s.ctx.P == int(((mask[:L] & T.MASK_IMAGE) != 0).sum())
+                assert p.context_items == meta["items"][:-1]
+                n += 1
+            assert n == len(queries)
+    # the shop's posters do reach the prompts
+    s = runs["text"]
+    assert any(s.ctx.for_query(q).image_items for q in s.data.queries("test"))
+
+
+def test_text_rankings_are_catalog_items_without_history(runs):
+    s = runs["text"]
+    queries = s.data.queries("test")
+    catalog = set(s.data.catalog)
+    for k in (10, 45):
+        rec = GenerativeRecommender(s.model, s.ctx, beam=0)
+        rankings = rec.rank(queries, k)
+        for q, r in zip(queries, rankings):
+            assert len(r) == len(set(r)) == min(k, len(catalog - set(q.history)))
+            assert set(r) <= catalog and not set(r) & set(q.history)
+    report = evaluate(rec, s.data, queries, [1, 5, 10])  # evaluate() asserts the protocol too
+    assert 0 <= report["hr@1"] <= report["hr@10"] <= 1
+
+
+def test_beam_scores_are_teacher_forced_log_probs(runs):
+    s = runs["text"]
+    queries = s.data.queries("test")[:5]
+    rec = GenerativeRecommender(s.model, s.ctx, beam=8)
+    end = torch.tensor(rec.end_ids)
+    assert s.run.tokenizer.token_to_id(T.ITEM) in rec.end_ids and s.run.tokenizer.token_to_id(T.EOS) in rec.end_ids
+    assert s.run.tokenizer.encode(", rated 4").ids[0] in rec.end_ids
+    seq = dict(zip(s.ctx.catalog_ids, rec.sequences))
+    beam = rec.rank_with_scores(queries, 5)
+    exhaustive = GenerativeRecommender(s.model, s.ctx, beam=len(s.data.catalog)).rank_with_scores(queries, 10)
+    for q, got, full in zip(queries, beam, exhaustive):
+        p = s.ctx.for_query(q)
+        for item, score in got:
+            assert score == pytest.approx(_teacher_forced(s, p, seq[item], end), abs=1e-4)
+        # a beam as wide as the catalog is exact: the top 10 of every eligible item, scored the slow way
+        slow = sorted((_teacher_forced(s, p, seq[i], end) for i in s.data.catalog if i not in p.exclude), reverse=True)
+        assert [sc for _, sc in full] == pytest.approx(slow[:10], abs=1e-4)
+        assert [sc for _, sc in full] == sorted((sc for _, sc in full), reverse=True)
+    # without length normalisation: the item's probability under the model
+    q = queries[0]
+    p = s.ctx.for_query(q)
+    (got,) = GenerativeRecommender(s.model, s.ctx, beam=len(s.data.catalog), length_norm=0.0).rank_with_scores([q], 10)
+    slow = sorted((_teacher_forced(s, p, seq[i], end, 0.0) for i in s.data.catalog if i not in p.exclude), reverse=True)
+    assert [sc for _, sc in got] == pytest.approx(slow[:10], abs=1e-4)
+
+
+def test_token_mode_is_the_item_token_softmax(runs):
+    s = runs["token"]
+    rec = GenerativeRecommender(s.model, s.ctx)
+    assert rec.mode == "token"
+    queries = s.data.queries("test")[:8]
+    ranked = rec.rank_with_scores(queries, 10)
+    tok_ids = [s.run.tokenizer.token_to_id(T.item_token(i)) for i in s.ctx.catalog_ids]
+    for q, got in zip(queries, ranked):
+        p = s.ctx.for_query(q)
+        n = len(p.ids)
+        kw = {}
+        if p.image_items:
+            kw = {"image_patches": torch.from_numpy(np.stack([s.ctx.pixels(i) for i in p.image_items])),
+                  "image_positions": torch.tensor([[0, st] for st in p.image_starts])}
+        with torch.no_grad():
+            logits = s.model(torch.from_numpy(p.ids)[None], position_ids=torch.arange(n)[None],
+                             document_ids=torch.zeros(1, n, dtype=torch.long),
+                             prefix_mask=torch.from_numpy(p.prefix)[None], **kw).logits[0, -1]
+        logp = torch.log_softmax(logits[tok_ids].double(), dim=0).numpy()
+        order = [j for j in np.argsort(-logp, kind="stable") if s.ctx.catalog_ids[j] not in set(q.history)][:10]
+        assert [i for i, _ in got] == [s.ctx.catalog_ids[j] for j in order]
+        assert [sc for _, sc in got] == pytest.approx(logp[order].tolist(), abs=1e-5)
+
+
+def test_evaluation_targets_never_reach_training_shards(runs):
+    s = runs["text"]
+    sp = s.data.splits
+    for split in ("valid", "test"):
+        saved = sp[sp.split == split].set_index("user_id")["item_id"].to_dict()
+        qs = s.data.queries(split)
+        assert {q.user_id: q.target for q in qs} == saved
+    valid_pos = sp[sp.split == "valid"].set_index("user_id")["position"].to_dict()
+    test_pos = sp[sp.split == "test"].set_index("user_id")["position"].to_dict()
+    n = 0
+    for meta, _, _ in _shard_samples(s.run.dataset_dir, "train"):
+        assert max(meta["positions"]) < valid_pos[meta["user_id"]] < test_pos[meta["user_id"]]
+        n += 1
+    assert n > 0
+
+
+def test_eval_command_writes_one_table(runs, tmp_path, capsys):
+    out = tmp_path / "eval" / "next_item.json"
+    rc = cli_main(["eval", "--ckpt", str(runs["text"].run_dir), "--ckpt", str(runs["token"].run_dir),
+                   "--task", "next_item", "--split", "test", "--max-users", "15", "--ks", "1,5,10",
+                   "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [r["model"] for r in res["results"]] == ["popularity", "m6rec-text (step00000006)",
+                                                   "m6rec-token (step00000006)"]
+    meta = res["meta"]
+    assert meta["split"] == "test" and meta["users"] == 15 and meta["checkpoint"] == "step00000006"
+    assert meta["dataset"] == str(runs["text"].run.dataset_dir) and meta["task"] == "next_item"
+    assert [m["mode"] for m in meta["models"]] == ["text", "token"]
+    assert all(r["users"] == 15 and 0 <= r["hr@10"] <= 1 for r in res["results"])
+    md = out.with_suffix(".md").read_text()
+    assert "| popularity |" in md and "| m6rec-text (step00000006) |" in md
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "| m6rec-token (step00000006) |" in capsys.readouterr().out
+    assert cli_main(["eval", "--ckpt", str(runs["text"].run_dir), "--task", "ctr", "--out", str(out)]) == 2
+
+
+def _printed_items(out):
+    return [line.split()[1] for line in out.splitlines() if line[:4].strip().rstrip(".").isdigit()]
+
+
+def test_recommend_command(runs, capsys):
+    s = runs["text"]
+    user = s.data.queries("test")[0].user_id
+    assert cli_main(["recommend", "--ckpt", str(s.run_dir), "--user", user, "--k", "7"]) == 0
+    items = _printed_items(capsys.readouterr().out)
+    history = set(s.ctx.timeline(user)[0].tolist())
+    assert len(items) == len(set(items)) == 7 and not set(items) & history and set(items) <= set(s.data.catalog)
+
+    assert cli_main(["recommend", "--ckpt", str(s.run_dir), "--history",
+                     "Product 3; product 7;  My garden hose ", "--k", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "'Product 3' -> item sku-3" in out and "'product 7' -> item sku-7" in out
+    assert "'My garden hose' -> not in the catalog" in out
+    items = _printed_items(out)
+    assert len(items) == len(set(items)) == 5 and not {"sku-3", "sku-7"} & set(items)
+
+    assert cli_main(["recommend", "--ckpt", str(runs["token"].run_dir), "--user", user, "--k", "3"]) == 0
+    assert len(_printed_items(capsys.readouterr().out)) == 3
+    assert cli_main(["recommend", "--ckpt", str(s.run_dir), "--user", "nobody"]) == 2
+
+
+def test_free_text_history_prompt(runs):
+    s = runs["text"]
+    prompt, matched = s.ctx.for_titles("Product 3; PRODUCT 7; My garden hose")
+    assert matched == [("Product 3", "sku-3"), ("PRODUCT 7", "sku-7"), ("My garden hose", None)]
+    assert prompt.exclude == {"sku-3", "sku-7"}
+    text = s.run.tokenizer.decode(prompt.ids.tolist(), skip_special_tokens=False)
+    assert s.ctx.catalog.item_text["sku-3"] in text and "<|item|>My garden hose, same day<|predict|><|item|>" in text
+    assert text.startswith("<|bos|><|context|><|item|>") and "User:" not in text
+    assert prompt.image_items == []  # neither sku-3 nor sku-7 has a poster
+    prompt, _ = s.ctx.for_titles("Product 0")
+    assert prompt.image_items == ["sku-0"]
