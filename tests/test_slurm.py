@@ -28,6 +28,10 @@ def slurm(tmp_path_factory):
         cluster = cm.__enter__()
     except SlurmUnavailable as exc:
         pytest.skip(f"no local Slurm: {exc}")
+    # Jobs inherit the submitting environment (--export=ALL); in-process training
+    # tests earlier in this pytest run set these for their own process group.
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        cluster.env.pop(k, None)
     try:
         yield cluster
     finally:
