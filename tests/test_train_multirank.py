@@ -400,6 +400,7 @@ def test_sigusr1_plain_process_then_resume_and_stop_file(runs):
     assert again.wait(120) == 0, again.tail()
     second = again.summary()
     assert second["start_step"] == k and second["step"] > k and second["stopped_by"].startswith("stop file")
+    assert not (again.run_dir / "STOP").exists()  # consumed once served
     assert latest(run.run_dir) == f"step{second['step']:08d}"
     assert [r["step"] for r in again.trace()] == list(range(1, second["step"] + 1))
 

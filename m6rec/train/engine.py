@@ -466,9 +466,6 @@ def train(cfg: Config, resume: str = "none") -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
-        # A STOP file left by the run that was stopped is stale now (ranks look only
-        # inside the loop, after deepspeed.initialize's barriers).
-        (run_dir / STOP_FILE).unlink(missing_ok=True)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
 
@@ -624,6 +621,11 @@ def train(cfg: Config, resume: str = "none") -> dict:
         if want_stop:
             stopped_by = ("signal " + signal.Signals(stop.signal).name if stop.signal is not None
                           else "signal on another rank" if signalled else f"stop file {run_dir / STOP_FILE}")
+            if rank == 0:
+                # The request is served (checkpoint written): consume the file so the next run
+                # does not stop at once.  It is not deleted at start-up, because a USR1 that
+                # reaches a requeued job while it starts must still count.
+                (run_dir / STOP_FILE).unlink(missing_ok=True)
             break
     if step == cfg.train.steps and last_saved != step and step > start_step:
         log.warning("step %d: the last step was non-finite; the final checkpoint was not written", step)
