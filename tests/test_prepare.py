@@ -52,14 +52,19 @@ def write_generic_logs(root, n_users=40, n_items=60, seed=0):
     return root
 
 
-def generic_cfg(root, out, *extra):
-    return load_config(None, [
+def generic_args(root, out, *extra):
+    """Dotted overrides for the generated shop logs (also what the CLI gets)."""
+    return [
         "--data.name", "shop", "--data.source", "generic", "--data.root", str(root), "--data.output", str(out),
         "--data.generic.items", "items.csv", "--data.generic.users", "users.csv",
         "--data.generic.item_text_fields", "[brand]", "--data.generic.image_field", "image",
         "--data.text.user_fields", "[tier]", "--data.max_items", "8", "--data.stride", "4", "--data.shard_size", "25",
         "--data.tokenizer.vocab_size", "600", "--data.images.size", "32", "--data.images.patch_size", "16", *extra,
-    ])
+    ]
+
+
+def generic_cfg(root, out, *extra):
+    return load_config(None, generic_args(root, out, *extra))
 
 
 def read_all(out):
@@ -139,12 +144,7 @@ def test_workers_and_parts_give_the_same_samples(shop):
         P.prepare(two_cfg.data, workers=2)
     _, two = read_all(tmp / "ds2")
     # cluster style: each part separately (as a job array would), then the merge, through the CLI
-    args = ["--data.name", "shop", "--data.source", "generic", "--data.root", str(root), "--data.output", str(tmp / "ds3"),
-            "--data.generic.items", "items.csv", "--data.generic.users", "users.csv",
-            "--data.generic.item_text_fields", "[brand]", "--data.generic.image_field", "image",
-            "--data.text.user_fields", "[tier]", "--data.max_items", "8", "--data.stride", "4",
-            "--data.shard_size", "25", "--data.tokenizer.vocab_size", "600", "--data.images.size", "32",
-            "--data.images.patch_size", "16"]
+    args = generic_args(root, tmp / "ds3")
     with pytest.warns(UserWarning):
         for part in (1, 0, 2):
             assert cli_main(["prepare", "--part", str(part), "--num-parts", "3", *args]) == 0

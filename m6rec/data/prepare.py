@@ -246,6 +246,7 @@ def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progr
     manifest = {
         "part": part,
         "num_parts": num_parts,
+        "tokenizer_sha256": tokenizer_fingerprint(tok),  # merge() checks every part used the same one
         "users": len(mine),
         "splits": {s: sets[s].finish() for s in SPLITS},
         "seconds": round(time.time() - t0, 2),
@@ -268,8 +269,8 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_dataset_files(prep: Prepared, tok, root: Path) -> str:
-    """The files every part shares: tokenizer, split, catalog, report.  Returns the tokenizer sha."""
+def write_dataset_files(prep: Prepared, tok, root: Path) -> None:
+    """The files every part shares: tokenizer, split, catalog, report."""
     root.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, root / "tokenizer.json")
     save_split(prep.timeline, root / "splits.parquet")
@@ -288,7 +289,6 @@ def write_dataset_files(prep: Prepared, tok, root: Path) -> str:
     items.to_parquet(tmp, index=False)
     os.replace(tmp, root / "items.parquet")
     _write_json(root / "prepare_report.json", prep.report)
-    return tokenizer_fingerprint(tok)
 
 
 def merge(cfg: DataConfig, num_parts: int) -> dict:
@@ -372,7 +372,7 @@ def prepare(cfg: DataConfig, workers: int = 1) -> dict:
         shutil.rmtree(root)
     prep = build(cfg)
     tok = get_tokenizer(prep)
-    sha = write_dataset_files(prep, tok, root)
+    write_dataset_files(prep, tok, root)
     if workers <= 1:
         parts = [write_part(prep, tok, root, 0, 1, progress=True)]
     else:
@@ -381,9 +381,6 @@ def prepare(cfg: DataConfig, workers: int = 1) -> dict:
         with mp.get_context("fork").Pool(workers) as pool:
             parts = pool.map(_worker, [(p, workers) for p in range(workers)])
         _PREP = None
-    for m in parts:
-        m["tokenizer_sha256"] = sha
-        _write_json(root / "parts" / f"part-{m['part']:03d}.json", m)
     manifest = merge(cfg, len(parts))
     manifest["seconds_total"] = round(time.time() - t0, 2)
     return manifest
@@ -396,19 +393,12 @@ def prepare_part(cfg: DataConfig, part: int, num_parts: int) -> dict:
     root = _staging(cfg)
     root.mkdir(parents=True, exist_ok=True)
     prep = build(cfg)
-    tok_file = root / "tokenizer.json"
+    # BPE training is deterministic for the same corpus, so every part trains the
+    # same tokenizer (merge() checks the fingerprints agree); part 0 saves it.
+    tok = get_tokenizer(prep)
     if part == 0:
-        tok = get_tokenizer(prep)
-        sha = write_dataset_files(prep, tok, root)
-    else:
-        # BPE training is deterministic for the same corpus, so every part trains
-        # the same tokenizer; merge() checks the fingerprints agree.
-        tok = get_tokenizer(prep)
-        sha = tokenizer_fingerprint(tok)
-    m = write_part(prep, tok, root, part, num_parts, progress=True)
-    m["tokenizer_sha256"] = sha
-    _write_json(root / "parts" / f"part-{part:03d}.json", m)
-    return m
+        write_dataset_files(prep, tok, root)
+    return write_part(prep, tok, root, part, num_parts, progress=True)
 
 
 def summary(manifest: dict) -> str:
