@@ -15,6 +15,7 @@ from m6rec.config import ConfigError, load_config
 
 # name -> (module, function, help). Each function takes (cfg, args).
 COMMANDS = {
+    "quickstart": ("m6rec.quickstart", "main", "built-in data: prepare -> pretrain -> evaluate vs popularity -> recommend"),
     "config": ("m6rec.cli", "show_config", "print the resolved configuration (or one key with --get)"),
     "prepare": ("m6rec.data.prepare", "main", "raw logs -> M6-Rec text -> tokenizer -> WebDataset shards"),
     "model-info": ("m6rec.model.info", "main", "parameters, FLOPs/token and ZeRO memory of a model preset"),
@@ -24,6 +25,7 @@ COMMANDS = {
     "export": ("m6rec.train.export", "main", "a ZeRO checkpoint -> fp32 safetensors or a Hugging Face Llama directory"),
     "eval": ("m6rec.rec.commands", "eval_main", "rank the whole catalog for every user: popularity vs checkpoints"),
     "recommend": ("m6rec.rec.commands", "recommend_main", "top-k items for a user id or a free-text history"),
+    "finetune": ("m6rec.rec.finetune", "main", "adapt a pretrained run to retrieval or ranking (full or option tuning)"),
 }
 
 
@@ -34,6 +36,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m6rec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    from m6rec.quickstart import add_arguments as add_quickstart_arguments
+
+    add_quickstart_arguments(sub.add_parser("quickstart", help=COMMANDS["quickstart"][2]))
     p = sub.add_parser("config", help=COMMANDS["config"][2])
     _add_common(p)
     p.add_argument("--get", default=None, help="print only this dotted key, e.g. train.run_dir")
@@ -68,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(sub.add_parser("eval", help=COMMANDS["eval"][2]))
     add_recommend_arguments(sub.add_parser("recommend", help=COMMANDS["recommend"][2]))
+    p = sub.add_parser("finetune", help=COMMANDS["finetune"][2])
+    p.add_argument("--ckpt", required=True, help="the pretraining run directory (its config.yaml; dotted overrides "
+                   "such as --finetune.task ranking --finetune.method option apply to it)")
+    p.add_argument("--tag", default=None, help="a checkpoint tag like step00001000 (default: the newest complete)")
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     return parser
 
 

@@ -170,6 +170,31 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """``m6rec finetune``: adapt a pretrained run to one task (m6rec/rec/finetune.py, docs/evaluation.md)."""
+
+    task: Literal["retrieval", "ranking"] = "retrieval"
+    # full: every weight trains; option: the LM is frozen and only option vectors, adapters and
+    # the task's scale/bias train (option tuning, <= 1% of the parameters)
+    method: Literal["full", "option"] = "full"
+    run_dir: str = "runs/finetune"
+    steps: int = 300
+    lr: float = 5.0e-4  # option tuning usually wants ~10x more
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    batch_size: int = 32  # training examples per step and rank (retrieval: queries, also in-batch negatives)
+    negatives: int = 128  # retrieval: catalog items sampled uniformly per step, shared by the batch
+    temperature: float = 0.05  # retrieval: initial softmax temperature (learned)
+    # retrieval: the query tower's pooling -- "mean" over the prompt, or "last" (the state at the final
+    # <|item|>, which pretraining taught to predict the next item)
+    query_pool: Literal["mean", "last"] = "mean"
+    options: int = 8  # option vectors per tower, written after <|bos|>
+    adapter_dim: int = 8  # bottleneck width of the adapter after every block (0 = none)
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
@@ -191,6 +216,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from m6rec.config import ConfigError
 
-TASKS = ("next_item",)
+TASKS = ("next_item", "retrieval", "ranking")
 
 
 def _parse_ks(text: str | None, default: list[int]) -> list[int]:
@@ -52,65 +52,148 @@ def _set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def contexts_for(run_cfg, tokenizer, run_dataset_dir, dataset: str | None):
+    """The prompt builder for evaluating a model on ``dataset`` (default: its own).
+
+    Another dataset is zero-shot: its users and items reach the model only as
+    text, written with the model's templates and tokenizer; the dataset must
+    have been prepared with that tokenizer (data.tokenizer.path)."""
+    import dataclasses
+    import json
+
+    from m6rec.config import DataConfig, _build
+    from m6rec.rec.generative import ContextBuilder
+
+    target = Path(dataset or run_dataset_dir)
+    if not (target / "manifest.json").is_file():
+        raise ConfigError(f"--dataset {target}: no prepared dataset (manifest.json missing)")
+    cfg = run_cfg
+    if dataset and target.resolve() != Path(run_dataset_dir).resolve():
+        mine = json.loads((Path(run_dataset_dir) / "manifest.json").read_text())
+        theirs = json.loads((target / "manifest.json").read_text())
+        if mine.get("tokenizer_sha256") != theirs.get("tokenizer_sha256"):
+            raise ConfigError(f"--dataset {target}: prepared with another tokenizer than the model's "
+                              f"({Path(run_dataset_dir) / 'tokenizer.json'}); prepare it with "
+                              f"--data.tokenizer.path {Path(run_dataset_dir) / 'tokenizer.json'}")
+        data_cfg = _build(DataConfig, theirs["config"], "data")
+        if data_cfg.text.item_repr != "text":
+            raise ConfigError(f"--dataset {target}: zero-shot needs items written as text "
+                              f"(data.text.item_repr text), it has {data_cfg.text.item_repr!r}")
+        cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(data_cfg, text=run_cfg.data.text))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # broken posters were reported by prepare already
+        return ContextBuilder(cfg, target, tokenizer)
+
+
 def eval_main(cfg, args) -> int:
-    from m6rec.rec.evaluate import EvalData, Popularity, evaluate, markdown_table, write_outputs
-    from m6rec.rec.generative import ContextBuilder, GenerativeRecommender, load_run
+    from m6rec.rec import metrics as M
+    from m6rec.rec.evaluate import EvalData, Popularity, cold_items, evaluate, markdown_table, write_outputs
 
     if args.task not in TASKS:
-        raise ConfigError(f"--task {args.task!r}: implemented: {', '.join(TASKS)} (retrieval, ranking, zero-shot "
-                          "and option tuning follow in issue 5)")
+        raise ConfigError(f"--task {args.task!r}: one of {', '.join(TASKS)}")
     _set_threads(args)
-    runs = []
+    loaded = []  # (model object, cfg, tokenizer, dataset_dir, load seconds)
     for path in args.ckpt:
         t0 = time.perf_counter()
-        run = load_run(path, args.tag if len(args.ckpt) == 1 else None, device=args.device)
-        runs.append((run, time.perf_counter() - t0))
-    data = EvalData.load(runs[0][0].dataset_dir)
-    for run, _ in runs[1:]:
-        if Path(run.dataset_dir).resolve() != Path(data.dataset_dir).resolve() and \
-                not _same_protocol(data, EvalData.load(run.dataset_dir), args.split):
-            raise ConfigError(f"--ckpt: {run.dataset_dir} and {data.dataset_dir} differ in catalog or {args.split} "
-                              "targets; models can share one table only on the same split")
-    ks = _parse_ks(args.ks, runs[0][0].cfg.eval.ks)
+        tag = args.tag if len(args.ckpt) == 1 else None
+        if args.task == "next_item":
+            from m6rec.rec.generative import load_run
+
+            run = load_run(path, tag, device=args.device)
+            loaded.append((run, run.cfg, run.tokenizer, run.dataset_dir, time.perf_counter() - t0))
+        else:
+            from m6rec.rec.finetune import load_task_run
+
+            run = load_task_run(path, args.task, device=args.device, tag=tag)
+            loaded.append((run, run.cfg, run.tokenizer, run.dataset_dir, time.perf_counter() - t0))
+    zero_shot = args.dataset is not None and any(
+        Path(d).resolve() != Path(args.dataset).resolve() for _, _, _, d, _ in loaded)
+    data = EvalData.load(args.dataset or loaded[0][3])
+    if not zero_shot:
+        for _, _, _, d, _ in loaded[1:]:
+            if Path(d).resolve() != Path(data.dataset_dir).resolve() and \
+                    not _same_protocol(data, EvalData.load(d), args.split):
+                raise ConfigError(f"--ckpt: {d} and {data.dataset_dir} differ in catalog or {args.split} "
+                                  "targets; models can share one table only on the same split")
+    ks = _parse_ks(args.ks, loaded[0][1].eval.ks)
     queries = data.queries(args.split, max_users=args.max_users, seed=args.seed)
+    # cold start: targets never seen in training (zero-shot: titles the source model never trained on)
+    cold = cold_items(data, EvalData.load(loaded[0][3]) if zero_shot else None)
     print(f"m6rec eval: {args.task} on {data.dataset_dir} ({args.split}, {len(queries)} users, "
-          f"{len(data.catalog)} items, full ranking, history excluded)", file=sys.stderr)
-    rows = [evaluate(Popularity(data), data, queries, ks)]
-    models_meta = []
-    for run, load_s in runs:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # broken posters were reported by prepare already
-            ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
-        rec = GenerativeRecommender(run.model, ctx, mode=args.mode, beam=args.beam, batch_size=args.batch_size,
-                                    length_norm=args.length_norm)
-        # rank once (with a progress bar), then score those rankings through evaluate()'s checks
-        ranked = rec.rank_with_scores(queries, max(ks), progress=True)
-        stats = dict(rec.stats)
+          f"{len(data.catalog)} items, full ranking, history excluded"
+          + (", zero-shot" if zero_shot else "") + ")", file=sys.stderr)
+    rows, models_meta = [], []
+    if args.task == "ranking":
+        from m6rec.rec.finetune import ranking_examples, ranking_scores
 
-        class _Fixed:
+        ctx0 = contexts_for(loaded[0][1], loaded[0][2], loaded[0][3], args.dataset)
+        examples = ranking_examples(ctx0, data, args.split, args.max_users, args.seed)
+        labels = [y for _, y in examples]
+        counts = data.train_counts()
+        train = data.splits[data.splits["split"] == "train"]
+        judged = train[(train["rating"] >= 4) | (train["rating"] <= 2)]
+        base = float((judged["rating"] >= 4).mean()) if len(judged) else 0.5
+        rows.append({"model": "popularity", "examples": len(examples), "positives": int(sum(labels)),
+                     "auc": M.auc(labels, [counts.get(q.target, 0) for q, _ in examples]), "logloss": float("nan")})
+        rows.append({"model": f"constant p={base:.3f} (training rate)", "examples": len(examples),
+                     "positives": int(sum(labels)), "auc": 0.5, "logloss": M.log_loss(labels, [base] * len(labels))})
+        print(f"  {len(examples)} held-out targets rated >= 4 (positive, {sum(labels)}) or <= 2 (negative)",
+              file=sys.stderr)
+    else:
+        rows.append(evaluate(Popularity(data), data, queries, ks, cold=cold))
+    for run, run_cfg, tok, dsdir, load_s in loaded:
+        ctx = contexts_for(run_cfg, tok, dsdir, args.dataset)
+        t1 = time.perf_counter()
+        if args.task == "ranking":
+            probs = ranking_scores(run, ctx, examples, batch_size=args.batch_size)
+            row = {"model": run.name, "examples": len(examples), "positives": int(sum(labels)),
+                   "auc": M.auc(labels, probs), "logloss": M.log_loss(labels, probs)}
+            stats = {"seconds": round(time.perf_counter() - t1, 2)}
+            name = run.name
+        else:
+            if args.task == "next_item":
+                from m6rec.rec.generative import GenerativeRecommender
+
+                rec = GenerativeRecommender(run.model, ctx, mode=args.mode, beam=args.beam,
+                                            batch_size=args.batch_size, length_norm=args.length_norm)
+            else:
+                from m6rec.rec.finetune import Retriever
+
+                rec = Retriever(run, ctx, batch_size=max(args.batch_size, 32))
+            # rank once (with a progress bar), then score those rankings through evaluate()'s checks
+            ranked = rec.rank_prompts([ctx.for_query(q) for q in queries], max(ks), progress=True)
+            stats = dict(rec.stats)
+
+            class _Fixed:
+                name = rec.name
+
+                def rank(self, qs, k):
+                    return [[i for i, _ in r[:k]] for r in ranked]
+
+            row = evaluate(_Fixed(), data, queries, ks, cold=cold)
+            row["seconds_per_user"] = stats["seconds_per_user"]
             name = rec.name
-
-            def rank(self, qs, k):
-                return [[i for i, _ in r[:k]] for r in ranked]
-
-        row = evaluate(_Fixed(), data, queries, ks)
-        row["seconds_per_user"] = stats["seconds_per_user"]
         rows.append(row)
-        ck = run.model.checkpoint
-        models_meta.append({"model": rec.name, "run_dir": ck["run_dir"], "checkpoint": ck["tag"],
-                            "step": ck["step"], "mode": rec.mode,
-                            "beam": max(max(ks), args.beam) if rec.mode == "text" else None,
-                            "length_norm": args.length_norm if rec.mode == "text" else None,
-                            "dataset": str(run.dataset_dir), "load_seconds": round(load_s, 2),
-                            "source_rebuilt": ctx.source_loaded, **stats})
-        print(f"  {rec.name}: {stats['seconds']:.1f} s for {stats['users']} users "
-              f"({1000 * stats['seconds_per_user']:.1f} ms/user)", file=sys.stderr)
+        m = {"model": name, "dataset_trained": str(dsdir), "load_seconds": round(load_s, 2), **stats}
+        if args.task == "next_item":
+            ck = run.model.checkpoint
+            m.update({"run_dir": ck["run_dir"], "checkpoint": ck["tag"], "step": ck["step"], "mode": rec.mode,
+                      "beam": max(max(ks), args.beam) if rec.mode == "text" else None,
+                      "length_norm": args.length_norm if rec.mode == "text" else None,
+                      "source_rebuilt": ctx.source_loaded})
+        else:
+            m.update({k: run.meta.get(k) for k in ("method", "base_run", "base_tag", "steps", "trained_parameters",
+                                                   "trained_fraction")})
+        models_meta.append(m)
+        print(f"  {name}: {stats['seconds']:.1f} s", file=sys.stderr)
     meta = {
         "task": args.task, "split": args.split, "users": len(queries), "dataset": str(data.dataset_dir),
-        "catalog_size": len(data.catalog), "ks": ks, "max_users": args.max_users, "seed": args.seed,
-        "checkpoint": models_meta[0]["checkpoint"], "models": models_meta,
-        "protocol": "saved leave-one-out split (splits.parquet); full ranking over the catalog; the user's "
-                    "history excluded; docs/evaluation.md",
+        "zero_shot": zero_shot, "catalog_size": len(data.catalog), "ks": ks, "max_users": args.max_users,
+        "seed": args.seed, "cold_items": len(cold), "models": models_meta,
+        "protocol": ("held-out targets of the saved split rated >= 4 (positive) or <= 2 (negative); AUC and log loss"
+                     if args.task == "ranking" else
+                     "saved leave-one-out split (splits.parquet); full ranking over the catalog; the user's "
+                     "history excluded; docs/evaluation.md"),
     }
     out = Path(args.out)
     write_outputs(rows, ks, out, meta)
@@ -126,12 +209,20 @@ def recommend_main(cfg, args) -> int:
         raise ConfigError("give exactly one of --user ID (a user of the dataset) or --history \"title; title\"")
     _set_threads(args)
     t0 = time.perf_counter()
-    run = load_run(args.ckpt, args.tag, device=args.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
-    rec = GenerativeRecommender(run.model, ctx, mode=args.mode, beam=args.beam, batch_size=1,
-                                length_norm=args.length_norm)
+    if (Path(args.ckpt) / "finetune.json").is_file():  # a retrieval run of `m6rec finetune`: the cached item index
+        from m6rec.rec.finetune import Retriever, load_task_run
+
+        run = load_task_run(args.ckpt, "retrieval", device=args.device)
+        ctx = contexts_for(run.cfg, run.tokenizer, run.dataset_dir, None)
+        rec = Retriever(run, ctx, batch_size=1)
+        rec.mode = "retrieval"
+    else:
+        run = load_run(args.ckpt, args.tag, device=args.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+        rec = GenerativeRecommender(run.model, ctx, mode=args.mode, beam=args.beam, batch_size=1,
+                                    length_norm=args.length_norm)
     load_s = time.perf_counter() - t0
     if args.user is not None:
         try:
@@ -151,6 +242,7 @@ def recommend_main(cfg, args) -> int:
     (ranked,) = rec.rank_prompts([prompt], args.k)
     dt = time.perf_counter() - t1
     what = ("log p(item) (item-token softmax)" if rec.mode == "token" else
+            "cosine(user, item) of the two towers (cached item index)" if rec.mode == "retrieval" else
             f"log p(item text + END) / (tokens + 1) ** {args.length_norm:g}")
     print(f"top {len(ranked)} by {rec.name} (score = {what}):")
     width = max((len(str(i)) for i, _ in ranked), default=4)
@@ -166,7 +258,12 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--ckpt", required=True, action="append",
                    help="a run directory (newest complete checkpoint); repeat to put several models in one table")
     p.add_argument("--tag", default=None, help="a checkpoint tag like step00001000 (with one --ckpt)")
-    p.add_argument("--task", default="next_item", help="next_item (generative next-item ranking)")
+    p.add_argument("--task", default="next_item", choices=list(TASKS),
+                   help="next_item (generative: item-token softmax or trie beam search), retrieval (two-tower, "
+                        "a run of `m6rec finetune`), ranking (P(yes) of held-out targets: AUC, log loss)")
+    p.add_argument("--dataset", default=None,
+                   help="evaluate on this prepared dataset instead of the model's own: zero-shot when it differs "
+                        "(prepare it with the model's tokenizer: --data.tokenizer.path RUN_DATA/tokenizer.json)")
     p.add_argument("--split", choices=["valid", "test"], default="valid",
                    help="valid for model selection; test once, for the reported number")
     p.add_argument("--max-users", type=int, default=0, help="a seeded random subset of users (0 = all)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -111,21 +111,42 @@ class Popularity:
         return [top_k_excluding(self.scores, self.catalog, set(q.history) - {None}, k) for q in queries]
 
 
-def evaluate(model: Recommender, data: EvalData, queries: Sequence[Query], ks: Sequence[int]) -> dict:
+def cold_items(data: EvalData, trained_on: Optional[EvalData] = None) -> set:
+    """Catalog items of ``data`` the model never saw in training.
+
+    Same dataset: items with no training interaction.  Another dataset (zero-shot):
+    items whose title is not among the titles of ``trained_on``'s trained items."""
+    if trained_on is None:
+        counts = data.train_counts()
+        return {i for i in data.catalog if not counts.get(i)}
+    counts = trained_on.train_counts()
+    seen = {t.strip().casefold() for i, t in zip(trained_on.items["item_id"], trained_on.items["title"]) if counts.get(i)}
+    return {i for i, t in zip(data.items["item_id"], data.items["title"]) if t.strip().casefold() not in seen}
+
+
+def evaluate(model: Recommender, data: EvalData, queries: Sequence[Query], ks: Sequence[int],
+             cold: Optional[set] = None) -> dict:
     k_max = max(ks)
     rankings = model.rank(queries, k_max)
     for q, r in zip(queries, rankings):
         # The protocol, enforced: full catalog, the user's history excluded.
         assert not (set(r) & set(q.history)), f"{model.name} recommended history items to user {q.user_id}"
     report = M.ranking_report(rankings, [q.target for q in queries], ks, len(data.catalog),
-                              genres=data.genres(), head=M.head_items(data.train_counts()))
+                              genres=data.genres(), head=M.head_items(data.train_counts()),
+                              cold=cold_items(data) if cold is None else cold)
     report["model"] = model.name
     return report
 
 
 def markdown_table(rows: list[dict], ks: Sequence[int]) -> str:
+    if rows and "auc" in rows[0]:  # the ranking task
+        lines = ["| model | examples | positives | auc | logloss |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['examples']} | {r['positives']} | {r['auc']:.4f} | {r['logloss']:.4f} |"
+                  for r in rows]
+        return "\n".join(lines)
     cols = ["model"] + [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
-    extra = [c for c in rows[0] if c.startswith(("coverage", "diversity", "hr@10_head", "hr@10_tail"))] if rows else []
+    extra = [c for c in rows[0] if c.startswith(("coverage", "diversity", "hr@10_head", "hr@10_tail", "hr@10_cold",
+                                                 "ndcg@10_cold"))] if rows else []
     cols += extra
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -145,6 +166,18 @@ def write_outputs(rows: list[dict], ks: Sequence[int], out: Path, meta: dict) ->
 
     fig = Figure(figsize=(8, 4))
     FigureCanvasAgg(fig)
+    if rows and "auc" in rows[0]:  # the ranking task: AUC and log loss per model
+        ax_auc, ax_ll = fig.subplots(1, 2)
+        names = [r["model"] for r in rows]
+        ax_auc.barh(names, [r["auc"] for r in rows])
+        ax_auc.set_xlim(0.4, 1.0)
+        ax_auc.set_title(f"AUC ({meta.get('split', '')})")
+        ax_ll.barh(names, [r["logloss"] for r in rows])
+        ax_ll.set_title("log loss (lower is better)")
+        ax_ll.set_yticks([])
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=100)
+        return
     ax_hr, ax_nd = fig.subplots(1, 2)
     for r in rows:
         ax_hr.plot(ks, [r[f"hr@{k}"] for k in ks], marker="o", label=r["model"])

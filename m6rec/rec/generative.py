@@ -270,6 +270,35 @@ class ContextBuilder:
         return Prompt(ids.astype(np.int64), (mask & T.MASK_CONTEXT) != 0, imgs, starts, exclude, user_id,
                       [str(i) for i in items[start:]])
 
+    def for_item(self, item_id: str) -> Prompt:
+        """An item on its own, written as a one-item window (``<|bos|><|context|><|predict|><|item|>``,
+        its item token, poster slot and text as in training, ``<|eos|>``), all of it context:
+        the item tower's input (m6rec.rec.finetune)."""
+        w = T.Window("", "test", 0, np.array([0]), 0)
+        segs = T.window_segments(w, np.array([item_id], dtype=object), np.zeros(1, dtype=np.int64),
+                                 np.full(1, np.nan), self.catalog, self.text_cfg)
+        ids, mask = self.enc.encode(segs)
+        starts = np.flatnonzero(mask & T.MASK_IMAGE)[:: self.P].tolist() if self.P else []
+        imgs = [s.image_item for s in segs if s.image_item is not None]
+        return Prompt(ids.astype(np.int64), np.ones(len(ids), dtype=bool), imgs, starts, set(), "", [item_id])
+
+    def append_item(self, prompt: Prompt, item_id: str, suffix: str = "") -> Prompt:
+        """``prompt`` (ending in ``<|item|>``) followed by ``item_id`` as training writes it
+        (item token, poster slot, text) and ``suffix``: the ranking task's input."""
+        w = T.Window("", "test", 0, np.array([0]), 0)
+        segs = T.window_segments(w, np.array([item_id], dtype=object), np.zeros(1, dtype=np.int64),
+                                 np.full(1, np.nan), self.catalog, self.text_cfg)
+        at = next(i for i, s in enumerate(segs) if s.special and s.text == T.ITEM)
+        segs = segs[at + 1:-1] + ([T.Segment(suffix, False)] if suffix else [])
+        ids, mask = self.enc.encode(segs)
+        off = len(prompt.ids)
+        starts = [off + int(x) for x in (np.flatnonzero(mask & T.MASK_IMAGE)[:: self.P] if self.P else [])]
+        imgs = [s.image_item for s in segs if s.image_item is not None]
+        return Prompt(np.concatenate([prompt.ids, ids.astype(np.int64)]),
+                      np.concatenate([prompt.prefix, np.zeros(len(ids), dtype=bool)]),
+                      prompt.image_items + imgs, prompt.image_starts + starts, prompt.exclude, prompt.user_id,
+                      prompt.context_items)
+
     def timeline(self, user_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if user_id not in self._timeline:
             raise KeyError(f"unknown user {user_id!r} (not in {self.dataset_dir / 'splits.parquet'})")

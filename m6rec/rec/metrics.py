@@ -92,7 +92,7 @@ def log_loss(labels: Iterable[int], probs: Iterable[float], eps: float = 1e-7) -
 
 
 def ranking_report(rankings: Sequence[Sequence], targets: Sequence, ks: Sequence[int], catalog_size: int,
-                   genres: dict | None = None, head: set | None = None) -> dict:
+                   genres: dict | None = None, head: set | None = None, cold: set | None = None) -> dict:
     """Every ranking metric of one model in one dict (the table row)."""
     ranks = target_ranks(rankings, targets)
     out: dict = {"users": len(targets)}
@@ -109,4 +109,9 @@ def ranking_report(rankings: Sequence[Sequence], targets: Sequence, ks: Sequence
         out[f"hr@{kc}_head"] = hit_rate(ranks[is_head], kc)
         out[f"hr@{kc}_tail"] = hit_rate(ranks[~is_head], kc)
         out["head_targets"] = int(is_head.sum())
+    if cold is not None:  # targets the model never saw in training (cold start)
+        is_cold = np.array([t in cold for t in targets], dtype=bool)
+        out[f"hr@{kc}_cold"] = hit_rate(ranks[is_cold], kc)
+        out[f"ndcg@{kc}_cold"] = ndcg(ranks[is_cold], kc)
+        out["cold_targets"] = int(is_cold.sum())
     return out

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every number of docs/results.md, from raw MovieLens to the tables (2-core CPU: ~2 hours).
+#   bash scripts/reproduce_results.sh            # all stages
+#   bash scripts/reproduce_results.sh eval       # only the evaluations (runs already trained)
+# Each training process uses one thread (OMP_NUM_THREADS=1): the tiny model's small ops run
+# faster that way on a shared 2-core machine, and two stages can run side by side.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+M6="${M6REC:-.venv/bin/m6rec}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE="${WANDB_MODE:-offline}"
+OUT=results
+mkdir -p "$OUT"
+stage="${1:-all}"
+
+if [[ $stage == all || $stage == pretrain ]]; then
+  for c in ml1m-id ml1m-both ml1m-text; do
+    "$M6" prepare --config configs/rec/$c.yaml
+    "$M6" train --config configs/rec/$c.yaml --resume auto
+  done
+  "$M6" prepare --config configs/rec/ml100k-zeroshot.yaml   # ml-100k in the ml1m-text tokenizer
+fi
+
+# Fine-tuning the text model: the user prompt keeps its last 9 items (data.max_items 10).
+FT=(--data.max_items 10 --finetune.steps 300 --finetune.batch_size 16 --finetune.negatives 64)
+if [[ $stage == all || $stage == finetune ]]; then
+  "$M6" finetune --ckpt runs/ml1m-text "${FT[@]}" --finetune.task retrieval --finetune.method full \
+    --finetune.lr 1e-3 --finetune.run_dir runs/ml1m-text-retrieval-full
+  "$M6" finetune --ckpt runs/ml1m-text "${FT[@]}" --finetune.task retrieval --finetune.method option \
+    --finetune.lr 5e-3 --finetune.run_dir runs/ml1m-text-retrieval-option
+  "$M6" finetune --ckpt runs/ml1m-text "${FT[@]}" --finetune.task ranking --finetune.method full \
+    --finetune.lr 1e-3 --finetune.run_dir runs/ml1m-text-ranking-full
+  "$M6" finetune --ckpt runs/ml1m-text "${FT[@]}" --finetune.task ranking --finetune.method option \
+    --finetune.lr 5e-3 --finetune.run_dir runs/ml1m-text-ranking-option
+fi
+
+if [[ $stage == all || $stage == eval ]]; then
+  # next item, test targets, full ranking: the item-token (SASRec-style) baseline vs item token + text
+  "$M6" eval --ckpt runs/ml1m-id --ckpt runs/ml1m-both --split test --out $OUT/ml1m-next-item.json
+  # two-tower retrieval: full fine-tuning vs option tuning (and the untuned pretrained towers)
+  "$M6" eval --task retrieval --ckpt runs/ml1m-text-retrieval-full --ckpt runs/ml1m-text-retrieval-option \
+    --split test --out $OUT/ml1m-retrieval.json
+  # ranking / CTR: held-out targets rated >= 4 vs <= 2
+  "$M6" eval --task ranking --ckpt runs/ml1m-text-ranking-full --ckpt runs/ml1m-text-ranking-option \
+    --split test --out $OUT/ml1m-ranking.json
+  # zero-shot: ml-1m-partial models on ml-100k, never trained on it
+  "$M6" eval --task retrieval --ckpt runs/ml1m-text-retrieval-full --ckpt runs/ml1m-text-retrieval-option \
+    --dataset data/ml100k-zeroshot --split test --out $OUT/ml100k-zeroshot-retrieval.json
+  "$M6" eval --ckpt runs/ml1m-text --dataset data/ml100k-zeroshot --split test --beam 50 \
+    --out $OUT/ml100k-zeroshot-generative.json
+fi

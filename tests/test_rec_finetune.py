@@ -1,0 +1,216 @@
+"""Retrieval, ranking, option tuning and zero-shot evaluation on a real (tiny, briefly) trained run.
+
+One module fixture prepares the generic test shop (item text, ratings 1-5, posters),
+pretrains the tiny model a few steps with the real engine, and fine-tunes it through
+the real ``m6rec finetune`` command (DeepSpeed, one rank): retrieval by option tuning
+and ranking by full fine-tuning.  A second shop with 20 extra products, prepared with
+the first one's tokenizer, is the zero-shot catalog.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from m6rec.cli import main as cli_main
+from m6rec.config import ConfigError, FinetuneConfig
+from m6rec.data import prepare as P
+from m6rec.rec.evaluate import EvalData
+from m6rec.rec.finetune import (Examples, Options, Retriever, TaskModel, answer_ids, load_task_run,
+                                ranking_examples, with_options)
+from m6rec.rec.generative import ContextBuilder, collate, load_run
+from test_prepare import generic_cfg, write_generic_logs
+from test_rec_generative import _prepare_and_train
+
+FT = ["--finetune.steps", "4", "--finetune.batch_size", "6", "--finetune.negatives", "8", "--finetune.log_every", "2",
+      "--finetune.warmup_steps", "1", "--train.wandb.mode", "disabled"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    root = write_generic_logs(tmp / "logs")
+    base = _prepare_and_train(tmp, root, "text", 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert cli_main(["finetune", "--ckpt", str(base), *FT, "--finetune.task", "retrieval",
+                         "--finetune.method", "option", "--finetune.options", "2", "--finetune.adapter_dim", "4",
+                         "--finetune.run_dir", str(tmp / "ret_option")]) == 0
+        assert cli_main(["finetune", "--ckpt", str(base), *FT, "--finetune.task", "ranking",
+                         "--finetune.method", "full", "--finetune.run_dir", str(tmp / "rank_full")]) == 0
+        # the zero-shot catalog: another shop (20 products more), written with the base run's tokenizer
+        root2 = write_generic_logs(tmp / "logs2", n_users=30, n_items=80, seed=1)
+        other = generic_cfg(root2, tmp / "ds_other", "--data.tokenizer.path", str(tmp / "ds_text" / "tokenizer.json"))
+        P.prepare(other.data, workers=1)
+        yield {"tmp": tmp, "base": base, "other": tmp / "ds_other", "root2": root2}
+    torch.set_num_threads(threads)
+
+
+def test_option_tuning_trains_under_one_percent_and_leaves_the_lm_alone(setup):
+    tmp = setup["tmp"]
+    meta = json.loads((tmp / "ret_option" / "finetune.json").read_text())
+    assert meta["method"] == "option" and meta["steps"] == 4
+    weights = load_file(str(tmp / "ret_option" / "weights.safetensors"))
+    assert all(k.startswith(("options.", "log_scale", "bias")) for k in weights), sorted(weights)[:5]
+    n = sum(v.numel() for v in weights.values())
+    assert n == meta["trained_parameters"] and meta["trained_fraction"] <= 0.01 * 1.0001
+    # the adapters moved from their zero start; the frozen LM equals the pretrained checkpoint
+    assert any(k.endswith("up.weight") and v.abs().sum() > 0 for k, v in weights.items())
+    run = load_task_run(tmp / "ret_option", "retrieval")
+    base = load_run(setup["base"]).model.state_dict()
+    for k, v in run.model.lm.state_dict().items():
+        assert torch.equal(v, base[k]), k
+
+
+def test_adapters_start_as_identity(setup):
+    run = load_run(setup["base"])
+    ft = FinetuneConfig(method="option", options=0, adapter_dim=8)
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    b = collate([ctx.for_user(ctx.catalog_ids and sorted(ctx._timeline)[0])], ctx, 0, "cpu")
+    b.pop("lengths")
+    with torch.no_grad():
+        before = run.model.hidden_states(**b)
+        model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
+        after = model.lm.hidden_states(**b)
+        assert torch.equal(before, after)  # zero-initialised up-projections: the pretrained model exactly
+        model.options.adapters[0].up.weight.fill_(0.1)
+        assert not torch.allclose(before, model.lm.hidden_states(**b))
+
+
+def test_options_are_written_after_bos(setup):
+    run = load_run(setup["base"])
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    p = ctx.for_item(ctx.catalog_ids[0])
+    q = with_options(p, 3, 99)
+    assert q.ids[0] == p.ids[0] and (q.ids[1:4] == 99).all() and (q.ids[4:] == p.ids[1:]).all()
+    assert q.prefix[1:4].all() and [s + 3 for s in p.image_starts] == q.image_starts
+    ft = FinetuneConfig(method="option", options=3, adapter_dim=0)
+    model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
+    seen = {}
+    model.lm.tok_embeddings.register_forward_hook(lambda m, a, out: seen.setdefault("x", out))
+    b = collate([q], ctx, 0, "cpu")
+    b.pop("lengths")
+    model.embed(b, "item")
+    assert torch.equal(seen["x"][0, 1:4], model.options.vectors[1])  # the item tower's options
+    assert isinstance(model.options, Options)
+
+
+def test_training_examples_come_from_the_train_split_only(setup):
+    run = load_run(setup["base"])
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    splits = EvalData.load(run.dataset_dir).splits
+    train_pos = {(u, int(p)) for u, p in splits.loc[splits["split"] == "train", ["user_id", "position"]].itertuples(index=False)}
+    for task in ("retrieval", "ranking"):
+        ex = Examples(ctx, task)
+        assert ex.pairs and all((u, t) in train_pos for u, t in ex.pairs)
+        for u, t in ex.pairs[:50]:
+            p, target, rating = ex.prompt(u, t)
+            items, _, _ = ctx.timeline(u)
+            assert target == items[t] and target not in p.context_items[-0:] or target in items[:t]
+            if task == "ranking":
+                assert rating >= 4 or rating <= 2
+
+
+def test_contrastive_loss_learns_a_fixed_batch(setup):
+    """Full fine-tuning on one batch: the in-batch softmax loss must fall well below its start."""
+    run = load_run(setup["base"])
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    ctx.item_index = {i: n for n, i in enumerate(ctx.catalog_ids)}
+    from m6rec.rec.finetune import _batch
+
+    ft = FinetuneConfig(method="full", batch_size=8, negatives=8, query_pool="mean")
+    model = TaskModel(run.model, "retrieval", "full", ft, answer_ids(run.tokenizer))
+    torch.manual_seed(0)
+    b = _batch("retrieval", Examples(ctx, "retrieval"), ctx, model, np.random.default_rng(0), ft, 0, 3, "cpu")
+    opt = torch.optim.AdamW(model.trainable().values(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(**b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-10:]) < 0.5 * losses[0], losses  # (a 6-step pretrained model: a bumpy descent)
+
+
+def test_eval_retrieval_and_recommend_with_the_cached_index(setup, tmp_path, capsys):
+    tmp = setup["tmp"]
+    out = tmp_path / "ret.json"
+    assert cli_main(["eval", "--ckpt", str(tmp / "ret_option"), "--ckpt", str(setup["base"]), "--task", "retrieval",
+                     "--split", "test", "--ks", "1,5,10", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    names = [r["model"] for r in res["results"]]
+    assert names[0] == "popularity" and "retrieval-option (ret_option)" in names and len(names) == 3
+    for r in res["results"]:
+        assert 0 <= r["hr@1"] <= r["hr@5"] <= r["hr@10"] <= 1 and "hr@10_cold" in r and "cold_targets" in r
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").stat().st_size > 1000
+    assert list((tmp / "ret_option").glob("item_index-*.safetensors"))  # computed once, cached
+    # the ranking holds catalog items only, never the user's history, scores descending
+    run = load_task_run(tmp / "ret_option", "retrieval")
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    rec = Retriever(run, ctx)
+    data = EvalData.load(run.dataset_dir)
+    qs = data.queries("test")
+    ranked = rec.rank_prompts([ctx.for_query(q) for q in qs], len(ctx.catalog_ids))
+    for q, r in zip(qs, ranked):
+        ids = [i for i, _ in r]
+        assert not set(ids) & set(q.history) and set(ids) <= set(ctx.catalog_ids)
+        assert len(ids) == len(set(ctx.catalog_ids) - set(q.history))
+        scores = [s for _, s in r]
+        assert scores == sorted(scores, reverse=True)
+    capsys.readouterr()
+    user = qs[0].user_id
+    assert cli_main(["recommend", "--ckpt", str(tmp / "ret_option"), "--user", user, "--k", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "top 5 by retrieval-option" in printed and "Product" in printed
+    assert cli_main(["recommend", "--ckpt", str(tmp / "ret_option"), "--history", "Product 3; Product 7"]) == 0
+    assert "Product" in capsys.readouterr().out
+
+
+def test_eval_ranking_reports_auc_and_logloss(setup, tmp_path):
+    tmp = setup["tmp"]
+    out = tmp_path / "rank.json"
+    assert cli_main(["eval", "--ckpt", str(tmp / "rank_full"), "--task", "ranking", "--split", "test",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["model"].split(" ")[0]: r for r in res["results"]}
+    assert set(rows) == {"popularity", "constant", "ranking-full"}
+    run = load_task_run(tmp / "rank_full", "ranking")
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    ex = ranking_examples(ctx, EvalData.load(run.dataset_dir), "test")
+    for q, y in ex:  # labels are the held-out ratings: >= 4 positive, <= 2 negative, 3 left out
+        r = ctx.timeline(q.user_id)[2][len(q.history)]
+        assert y == int(r >= 4) and (r >= 4 or r <= 2)
+    m = rows["ranking-full"]
+    assert m["examples"] == len(ex) and 0 <= m["auc"] <= 1 and m["logloss"] > 0
+    assert "auc" in out.with_suffix(".md").read_text()
+    with pytest.raises(ConfigError, match="fine-tuned for 'ranking'"):
+        load_task_run(tmp / "rank_full", "retrieval")
+
+
+def test_zero_shot_on_another_catalog(setup, tmp_path):
+    tmp = setup["tmp"]
+    out = tmp_path / "zs.json"
+    assert cli_main(["eval", "--ckpt", str(tmp / "ret_option"), "--task", "retrieval", "--dataset", str(setup["other"]),
+                     "--split", "test", "--ks", "1,10", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["zero_shot"] and res["meta"]["catalog_size"] == len(EvalData.load(setup["other"]).catalog)
+    # products 60-79 exist only in the new catalog: they are the cold items
+    assert res["meta"]["cold_items"] == 20
+    assert all("hr@10_cold" in r for r in res["results"])
+    # next-item generation on the other catalog works the same way (text mode, trie over the new catalog)
+    assert cli_main(["eval", "--ckpt", str(setup["base"]), "--dataset", str(setup["other"]), "--split", "test",
+                     "--max-users", "5", "--ks", "1,5", "--out", str(tmp_path / "zs_gen.json")]) == 0
+    # a dataset written with another tokenizer is refused, naming the fix
+    third = generic_cfg(setup["root2"], tmp_path / "ds_third")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        P.prepare(third.data, workers=1)
+    assert cli_main(["eval", "--ckpt", str(tmp / "ret_option"), "--task", "retrieval", "--dataset",
+                     str(tmp_path / "ds_third"), "--out", str(tmp_path / "x.json")]) == 2
