@@ -13,10 +13,13 @@ mkdir -p "$OUT"
 stage="${1:-all}"
 
 if [[ $stage == all || $stage == pretrain ]]; then
-  for c in ml1m-id ml1m-both ml1m-text; do
+  for c in ml1m-id ml1m-rated ml1m-both ml1m-text; do
     "$M6" prepare --config configs/rec/$c.yaml
     "$M6" train --config configs/rec/$c.yaml --resume auto
   done
+  # the ID baseline again with ml1m-rated's step count (equal compute, 3.5 epochs)
+  "$M6" train --config configs/rec/ml1m-id.yaml --train.steps 1250 --train.run_dir runs/ml1m-id-1250 \
+    --train.eval_every 625 --train.save_every 625 --resume auto
   "$M6" prepare --config configs/rec/ml100k-zeroshot.yaml   # ml-100k in the ml1m-text tokenizer
 fi
 
@@ -27,6 +30,8 @@ if [[ $stage == all || $stage == finetune ]]; then
     --finetune.lr 1e-3 --finetune.run_dir runs/ml1m-text-retrieval-full
   "$M6" finetune --ckpt runs/ml1m-text "${FT[@]}" --finetune.task retrieval --finetune.method option \
     --finetune.lr 5e-3 --finetune.run_dir runs/ml1m-text-retrieval-option
+  "$M6" finetune --ckpt runs/ml1m-text "${FT[@]}" --finetune.task retrieval --finetune.method option \
+    --finetune.lr 2e-2 --finetune.options 16 --finetune.adapter_dim 16 --finetune.run_dir runs/ml1m-text-retrieval-option16
   "$M6" finetune --ckpt runs/ml1m-text "${FT[@]}" --finetune.task ranking --finetune.method full \
     --finetune.lr 1e-3 --finetune.run_dir runs/ml1m-text-ranking-full
   "$M6" finetune --ckpt runs/ml1m-text "${FT[@]}" --finetune.task ranking --finetune.method option \
@@ -34,11 +39,16 @@ if [[ $stage == all || $stage == finetune ]]; then
 fi
 
 if [[ $stage == all || $stage == eval ]]; then
-  # next item, test targets, full ranking: the item-token (SASRec-style) baseline vs item token + text
-  "$M6" eval --ckpt runs/ml1m-id --ckpt runs/ml1m-both --split test --out $OUT/ml1m-next-item.json
+  # next item: model selection on validation targets, then test targets once, full ranking:
+  # the item-token (SASRec-style) baseline vs item tokens + behaviour in words vs item token + text
+  NEXT=(--ckpt runs/ml1m-id --ckpt runs/ml1m-id-1250 --ckpt runs/ml1m-rated --ckpt runs/ml1m-both)
+  "$M6" eval "${NEXT[@]}" --split valid --out $OUT/ml1m-next-item-valid.json
+  "$M6" eval "${NEXT[@]}" --split test --out $OUT/ml1m-next-item.json
   # two-tower retrieval: full fine-tuning vs option tuning (and the untuned pretrained towers)
   "$M6" eval --task retrieval --ckpt runs/ml1m-text-retrieval-full --ckpt runs/ml1m-text-retrieval-option \
     --split test --out $OUT/ml1m-retrieval.json
+  "$M6" eval --task retrieval --ckpt runs/ml1m-text-retrieval-option16 --split test \
+    --out $OUT/ml1m-retrieval-option16.json
   # ranking / CTR: held-out targets rated >= 4 vs <= 2
   "$M6" eval --task ranking --ckpt runs/ml1m-text-ranking-full --ckpt runs/ml1m-text-ranking-option \
     --split test --out $OUT/ml1m-ranking.json

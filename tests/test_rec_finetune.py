@@ -214,3 +214,39 @@ def test_zero_shot_on_another_catalog(setup, tmp_path):
         P.prepare(third.data, workers=1)
     assert cli_main(["eval", "--ckpt", str(tmp / "ret_option"), "--task", "retrieval", "--dataset",
                      str(tmp_path / "ds_third"), "--out", str(tmp_path / "x.json")]) == 2
+
+
+@pytest.mark.slow
+def test_finetune_on_two_deepspeed_ranks(setup, tmp_path):
+    """`deepspeed --num_gpus 2 launch/finetune.py`: two real ranks (gloo), ZeRO 2, option tuning."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    # in-process training earlier in this session set RANK, MASTER_PORT, ...: the launcher sets its own
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
+    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    out = tmp_path / "ft2"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           "launch/finetune.py", "--ckpt", str(setup["base"]), *FT, "--finetune.method", "option",
+           "--finetune.options", "2", "--finetune.adapter_dim", "4", "--finetune.run_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta = json.loads((out / "finetune.json").read_text())
+    assert meta["world_size"] == 2 and meta["steps"] == 4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+    weights = load_file(str(out / "weights.safetensors"))
+    assert set(weights) == set(load_file(str(setup["tmp"] / "ret_option" / "weights.safetensors")))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -107,3 +107,19 @@ def test_random_context_keeps_targets_and_varies_history():
         assert np.all(np.diff(w.rows) == 1)
     assert [(w.split, list(w.rows)) for w in rnd if w.split != "train"] == [
         (w.split, list(w.rows)) for w in full if w.split != "train"]  # eval windows keep full history
+
+
+def test_token_mode_writes_ratings_in_words_and_the_id_baseline_does_not():
+    items = np.array(["a", "b", "c"], dtype=object)
+    ts = np.array([0, 0, 86400 * 3])
+    ratings = np.array([4.0, 2.0, 5.0])
+    cat = T.Catalog({"a": "A (X)", "b": "B (Y)", "c": "C (Z)"}, {}, {"7": "User: age: 30."})
+    w = T.Window("7", "train", 0, np.arange(3), 1)
+    rated = TextConfig(item_repr="token", user_fields=["age"], images=False)
+    text = T.segments_text(T.window_segments(w, items, ts, ratings, cat, rated))
+    assert text == ("<|bos|><|context|>User: age: 30.<|item|><item_a>, rated 4<|predict|><|item|><item_b>, rated 2, "
+                    "same day<|item|><item_c>, rated 5, 3 days later<|eos|>")
+    id_only = TextConfig(item_repr="token", profile_template="", rating_template="", time_unit="none", images=False)
+    cat.profiles = {}  # build_catalog renders no profile sentence with an empty profile_template
+    text = T.segments_text(T.window_segments(w, items, ts, ratings, cat, id_only))
+    assert text == "<|bos|><|context|><|item|><item_a><|predict|><|item|><item_b><|item|><item_c><|eos|>"

@@ -200,17 +200,19 @@ def window_segments(
             title = catalog.item_text.get(iid, iid)
             prefix = " " if cfg.item_repr == "both" else ""
             segs.append(Segment(prefix + title, target))
-            tail = ""
-            r = ratings[row]
-            if cfg.rating_template and not np.isnan(r):
-                tail += cfg.rating_template.format(rating=_rating_phrase(r))
-            tag = catalog.tags.get((w.user_id, iid))
-            if cfg.tags_template and tag:
-                tail += cfg.tags_template.format(tags=tag)
-            if cfg.time_unit == "day" and prev_ts is not None:
-                tail += ", " + _days_phrase(int(timestamps[row]) - prev_ts)
-            if tail:
-                segs.append(Segment(tail, target))
+        # what the user did with the item, in words, in every item_repr (after an item token too:
+        # "<|item|><|i_2858|>, rated 5"); the ID-only baseline switches the templates off
+        tail = ""
+        r = ratings[row]
+        if cfg.rating_template and not np.isnan(r):
+            tail += cfg.rating_template.format(rating=_rating_phrase(r))
+        tag = catalog.tags.get((w.user_id, iid))
+        if cfg.tags_template and tag:
+            tail += cfg.tags_template.format(tags=tag)
+        if cfg.time_unit == "day" and prev_ts is not None:
+            tail += ", " + _days_phrase(int(timestamps[row]) - prev_ts)
+        if tail:
+            segs.append(Segment(tail, target))
         prev_ts = int(timestamps[row])
     segs.append(Segment(EOS, True, True))
     return segs

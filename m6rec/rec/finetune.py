@@ -295,7 +295,7 @@ def load_task_run(path: str | Path, task: str, device: str = "cpu", tag: Optiona
         meta = json.loads(meta_file.read_text())
         if meta["task"] != task:
             raise ConfigError(f"--ckpt {path}: fine-tuned for {meta['task']!r}, not {task!r}")
-        run = load_run(meta["base_run"], meta["base_tag"], device="cpu")
+        run = load_run(path / meta["base_run"], meta["base_tag"], device="cpu")  # relative to path, or absolute
         # the fine-tuning config (the base run's + its overrides, e.g. a shorter data.max_items)
         cfg = load_config(path / "config.yaml")
         ft = cfg.finetune
@@ -478,7 +478,9 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
             losses = []
     bar.close()
     metrics.close()
-    summary = {"task": ft.task, "method": ft.method, "run_dir": str(out), "base_run": str(base.resolve()),
+    # the base run relative to this directory: the pair can move together (to another disk or machine)
+    summary = {"task": ft.task, "method": ft.method, "run_dir": str(out),
+               "base_run": os.path.relpath(base.resolve(), out.resolve()),
                "base_tag": run.model.checkpoint["tag"], "base_step": run.model.checkpoint["step"],
                "steps": ft.steps, "world_size": world, "trained_parameters": n_train, "lm_parameters": n_lm,
                "trained_fraction": n_train / n_lm, "train_examples": len(examples),
