@@ -47,7 +47,7 @@ def quickstart(tmp_path_factory):
         mp.undo()
     assert os.environ.get("OMP_NUM_THREADS") == omp and torch.get_num_threads() == threads  # restored
     return {"rc": rc, "out": out.getvalue(), "tmp": tmp, "run": tmp / "runs" / "quickstart",
-            "data": tmp / "data" / "ml-latest-small-both"}
+            "data": tmp / "data" / "ml-latest-small-token"}
 
 
 def test_runs_every_stage(quickstart):
@@ -64,7 +64,7 @@ def test_runs_every_stage(quickstart):
 
 def test_prepared_dataset(quickstart):
     manifest = json.loads((quickstart["data"] / "manifest.json").read_text())
-    assert manifest["item_repr"] == "both" and manifest["name"] == "ml-latest-small"
+    assert manifest["item_repr"] == "token" and manifest["name"] == "ml-latest-small"
     assert manifest["splits"]["train"]["samples"] > 9000 and manifest["splits"]["test"]["samples"] == 610
     assert manifest["vocab_size"] > 9742  # BPE + one token per item
 
@@ -103,18 +103,18 @@ def test_eval_table(quickstart):
     table = json.loads((run / "eval_test.json").read_text())
     meta, results = table["meta"], table["results"]
     assert meta["split"] == "test" and meta["users"] == 610 and meta["catalog_size"] == 9742
-    assert [r["model"] for r in results] == ["popularity", f"m6rec-token (step{STEPS:08d})"]
+    assert [r["model"] for r in results] == ["popularity", f"m6rec-token (quickstart, step{STEPS:08d})"]
     for r in results:
         for key in ("hr@1", "hr@10", "hr@50", "ndcg@10", "mrr", "coverage@10"):
             assert 0.0 <= r[key] <= 1.0, (r["model"], key)
         assert r["hr@1"] <= r["hr@10"] <= r["hr@50"]
     assert results[0]["hr@50"] > 0.05  # popularity finds some targets: the table scored real rankings
     md = (run / "eval_test.md").read_text()
-    assert "| popularity |" in md and f"| m6rec-token (step{STEPS:08d}) |" in md
+    assert "| popularity |" in md and f"| m6rec-token (quickstart, step{STEPS:08d}) |" in md
     assert (run / "eval_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = quickstart["out"]
     hits = [round(r["hr@10"] * 610) for r in results]
-    assert f"HR@10: m6rec-token (step{STEPS:08d}) {results[1]['hr@10']:.4f} vs popularity " \
+    assert f"HR@10: m6rec-token (quickstart, step{STEPS:08d}) {results[1]['hr@10']:.4f} vs popularity " \
            f"{results[0]['hr@10']:.4f} ({hits[1]} vs {hits[0]} of 610 targets in the top 10)" in out
 
 
@@ -174,7 +174,7 @@ def test_presets_agree():
     shipped = to_dict(load_config(Q.PRESET))
     assert to_dict(load_config(PROJECT_ROOT / "configs" / "pretrain" / "quickstart.yaml")) == shipped
     base = to_dict(load_config(PROJECT_ROOT / "configs" / "data" / "ml-latest-small.yaml"))["data"]
-    on_purpose = {"output", "shard_size", "stream", "text"}
+    on_purpose = {"output", "shard_size", "stream", "text", "tokenizer"}
     assert {k: v for k, v in shipped["data"].items() if k not in on_purpose} == \
         {k: v for k, v in base.items() if k not in on_purpose}
     assert {**shipped["data"]["text"], "item_repr": "text"} == base["text"]

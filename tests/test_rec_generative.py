@@ -228,17 +228,17 @@ def test_eval_command_writes_one_table(runs, tmp_path, capsys):
                    "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert [r["model"] for r in res["results"]] == ["popularity", "m6rec-text (step00000006)",
-                                                   "m6rec-token (step00000006)"]
+    assert [r["model"] for r in res["results"]] == ["popularity", "m6rec-text (run_text, step00000006)",
+                                                   "m6rec-token (run_token, step00000006)"]
     meta = res["meta"]
-    assert meta["split"] == "test" and meta["users"] == 15 and meta["checkpoint"] == "step00000006"
+    assert meta["split"] == "test" and meta["users"] == 15 and meta["models"][0]["checkpoint"] == "step00000006"
     assert meta["dataset"] == str(runs["text"].run.dataset_dir) and meta["task"] == "next_item"
     assert [m["mode"] for m in meta["models"]] == ["text", "token"]
     assert all(r["users"] == 15 and 0 <= r["hr@10"] <= 1 for r in res["results"])
     md = out.with_suffix(".md").read_text()
-    assert "| popularity |" in md and "| m6rec-text (step00000006) |" in md
+    assert "| popularity |" in md and "| m6rec-text (run_text, step00000006) |" in md
     assert out.with_suffix(".png").stat().st_size > 1000
-    assert "| m6rec-token (step00000006) |" in capsys.readouterr().out
+    assert "| m6rec-token (run_token, step00000006) |" in capsys.readouterr().out
     assert cli_main(["eval", "--ckpt", str(runs["text"].run_dir), "--task", "ctr", "--out", str(out)]) == 2
 
 

@@ -195,3 +195,17 @@ def test_pretrain_presets_render(preset):
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
     assert ds["train_batch_size"] == 8 * cfg.data.stream.batch_size * cfg.train.grad_accum
     assert cfg.train.warmup_steps < cfg.train.steps and cfg.train.run_dir.startswith("runs/")
+
+
+def test_truncation_is_warned_before_training(caplog):
+    from m6rec.train.engine import _warn_truncation
+
+    manifest = {"splits": {"train": {"shards": [{"lengths": [100, 300]}]}, "valid": {"shards": [{"lengths": [280]}]}}}
+    with caplog.at_level("WARNING", logger="m6rec.train"):
+        _warn_truncation(manifest, 256, rank=0)
+    text = caplog.text
+    assert "1 of 2 train samples are longer than data.stream.seq_len=256" in text
+    assert "1 of 1 valid samples" in text and "validation loss may be NaN" in text
+    caplog.clear()
+    _warn_truncation(manifest, 512, rank=0)
+    assert not caplog.text

@@ -258,7 +258,7 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--ckpt", required=True, action="append",
                    help="a run directory (newest complete checkpoint); repeat to put several models in one table")
     p.add_argument("--tag", default=None, help="a checkpoint tag like step00001000 (with one --ckpt)")
-    p.add_argument("--task", default="next_item", choices=list(TASKS),
+    p.add_argument("--task", default="next_item",
                    help="next_item (generative: item-token softmax or trie beam search), retrieval (two-tower, "
                         "a run of `m6rec finetune`), ranking (P(yes) of held-out targets: AUC, log loss)")
     p.add_argument("--dataset", default=None,

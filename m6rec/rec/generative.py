@@ -576,7 +576,8 @@ class GenerativeRecommender:
         self.pad_id = tok.token_to_id(T.PAD)
         self.catalog = np.array(contexts.catalog_ids, dtype=object)
         ck = getattr(model, "checkpoint", {}) or {}
-        self.name = name or f"m6rec-{mode}" + (f" ({ck['tag']})" if ck.get("tag") else "")
+        where = ", ".join(x for x in (Path(ck["run_dir"]).name if ck.get("run_dir") else "", ck.get("tag") or "") if x)
+        self.name = name or f"m6rec-{mode}" + (f" ({where})" if where else "")
         self.stats: dict = {}
         if mode == "token":
             ids = [tok.token_to_id(T.item_token(i)) for i in contexts.catalog_ids]

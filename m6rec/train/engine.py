@@ -322,6 +322,20 @@ def _manifest(cfg: Config) -> dict:
     return json.loads(path.read_text())
 
 
+def _warn_truncation(manifest: dict, seq_len: int, rank: int) -> None:
+    """Samples longer than a row are cut at its end; a validation sample's target sits at its
+    end, so with every one cut the validation loss has no tokens and is NaN.  Say so up front."""
+    if rank != 0:
+        return
+    for split in ("train", "valid"):
+        lengths = [n for sh in manifest["splits"].get(split, {}).get("shards", []) for n in sh.get("lengths", [])]
+        cut = sum(n > seq_len for n in lengths)
+        if cut:
+            log.warning("%d of %d %s samples are longer than data.stream.seq_len=%d (longest %d tokens) and will be "
+                        "truncated%s", cut, len(lengths), split, seq_len, max(lengths),
+                        ": their targets are cut off, so the validation loss may be NaN" if split == "valid" else "")
+
+
 def model_config_for(cfg: Config, manifest: dict):
     """The model config with the vocabulary and image geometry of the prepared data."""
     m = dataclasses.replace(cfg.model, vocab_size=manifest["vocab_size"],
@@ -456,6 +470,7 @@ def train(cfg: Config, resume: str = "none") -> dict:
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     manifest = _manifest(cfg)
+    _warn_truncation(manifest, cfg.data.stream.seq_len, rank)
     cfg = model_config_for(cfg, manifest)
     ds_config = deepspeed_config(cfg, world, on_gpu)
     accelerate_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
