@@ -46,7 +46,7 @@ if [[ $stage == all || $stage == eval ]]; then
   "$M6" eval "${NEXT[@]}" --split test --out $OUT/ml1m-next-item.json
   # two-tower retrieval: full fine-tuning vs option tuning (and the untuned pretrained towers)
   "$M6" eval --task retrieval --ckpt runs/ml1m-text-retrieval-full --ckpt runs/ml1m-text-retrieval-option \
-    --split test --out $OUT/ml1m-retrieval.json
+    --baseline runs/ml1m-id-1250 --split test --out $OUT/ml1m-retrieval.json
   "$M6" eval --task retrieval --ckpt runs/ml1m-text-retrieval-option16 --split test \
     --out $OUT/ml1m-retrieval-option16.json
   # ranking / CTR: held-out targets rated >= 4 vs <= 2

@@ -143,10 +143,14 @@ def test_eval_retrieval_and_recommend_with_the_cached_index(setup, tmp_path, cap
     tmp = setup["tmp"]
     out = tmp_path / "ret.json"
     assert cli_main(["eval", "--ckpt", str(tmp / "ret_option"), "--ckpt", str(setup["base"]), "--task", "retrieval",
-                     "--split", "test", "--ks", "1,5,10", "--out", str(out)]) == 0
+                     "--baseline", str(setup["base"]), "--split", "test", "--ks", "1,5,10", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     names = [r["model"] for r in res["results"]]
-    assert names[0] == "popularity" and "retrieval-option (ret_option)" in names and len(names) == 3
+    assert names == ["popularity", "retrieval-option (ret_option)", "retrieval (pretrained, not fine-tuned)",
+                     "m6rec-text (run_text, step00000006)"]  # the next-item baseline in the same table
+    assert [m["task"] for m in res["meta"]["models"]] == ["retrieval", "retrieval", "next_item"]
+    assert cli_main(["eval", "--ckpt", str(tmp / "rank_full"), "--task", "ranking", "--baseline", str(setup["base"]),
+                     "--out", str(tmp_path / "x.json")]) == 2
     for r in res["results"]:
         assert 0 <= r["hr@1"] <= r["hr@5"] <= r["hr@10"] <= 1 and "hr@10_cold" in r and "cold_targets" in r
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").stat().st_size > 1000

@@ -92,33 +92,35 @@ def eval_main(cfg, args) -> int:
     if args.task not in TASKS:
         raise ConfigError(f"--task {args.task!r}: one of {', '.join(TASKS)}")
     _set_threads(args)
-    loaded = []  # (model object, cfg, tokenizer, dataset_dir, load seconds)
-    for path in args.ckpt:
+    if args.baseline and args.task != "retrieval":
+        raise ConfigError("--baseline adds a next-item run to a retrieval table; for next_item give it as --ckpt, "
+                          "ranking has no next-item baseline")
+    loaded = []  # (kind, model object, cfg, tokenizer, dataset_dir, load seconds)
+    for path, kind in [(p, args.task) for p in args.ckpt] + [(p, "next_item") for p in args.baseline or []]:
         t0 = time.perf_counter()
-        tag = args.tag if len(args.ckpt) == 1 else None
-        if args.task == "next_item":
+        tag = args.tag if len(args.ckpt) == 1 and kind == args.task else None
+        if kind == "next_item":
             from m6rec.rec.generative import load_run
 
             run = load_run(path, tag, device=args.device)
-            loaded.append((run, run.cfg, run.tokenizer, run.dataset_dir, time.perf_counter() - t0))
         else:
             from m6rec.rec.finetune import load_task_run
 
             run = load_task_run(path, args.task, device=args.device, tag=tag)
-            loaded.append((run, run.cfg, run.tokenizer, run.dataset_dir, time.perf_counter() - t0))
+        loaded.append((kind, run, run.cfg, run.tokenizer, run.dataset_dir, time.perf_counter() - t0))
     zero_shot = args.dataset is not None and any(
-        Path(d).resolve() != Path(args.dataset).resolve() for _, _, _, d, _ in loaded)
-    data = EvalData.load(args.dataset or loaded[0][3])
+        Path(d).resolve() != Path(args.dataset).resolve() for *_, d, _ in loaded)
+    data = EvalData.load(args.dataset or loaded[0][4])
     if not zero_shot:
-        for _, _, _, d, _ in loaded[1:]:
+        for *_, d, _ in loaded[1:]:
             if Path(d).resolve() != Path(data.dataset_dir).resolve() and \
                     not _same_protocol(data, EvalData.load(d), args.split):
                 raise ConfigError(f"--ckpt: {d} and {data.dataset_dir} differ in catalog or {args.split} "
                                   "targets; models can share one table only on the same split")
-    ks = _parse_ks(args.ks, loaded[0][1].eval.ks)
+    ks = _parse_ks(args.ks, loaded[0][2].eval.ks)
     queries = data.queries(args.split, max_users=args.max_users, seed=args.seed)
     # cold start: targets never seen in training (zero-shot: titles the source model never trained on)
-    cold = cold_items(data, EvalData.load(loaded[0][3]) if zero_shot else None)
+    cold = cold_items(data, EvalData.load(loaded[0][4]) if zero_shot else None)
     print(f"m6rec eval: {args.task} on {data.dataset_dir} ({args.split}, {len(queries)} users, "
           f"{len(data.catalog)} items, full ranking, history excluded"
           + (", zero-shot" if zero_shot else "") + ")", file=sys.stderr)
@@ -126,7 +128,7 @@ def eval_main(cfg, args) -> int:
     if args.task == "ranking":
         from m6rec.rec.finetune import ranking_examples, ranking_scores
 
-        ctx0 = contexts_for(loaded[0][1], loaded[0][2], loaded[0][3], args.dataset)
+        ctx0 = contexts_for(*loaded[0][2:5], args.dataset)
         examples = ranking_examples(ctx0, data, args.split, args.max_users, args.seed)
         labels = [y for _, y in examples]
         counts = data.train_counts()
@@ -141,17 +143,17 @@ def eval_main(cfg, args) -> int:
               file=sys.stderr)
     else:
         rows.append(evaluate(Popularity(data), data, queries, ks, cold=cold))
-    for run, run_cfg, tok, dsdir, load_s in loaded:
+    for kind, run, run_cfg, tok, dsdir, load_s in loaded:
         ctx = contexts_for(run_cfg, tok, dsdir, args.dataset)
         t1 = time.perf_counter()
-        if args.task == "ranking":
+        if kind == "ranking":
             probs = ranking_scores(run, ctx, examples, batch_size=args.batch_size)
             row = {"model": run.name, "examples": len(examples), "positives": int(sum(labels)),
                    "auc": M.auc(labels, probs), "logloss": M.log_loss(labels, probs)}
             stats = {"seconds": round(time.perf_counter() - t1, 2)}
             name = run.name
         else:
-            if args.task == "next_item":
+            if kind == "next_item":
                 from m6rec.rec.generative import GenerativeRecommender
 
                 rec = GenerativeRecommender(run.model, ctx, mode=args.mode, beam=args.beam,
@@ -174,8 +176,8 @@ def eval_main(cfg, args) -> int:
             row["seconds_per_user"] = stats["seconds_per_user"]
             name = rec.name
         rows.append(row)
-        m = {"model": name, "dataset_trained": str(dsdir), "load_seconds": round(load_s, 2), **stats}
-        if args.task == "next_item":
+        m = {"model": name, "task": kind, "dataset_trained": str(dsdir), "load_seconds": round(load_s, 2), **stats}
+        if kind == "next_item":
             ck = run.model.checkpoint
             m.update({"run_dir": ck["run_dir"], "checkpoint": ck["tag"], "step": ck["step"], "mode": rec.mode,
                       "beam": max(max(ks), args.beam) if rec.mode == "text" else None,
@@ -261,6 +263,9 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--task", default="next_item",
                    help="next_item (generative: item-token softmax or trie beam search), retrieval (two-tower, "
                         "a run of `m6rec finetune`), ranking (P(yes) of held-out targets: AUC, log loss)")
+    p.add_argument("--baseline", action="append", default=None,
+                   help="retrieval tables: also rank with this next-item run (e.g. the item-token baseline), "
+                        "same split and catalog; repeatable")
     p.add_argument("--dataset", default=None,
                    help="evaluate on this prepared dataset instead of the model's own: zero-shot when it differs "
                         "(prepare it with the model's tokenizer: --data.tokenizer.path RUN_DATA/tokenizer.json)")
