@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def test_option_tuning_trains_under_one_percent_and_leaves_the_lm_alone(setup):
+def test_option_tuning_trains_under_one_percent(setup):
     tmp = setup["tmp"]
     meta = json.loads((tmp / "ret_option" / "finetune.json").read_text())
     assert meta["method"] == "option" and meta["steps"] == 4
@@ -62,10 +62,6 @@ def test_option_tuning_trains_under_one_percent_and_leaves_the_lm_alone(setup):
     assert n == meta["trained_parameters"] and meta["trained_fraction"] <= 0.01 * 1.0001
     # the adapters moved from their zero start; the frozen LM equals the pretrained checkpoint
     assert any(k.endswith("up.weight") and v.abs().sum() > 0 for k, v in weights.items())
-    run = load_task_run(tmp / "ret_option", "retrieval")
-    base = load_run(setup["base"]).model.state_dict()
-    for k, v in run.model.lm.state_dict().items():
-        assert torch.equal(v, base[k]), k
 
 
 def test_adapters_start_as_identity(setup):
@@ -87,8 +83,9 @@ def test_options_are_written_after_bos(setup):
     run = load_run(setup["base"])
     ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
     p = ctx.for_item(ctx.catalog_ids[0])
-    q = with_options(p, 3, 99)
-    assert q.ids[0] == p.ids[0] and (q.ids[1:4] == 99).all() and (q.ids[4:] == p.ids[1:]).all()
+    placeholder = run.tokenizer.token_to_id("<|context|>")
+    q = with_options(p, 3, placeholder)
+    assert q.ids[0] == p.ids[0] and (q.ids[1:4] == placeholder).all() and (q.ids[4:] == p.ids[1:]).all()
     assert q.prefix[1:4].all() and [s + 3 for s in p.image_starts] == q.image_starts
     ft = FinetuneConfig(method="option", options=3, adapter_dim=0)
     model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
@@ -99,6 +96,10 @@ def test_options_are_written_after_bos(setup):
     model.embed(b, "item")
     assert torch.equal(seen["x"][0, 1:4], model.options.vectors[1])  # the item tower's options
     assert isinstance(model.options, Options)
+    b = collate([p], ctx, 0, "cpu")  # a prompt without the placeholders is refused, not silently overwritten
+    b.pop("lengths")
+    with pytest.raises(RuntimeError, match="placeholders"):
+        model.embed(b, "item")
 
 
 def test_training_examples_come_from_the_train_split_only(setup):
@@ -109,12 +110,37 @@ def test_training_examples_come_from_the_train_split_only(setup):
     for task in ("retrieval", "ranking"):
         ex = Examples(ctx, task)
         assert ex.pairs and all((u, t) in train_pos for u, t in ex.pairs)
+        n = run.cfg.data.max_items
         for u, t in ex.pairs[:50]:
             p, target, rating = ex.prompt(u, t)
-            items, _, _ = ctx.timeline(u)
-            assert target == items[t] and target not in p.context_items[-0:] or target in items[:t]
+            items, _, r = ctx.timeline(u)
+            # the prompt holds exactly the items before the target (the last max_items - 1 of them)
+            assert target == items[t] and p.context_items == [str(i) for i in items[max(0, t - n + 1):t]]
+            assert p.exclude == set(items[:t].tolist()) and rating == r[t]
             if task == "ranking":
                 assert rating >= 4 or rating <= 2
+
+
+def test_option_training_moves_only_options_and_adapters(setup):
+    """A few real optimizer steps of option tuning: the LM's weights stay bit-identical."""
+    run = load_run(setup["base"])
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    ctx.item_index = {i: n for n, i in enumerate(ctx.catalog_ids)}
+    from m6rec.rec.finetune import _batch
+
+    ft = FinetuneConfig(method="option", batch_size=6, negatives=6, options=2, adapter_dim=4)
+    model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
+    before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    opts = {k: v.clone() for k, v in model.trainable().items()}
+    opt = torch.optim.AdamW(model.trainable().values(), lr=1e-2)
+    for step in range(3):
+        b = _batch("retrieval", Examples(ctx, "retrieval"), ctx, model, np.random.default_rng(step), ft, 0, 3, "cpu")
+        loss = model(**b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.lm.state_dict().items())
+    assert all(not torch.equal(v, opts[k]) for k, v in model.trainable().items() if k != "bias")  # bias: ranking only
 
 
 def test_contrastive_loss_learns_a_fixed_batch(setup):
@@ -154,11 +180,14 @@ def test_eval_retrieval_and_recommend_with_the_cached_index(setup, tmp_path, cap
     for r in res["results"]:
         assert 0 <= r["hr@1"] <= r["hr@5"] <= r["hr@10"] <= 1 and "hr@10_cold" in r and "cold_targets" in r
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").stat().st_size > 1000
-    assert list((tmp / "ret_option").glob("item_index-*.safetensors"))  # computed once, cached
+    cached = list((tmp / "ret_option").glob("item_index-*.safetensors"))
+    assert len(cached) == 1  # written by finetune, found by eval (no second key)
     # the ranking holds catalog items only, never the user's history, scores descending
     run = load_task_run(tmp / "ret_option", "retrieval")
     ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
     rec = Retriever(run, ctx)
+    fresh = run.embed(ctx, [ctx.for_item(i) for i in ctx.catalog_ids], "item")
+    assert torch.allclose(rec.index, fresh, atol=1e-5)  # the cached index is what the towers compute now
     data = EvalData.load(run.dataset_dir)
     qs = data.queries("test")
     ranked = rec.rank_prompts([ctx.for_query(q) for q in qs], len(ctx.catalog_ids))
@@ -254,3 +283,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_contrastive_loss_masks_duplicate_targets_only(setup):
+    """Two queries with the same target: neither is the other's negative; a different item still is."""
+    import math
+
+    run = load_run(setup["base"])
+    model = TaskModel(run.model, "retrieval", "full", FinetuneConfig(temperature=1.0), answer_ids(run.tokenizer))
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    items = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    model.embed = lambda batch, tower: q if tower == "query" else items
+    loss = model(query={}, items={}, positives=torch.tensor([5, 5]), candidates=torch.tensor([5, 5, 7]))
+    # each row: its own positive (logit 1), the duplicate masked, item 7 (logit 0)
+    assert loss.item() == pytest.approx(-math.log(math.e / (math.e + 1)), rel=1e-6)
+    unmasked = model(query={}, items={}, positives=torch.tensor([5, 6]), candidates=torch.tensor([5, 6, 7]))
+    assert unmasked.item() == pytest.approx(-math.log(math.e / (2 * math.e + 1)), rel=1e-6)

@@ -41,7 +41,7 @@ from m6rec.data.tokenizer import (
     train_tokenizer,
 )
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: item_repr token also writes the rating/tag/time phrases
 SPLITS = ("train", "valid", "test")
 TOKENIZER_USERS = 300  # training windows of this many users (plus the whole catalog) teach the BPE its phrases
 

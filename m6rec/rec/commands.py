@@ -79,10 +79,21 @@ def contexts_for(run_cfg, tokenizer, run_dataset_dir, dataset: str | None):
         if data_cfg.text.item_repr != "text":
             raise ConfigError(f"--dataset {target}: zero-shot needs items written as text "
                               f"(data.text.item_repr text), it has {data_cfg.text.item_repr!r}")
-        cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(data_cfg, text=run_cfg.data.text))
+        # the target's source and split, the model's prompt shape (templates, history length)
+        cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(
+            data_cfg, text=run_cfg.data.text, max_items=run_cfg.data.max_items))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # broken posters were reported by prepare already
+        warnings.filterwarnings("ignore", message=".*cannot decode image.*")  # prepare reported them already
         return ContextBuilder(cfg, target, tokenizer)
+
+
+def _check_source(run, ctx) -> None:
+    """Profiles, tags and posters come from the raw source: warn when fine-tuning had them and this
+    evaluation does not (or the other way round), since the prompts then differ from training."""
+    trained = run.meta.get("source_loaded")
+    if trained is not None and trained != ctx.source_loaded:
+        warnings.warn(f"{run.name}: fine-tuned on prompts {'with' if trained else 'without'} the raw source's "
+                      f"profiles/tags/posters, evaluated {'with' if ctx.source_loaded else 'without'} them")
 
 
 def eval_main(cfg, args) -> int:
@@ -130,6 +141,9 @@ def eval_main(cfg, args) -> int:
 
         ctx0 = contexts_for(*loaded[0][2:5], args.dataset)
         examples = ranking_examples(ctx0, data, args.split, args.max_users, args.seed)
+        if not examples or len({y for _, y in examples}) < 2:
+            raise ConfigError(f"--task ranking: {data.dataset_dir} has no {args.split} targets rated both >= 4 and "
+                              "<= 2 (the ranking task needs ratings)")
         labels = [y for _, y in examples]
         counts = data.train_counts()
         train = data.splits[data.splits["split"] == "train"]
@@ -147,6 +161,7 @@ def eval_main(cfg, args) -> int:
         ctx = contexts_for(run_cfg, tok, dsdir, args.dataset)
         t1 = time.perf_counter()
         if kind == "ranking":
+            _check_source(run, ctx)
             probs = ranking_scores(run, ctx, examples, batch_size=args.batch_size)
             row = {"model": run.name, "examples": len(examples), "positives": int(sum(labels)),
                    "auc": M.auc(labels, probs), "logloss": M.log_loss(labels, probs)}
@@ -161,6 +176,7 @@ def eval_main(cfg, args) -> int:
             else:
                 from m6rec.rec.finetune import Retriever
 
+                _check_source(run, ctx)
                 rec = Retriever(run, ctx, batch_size=max(args.batch_size, 32))
             # rank once (with a progress bar), then score those rankings through evaluate()'s checks
             ranked = rec.rank_prompts([ctx.for_query(q) for q in queries], max(ks), progress=True)

@@ -85,8 +85,9 @@ class Options(nn.Module):
     a forward hook on the token embedding writes the active tower's vectors there, and
     one on each block adds its adapter.  The LM's own code is untouched."""
 
-    def __init__(self, lm: nn.Module, n_options: int, adapter_dim: int):
+    def __init__(self, lm: nn.Module, n_options: int, adapter_dim: int, placeholder: int = 3):
         super().__init__()
+        self.placeholder = placeholder
         dim = lm.args.dim
         init = lm.tok_embeddings.weight.detach()
         rows = torch.randint(0, init.shape[0], (len(TOWERS), max(n_options, 0)),
@@ -104,6 +105,10 @@ class Options(nn.Module):
     def _write_options(self, module, args, out):
         if not self.n:
             return out
+        slots = args[0][:, 1:1 + self.n]
+        if slots.shape[1] != self.n or not bool((slots == self.placeholder).all()):
+            raise RuntimeError("option tuning: the input lacks the option placeholders after <|bos|> "
+                               "(build prompts with with_options(); this model is a task model, not a plain LM)")
         v = self.vectors[TOWERS.index(self.tower)].to(out.dtype)
         return torch.cat([out[:, :1], v.expand(out.shape[0], -1, -1), out[:, 1 + self.n:]], dim=1)
 
@@ -123,10 +128,10 @@ def with_options(p: Prompt, n: int, placeholder: int) -> Prompt:
 class TaskModel(nn.Module):
     """The LM plus what a task adds: the retrieval temperature, the ranking bias, options."""
 
-    def __init__(self, lm: nn.Module, task: str, method: str, ft, answer_ids: tuple[int, int]):
+    def __init__(self, lm: nn.Module, task: str, method: str, ft, answer_ids: tuple[int, int], placeholder: int = 3):
         super().__init__()
         self.lm, self.task, self.method = lm, task, method
-        self.options = Options(lm, ft.options, ft.adapter_dim) if method == "option" else None
+        self.options = Options(lm, ft.options, ft.adapter_dim, placeholder) if method == "option" else None
         self.n_options = ft.options if method == "option" else 0
         # shape [1], not []: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse
         self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / ft.temperature)))
@@ -268,8 +273,15 @@ class TaskRun:
     def item_index(self, ctx: ContextBuilder, progress: bool = True) -> torch.Tensor:
         """Item-tower embeddings of ``ctx``'s whole catalog, computed once per (weights, catalog)
         and cached in the fine-tuned run directory."""
-        key = hashlib.sha256((self.meta.get("weights_sha256", "") + "\n" + "\n".join(
-            f"{i}\t{ctx.catalog.item_text[i]}" for i in ctx.catalog_ids)).encode()).hexdigest()[:16]
+        # everything the item tower's output depends on: the weights as loaded (base checkpoint and
+        # the trained part), their dtype, and each item's exact input (tokens and poster slot)
+        h = hashlib.sha256()
+        h.update(f"{self.meta.get('base_run')}|{self.meta.get('base_tag')}|{self.meta.get('loaded_sha256', '')}|"
+                 f"{next(self.model.parameters()).dtype}|{ctx.source_loaded}".encode())
+        for i in ctx.catalog_ids:
+            p = ctx.for_item(i)
+            h.update(f"{i}\t{p.image_items}\t".encode() + p.ids.tobytes())
+        key = h.hexdigest()[:16]
         cache = self.out_dir / f"item_index-{key}.safetensors" if self.out_dir is not None else None
         if cache is not None and cache.is_file():
             from safetensors.torch import load_file
@@ -280,10 +292,13 @@ class TaskRun:
         if cache is not None:
             from safetensors.torch import save_file
 
-            tmp = cache.with_suffix(".tmp")
-            save_file({"embeddings": emb.contiguous()}, str(tmp),
-                      metadata={"dataset": str(ctx.dataset_dir), "items": str(len(ctx.catalog_ids))})
-            os.replace(tmp, cache)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            try:
+                save_file({"embeddings": emb.contiguous()}, str(tmp),
+                          metadata={"dataset": str(ctx.dataset_dir), "items": str(len(ctx.catalog_ids))})
+                os.replace(tmp, cache)
+            except OSError as e:  # a read-only run directory: serve without the cache
+                log.warning("item index not cached in %s: %s", cache.parent, e)
         return emb
 
 
@@ -299,9 +314,11 @@ def load_task_run(path: str | Path, task: str, device: str = "cpu", tag: Optiona
         # the fine-tuning config (the base run's + its overrides, e.g. a shorter data.max_items)
         cfg = load_config(path / "config.yaml")
         ft = cfg.finetune
-        model = TaskModel(run.model, task, meta["method"], ft, answer_ids(run.tokenizer))
+        model = TaskModel(run.model, task, meta["method"], ft, answer_ids(run.tokenizer),
+                          run.tokenizer.token_to_id(T.CONTEXT))
         from safetensors.torch import load_file
 
+        meta["loaded_sha256"] = hashlib.sha256((path / "weights.safetensors").read_bytes()).hexdigest()
         weights = load_file(str(path / "weights.safetensors"))
         missing = set(model.trainable()) - set(weights)
         if missing:
@@ -328,6 +345,7 @@ class Retriever:
         self.run, self.ctx, self.batch_size = run, ctx, batch_size
         self.name = run.name
         self.catalog = np.array(ctx.catalog_ids, dtype=object)
+        self.position = {i: n for n, i in enumerate(ctx.catalog_ids)}
         self.index = run.item_index(ctx)
         self.stats: dict = {}
 
@@ -338,8 +356,7 @@ class Retriever:
         out = []
         for s, p in zip(scores, prompts):
             top = top_k_excluding(s, self.catalog, p.exclude, k)
-            pos = {i: n for n, i in enumerate(self.catalog)}
-            out.append([(i, float(s[pos[i]])) for i in top])
+            out.append([(i, float(s[self.position[i]])) for i in top])
         dt = time.perf_counter() - t0
         self.stats = {"users": len(prompts), "seconds": round(dt, 3), "seconds_per_user": round(dt / max(1, len(prompts)), 5)}
         return out
@@ -417,20 +434,24 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
     if cfg.deepspeed.zero_stage == 3:
         raise ConfigError("config key 'deepspeed.zero_stage': 3 is not supported by m6rec finetune "
                           "(use 0-2; the fine-tuned models here fit one device)")
-    for key in ("steps", "batch_size"):
+    for key in ("steps", "batch_size", "log_every", "temperature"):
         if getattr(ft, key) <= 0:
             raise ConfigError(f"config key 'finetune.{key}': bad value {getattr(ft, key)!r}; allowed: > 0")
+    for key in ("negatives", "options", "adapter_dim", "warmup_steps"):
+        if getattr(ft, key) < 0:
+            raise ConfigError(f"config key 'finetune.{key}': bad value {getattr(ft, key)!r}; allowed: >= 0")
     rank, world, device = init_distributed()
     run = load_run(base, tag, device="cpu")
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=".*cannot decode image.*")  # prepare reported them already
         ctx = ContextBuilder(cfg, run.dataset_dir, run.tokenizer)
     if ft.task == "retrieval":
         ctx.item_index = {i: n for n, i in enumerate(ctx.catalog_ids)}
     examples = Examples(ctx, ft.task)
-    model = TaskModel(run.model, ft.task, ft.method, ft, answer_ids(run.tokenizer)).to(device)
+    model = TaskModel(run.model, ft.task, ft.method, ft, answer_ids(run.tokenizer),
+                      run.tokenizer.token_to_id(T.CONTEXT)).to(device)
     model.train()
     trainable = model.trainable()
     n_train = sum(v.numel() for v in trainable.values())
@@ -484,7 +505,8 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
                "base_tag": run.model.checkpoint["tag"], "base_step": run.model.checkpoint["step"],
                "steps": ft.steps, "world_size": world, "trained_parameters": n_train, "lm_parameters": n_lm,
                "trained_fraction": n_train / n_lm, "train_examples": len(examples),
-               "seconds": round(time.time() - t0, 1), "final": last}
+               "seconds": round(time.time() - t0, 1), "final": last,
+               "source_loaded": ctx.source_loaded}  # profiles/tags/posters in the prompts (eval must match)
     if rank == 0:
         from safetensors.torch import save_file
 
@@ -493,12 +515,13 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
         os.replace(out / "weights.tmp", out / "weights.safetensors")
         summary["weights_sha256"] = hashlib.sha256((out / "weights.safetensors").read_bytes()).hexdigest()
         (out / "finetune.json").write_text(json.dumps(summary, indent=1) + "\n")
-        if ft.task == "retrieval":  # the serving index of the base catalog, computed once
-            model.eval()
-            tr = TaskRun(model, cfg, run.tokenizer, run.dataset_dir, summary, out)
-            tr.item_index(ctx, progress=True)
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # before rank 0's index: no rank waits in a collective while it runs
+    if rank == 0 and ft.task == "retrieval":
+        # the serving index of the base catalog, from the saved run loaded as eval loads it
+        # (fp32, whatever train.precision was), so eval and recommend find it in the cache
+        tr = load_task_run(out, "retrieval")
+        tr.item_index(ctx, progress=True)
     return summary
 
 

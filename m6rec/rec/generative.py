@@ -181,6 +181,12 @@ class ContextBuilder:
         self.text_cfg = cfg.data.text
         self.dataset_dir = Path(dataset_dir)
         manifest = json.loads((self.dataset_dir / "manifest.json").read_text())
+        t = self.text_cfg
+        if manifest.get("format", 1) < 2 and t.item_repr == "token" and (
+                t.rating_template or t.tags_template or t.time_unit == "day"):
+            warnings.warn(f"{self.dataset_dir} was prepared before item_repr 'token' wrote rating/tag/time phrases "
+                          "(manifest format 1): prompts will carry phrases the model never trained on; prepare the "
+                          "data again, or empty data.text.rating_template/tags_template and set time_unit none")
         self.image_size = manifest["image"]["size"]
         self.patch_size = manifest["image"]["patch_size"]
         self.P = manifest["image"]["patches"]
