@@ -20,6 +20,11 @@ if [[ $stage == all || $stage == pretrain ]]; then
   # the ID baseline again with ml1m-rated's step count (equal compute, 3.5 epochs)
   "$M6" train --config configs/rec/ml1m-id.yaml --train.steps 1250 --train.run_dir runs/ml1m-id-1250 \
     --train.eval_every 625 --train.save_every 625 --resume auto
+  # both again at 3,250 steps: 8.7 epochs of IDs, 3.5 epochs of IDs + words
+  for c in id rated; do
+    "$M6" train --config configs/rec/ml1m-$c.yaml --train.steps 3250 --train.run_dir runs/ml1m-$c-3250 \
+      --train.eval_every 1625 --train.save_every 1625 --train.log_every 250 --resume auto
+  done
   "$M6" prepare --config configs/rec/ml100k-zeroshot.yaml   # ml-100k in the ml1m-text tokenizer
 fi
 
@@ -41,7 +46,8 @@ fi
 if [[ $stage == all || $stage == eval ]]; then
   # next item: model selection on validation targets, then test targets once, full ranking:
   # the item-token (SASRec-style) baseline vs item tokens + behaviour in words vs item token + text
-  NEXT=(--ckpt runs/ml1m-id --ckpt runs/ml1m-id-1250 --ckpt runs/ml1m-rated --ckpt runs/ml1m-both)
+  NEXT=(--ckpt runs/ml1m-id --ckpt runs/ml1m-id-1250 --ckpt runs/ml1m-rated --ckpt runs/ml1m-both
+        --ckpt runs/ml1m-id-3250 --ckpt runs/ml1m-rated-3250)
   "$M6" eval "${NEXT[@]}" --split valid --out $OUT/ml1m-next-item-valid.json
   "$M6" eval "${NEXT[@]}" --split test --out $OUT/ml1m-next-item.json
   # two-tower retrieval: full fine-tuning vs option tuning (and the untuned pretrained towers)
