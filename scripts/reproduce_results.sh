@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every number of docs/results.md, from raw MovieLens to the tables (2-core CPU: ~2 hours).
+# Every number of docs/results.md, from raw MovieLens to the tables (2-core CPU: ~4 hours).
 #   bash scripts/reproduce_results.sh            # all stages
 #   bash scripts/reproduce_results.sh eval       # only the evaluations (runs already trained)
 # Each training process uses one thread (OMP_NUM_THREADS=1): the tiny model's small ops run
