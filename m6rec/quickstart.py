@@ -27,7 +27,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from m6rec.config import Config, ConfigError, load_config, to_dict
@@ -99,12 +98,10 @@ def _wandb_files(run_dir: Path) -> list[Path]:
 def _recommend(run_dir: Path, users: list[str], history: str, k: int) -> list[dict]:
     """Top-k for ``users`` (whole timeline excluded, as ``m6rec recommend --user``) and for a
     free-text ``history`` (as ``m6rec recommend --history``), loading the run once."""
-    from m6rec.rec.generative import ContextBuilder, GenerativeRecommender, load_run
+    from m6rec.rec.generative import GenerativeRecommender, contexts_for, load_run
 
     run = load_run(run_dir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # broken posters were reported by prepare already
-        ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    ctx = contexts_for(run.cfg, run.tokenizer, run.dataset_dir)
     rec = GenerativeRecommender(run.model, ctx, batch_size=1)
     text = ctx.catalog.item_text
     shown = []

@@ -125,7 +125,6 @@ def test_option_training_moves_only_options_and_adapters(setup):
     """A few real optimizer steps of option tuning: the LM's weights stay bit-identical."""
     run = load_run(setup["base"])
     ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
-    ctx.item_index = {i: n for n, i in enumerate(ctx.catalog_ids)}
     from m6rec.rec.finetune import _batch
 
     ft = FinetuneConfig(method="option", batch_size=6, negatives=6, options=2, adapter_dim=4)
@@ -147,7 +146,6 @@ def test_contrastive_loss_learns_a_fixed_batch(setup):
     """Full fine-tuning on one batch: the in-batch softmax loss must fall well below its start."""
     run = load_run(setup["base"])
     ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
-    ctx.item_index = {i: n for n, i in enumerate(ctx.catalog_ids)}
     from m6rec.rec.finetune import _batch
 
     ft = FinetuneConfig(method="full", batch_size=8, negatives=8, query_pool="mean")

@@ -52,41 +52,6 @@ def _set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def contexts_for(run_cfg, tokenizer, run_dataset_dir, dataset: str | None):
-    """The prompt builder for evaluating a model on ``dataset`` (default: its own).
-
-    Another dataset is zero-shot: its users and items reach the model only as
-    text, written with the model's templates and tokenizer; the dataset must
-    have been prepared with that tokenizer (data.tokenizer.path)."""
-    import dataclasses
-    import json
-
-    from m6rec.config import DataConfig, _build
-    from m6rec.rec.generative import ContextBuilder
-
-    target = Path(dataset or run_dataset_dir)
-    if not (target / "manifest.json").is_file():
-        raise ConfigError(f"--dataset {target}: no prepared dataset (manifest.json missing)")
-    cfg = run_cfg
-    if dataset and target.resolve() != Path(run_dataset_dir).resolve():
-        mine = json.loads((Path(run_dataset_dir) / "manifest.json").read_text())
-        theirs = json.loads((target / "manifest.json").read_text())
-        if mine.get("tokenizer_sha256") != theirs.get("tokenizer_sha256"):
-            raise ConfigError(f"--dataset {target}: prepared with another tokenizer than the model's "
-                              f"({Path(run_dataset_dir) / 'tokenizer.json'}); prepare it with "
-                              f"--data.tokenizer.path {Path(run_dataset_dir) / 'tokenizer.json'}")
-        data_cfg = _build(DataConfig, theirs["config"], "data")
-        if data_cfg.text.item_repr != "text":
-            raise ConfigError(f"--dataset {target}: zero-shot needs items written as text "
-                              f"(data.text.item_repr text), it has {data_cfg.text.item_repr!r}")
-        # the target's source and split, the model's prompt shape (templates, history length)
-        cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(
-            data_cfg, text=run_cfg.data.text, max_items=run_cfg.data.max_items))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*cannot decode image.*")  # prepare reported them already
-        return ContextBuilder(cfg, target, tokenizer)
-
-
 def _check_source(run, ctx) -> None:
     """Profiles, tags and posters come from the raw source: warn when fine-tuning had them and this
     evaluation does not (or the other way round), since the prompts then differ from training."""
@@ -99,6 +64,7 @@ def _check_source(run, ctx) -> None:
 def eval_main(cfg, args) -> int:
     from m6rec.rec import metrics as M
     from m6rec.rec.evaluate import EvalData, Popularity, cold_items, evaluate, markdown_table, write_outputs
+    from m6rec.rec.generative import contexts_for
 
     if args.task not in TASKS:
         raise ConfigError(f"--task {args.task!r}: one of {', '.join(TASKS)}")
@@ -106,7 +72,7 @@ def eval_main(cfg, args) -> int:
     if args.baseline and args.task != "retrieval":
         raise ConfigError("--baseline adds a next-item run to a retrieval table; for next_item give it as --ckpt, "
                           "ranking has no next-item baseline")
-    loaded = []  # (kind, model object, cfg, tokenizer, dataset_dir, load seconds)
+    loaded = []  # (kind, run, load seconds); a run has .cfg, .tokenizer, .dataset_dir
     for path, kind in [(p, args.task) for p in args.ckpt] + [(p, "next_item") for p in args.baseline or []]:
         t0 = time.perf_counter()
         tag = args.tag if len(args.ckpt) == 1 and kind == args.task else None
@@ -118,20 +84,23 @@ def eval_main(cfg, args) -> int:
             from m6rec.rec.finetune import load_task_run
 
             run = load_task_run(path, args.task, device=args.device, tag=tag)
-        loaded.append((kind, run, run.cfg, run.tokenizer, run.dataset_dir, time.perf_counter() - t0))
+        loaded.append((kind, run, time.perf_counter() - t0))
+    first = loaded[0][1]
     zero_shot = args.dataset is not None and any(
-        Path(d).resolve() != Path(args.dataset).resolve() for *_, d, _ in loaded)
-    data = EvalData.load(args.dataset or loaded[0][4])
+        Path(run.dataset_dir).resolve() != Path(args.dataset).resolve() for _, run, _ in loaded)
+    data = EvalData.load(args.dataset or first.dataset_dir)
     if not zero_shot:
-        for *_, d, _ in loaded[1:]:
+        for _, run, _ in loaded[1:]:
+            d = run.dataset_dir
             if Path(d).resolve() != Path(data.dataset_dir).resolve() and \
                     not _same_protocol(data, EvalData.load(d), args.split):
                 raise ConfigError(f"--ckpt: {d} and {data.dataset_dir} differ in catalog or {args.split} "
                                   "targets; models can share one table only on the same split")
-    ks = _parse_ks(args.ks, loaded[0][2].eval.ks)
+    ks = _parse_ks(args.ks, first.cfg.eval.ks)
     queries = data.queries(args.split, max_users=args.max_users, seed=args.seed)
     # cold start: targets never seen in training (zero-shot: titles the source model never trained on)
-    cold = cold_items(data, EvalData.load(loaded[0][4]) if zero_shot else None)
+    cold = cold_items(data, EvalData.load(first.dataset_dir) if zero_shot else None)
+    contexts = [contexts_for(run.cfg, run.tokenizer, run.dataset_dir, args.dataset) for _, run, _ in loaded]
     print(f"m6rec eval: {args.task} on {data.dataset_dir} ({args.split}, {len(queries)} users, "
           f"{len(data.catalog)} items, full ranking, history excluded"
           + (", zero-shot" if zero_shot else "") + ")", file=sys.stderr)
@@ -139,8 +108,7 @@ def eval_main(cfg, args) -> int:
     if args.task == "ranking":
         from m6rec.rec.finetune import ranking_examples, ranking_scores
 
-        ctx0 = contexts_for(*loaded[0][2:5], args.dataset)
-        examples = ranking_examples(ctx0, data, args.split, args.max_users, args.seed)
+        examples = ranking_examples(contexts[0], data, args.split, args.max_users, args.seed)
         if not examples or len({y for _, y in examples}) < 2:
             raise ConfigError(f"--task ranking: {data.dataset_dir} has no {args.split} targets rated both >= 4 and "
                               "<= 2 (the ranking task needs ratings)")
@@ -157,8 +125,7 @@ def eval_main(cfg, args) -> int:
               file=sys.stderr)
     else:
         rows.append(evaluate(Popularity(data), data, queries, ks, cold=cold))
-    for kind, run, run_cfg, tok, dsdir, load_s in loaded:
-        ctx = contexts_for(run_cfg, tok, dsdir, args.dataset)
+    for (kind, run, load_s), ctx in zip(loaded, contexts):
         t1 = time.perf_counter()
         if kind == "ranking":
             _check_source(run, ctx)
@@ -192,7 +159,8 @@ def eval_main(cfg, args) -> int:
             row["seconds_per_user"] = stats["seconds_per_user"]
             name = rec.name
         rows.append(row)
-        m = {"model": name, "task": kind, "dataset_trained": str(dsdir), "load_seconds": round(load_s, 2), **stats}
+        m = {"model": name, "task": kind, "dataset_trained": str(run.dataset_dir), "load_seconds": round(load_s, 2),
+             **stats}
         if kind == "next_item":
             ck = run.model.checkpoint
             m.update({"run_dir": ck["run_dir"], "checkpoint": ck["tag"], "step": ck["step"], "mode": rec.mode,
@@ -221,7 +189,7 @@ def eval_main(cfg, args) -> int:
 
 
 def recommend_main(cfg, args) -> int:
-    from m6rec.rec.generative import ContextBuilder, GenerativeRecommender, load_run
+    from m6rec.rec.generative import GenerativeRecommender, contexts_for, load_run
 
     if (args.user is None) == (args.history is None):
         raise ConfigError("give exactly one of --user ID (a user of the dataset) or --history \"title; title\"")
@@ -231,14 +199,12 @@ def recommend_main(cfg, args) -> int:
         from m6rec.rec.finetune import Retriever, load_task_run
 
         run = load_task_run(args.ckpt, "retrieval", device=args.device)
-        ctx = contexts_for(run.cfg, run.tokenizer, run.dataset_dir, None)
+        ctx = contexts_for(run.cfg, run.tokenizer, run.dataset_dir)
         rec = Retriever(run, ctx, batch_size=1)
         rec.mode = "retrieval"
     else:
         run = load_run(args.ckpt, args.tag, device=args.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+        ctx = contexts_for(run.cfg, run.tokenizer, run.dataset_dir)
         rec = GenerativeRecommender(run.model, ctx, mode=args.mode, beam=args.beam, batch_size=1,
                                     length_norm=args.length_norm)
     load_s = time.perf_counter() - t0

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from m6rec.config import Config, ConfigError, load_config, save_config, to_dict
 from m6rec.data import text as T
 from m6rec.rec.evaluate import EvalData, Query, top_k_excluding
-from m6rec.rec.generative import ContextBuilder, Prompt, collate, load_run
+from m6rec.rec.generative import ContextBuilder, Prompt, collate, contexts_for, load_run
 
 log = logging.getLogger("m6rec.finetune")
 
@@ -316,10 +316,11 @@ def load_task_run(path: str | Path, task: str, device: str = "cpu", tag: Optiona
         ft = cfg.finetune
         model = TaskModel(run.model, task, meta["method"], ft, answer_ids(run.tokenizer),
                           run.tokenizer.token_to_id(T.CONTEXT))
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_weights
 
-        meta["loaded_sha256"] = hashlib.sha256((path / "weights.safetensors").read_bytes()).hexdigest()
-        weights = load_file(str(path / "weights.safetensors"))
+        raw = (path / "weights.safetensors").read_bytes()  # read once: hashed for the index cache, then loaded
+        meta["loaded_sha256"] = hashlib.sha256(raw).hexdigest()
+        weights = load_weights(raw)
         missing = set(model.trainable()) - set(weights)
         if missing:
             raise ConfigError(f"{path / 'weights.safetensors'}: missing {sorted(missing)[:3]}")
@@ -345,7 +346,6 @@ class Retriever:
         self.run, self.ctx, self.batch_size = run, ctx, batch_size
         self.name = run.name
         self.catalog = np.array(ctx.catalog_ids, dtype=object)
-        self.position = {i: n for n, i in enumerate(ctx.catalog_ids)}
         self.index = run.item_index(ctx)
         self.stats: dict = {}
 
@@ -356,7 +356,7 @@ class Retriever:
         out = []
         for s, p in zip(scores, prompts):
             top = top_k_excluding(s, self.catalog, p.exclude, k)
-            out.append([(i, float(s[self.position[i]])) for i in top])
+            out.append([(i, float(s[self.ctx.item_index[i]])) for i in top])
         dt = time.perf_counter() - t0
         self.stats = {"users": len(prompts), "seconds": round(dt, 3), "seconds_per_user": round(dt / max(1, len(prompts)), 5)}
         return out
@@ -421,7 +421,7 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
     import deepspeed
     import torch.distributed as dist
 
-    from m6rec.train.engine import deepspeed_config, init_distributed, shielded_children  # noqa: F401
+    from m6rec.train.engine import deepspeed_config, init_distributed
     from m6rec.train.metrics import MetricsLogger, progress
 
     base = Path(base)
@@ -442,13 +442,7 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
             raise ConfigError(f"config key 'finetune.{key}': bad value {getattr(ft, key)!r}; allowed: >= 0")
     rank, world, device = init_distributed()
     run = load_run(base, tag, device="cpu")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*cannot decode image.*")  # prepare reported them already
-        ctx = ContextBuilder(cfg, run.dataset_dir, run.tokenizer)
-    if ft.task == "retrieval":
-        ctx.item_index = {i: n for n, i in enumerate(ctx.catalog_ids)}
+    ctx = contexts_for(cfg, run.tokenizer, run.dataset_dir)
     examples = Examples(ctx, ft.task)
     model = TaskModel(run.model, ft.task, ft.method, ft, answer_ids(run.tokenizer),
                       run.tokenizer.token_to_id(T.CONTEXT)).to(device)

@@ -276,13 +276,17 @@ class ContextBuilder:
         return Prompt(ids.astype(np.int64), (mask & T.MASK_CONTEXT) != 0, imgs, starts, exclude, user_id,
                       [str(i) for i in items[start:]])
 
-    def for_item(self, item_id: str) -> Prompt:
-        """An item on its own, written as a one-item window (``<|bos|><|context|><|predict|><|item|>``,
-        its item token, poster slot and text as in training, ``<|eos|>``), all of it context:
-        the item tower's input (m6rec.rec.finetune)."""
+    def _item_segments(self, item_id: str) -> list:
+        """``item_id`` as a one-item window: ``<|bos|><|context|><|predict|><|item|>``, its item
+        token, poster slot and text as training writes them, ``<|eos|>`` (no rating, no time)."""
         w = T.Window("", "test", 0, np.array([0]), 0)
-        segs = T.window_segments(w, np.array([item_id], dtype=object), np.zeros(1, dtype=np.int64),
+        return T.window_segments(w, np.array([item_id], dtype=object), np.zeros(1, dtype=np.int64),
                                  np.full(1, np.nan), self.catalog, self.text_cfg)
+
+    def for_item(self, item_id: str) -> Prompt:
+        """An item on its own (:meth:`_item_segments`), all of it context: the item tower's input
+        (m6rec.rec.finetune)."""
+        segs = self._item_segments(item_id)
         ids, mask = self.enc.encode(segs)
         starts = np.flatnonzero(mask & T.MASK_IMAGE)[:: self.P].tolist() if self.P else []
         imgs = [s.image_item for s in segs if s.image_item is not None]
@@ -291,9 +295,7 @@ class ContextBuilder:
     def append_item(self, prompt: Prompt, item_id: str, suffix: str = "") -> Prompt:
         """``prompt`` (ending in ``<|item|>``) followed by ``item_id`` as training writes it
         (item token, poster slot, text) and ``suffix``: the ranking task's input."""
-        w = T.Window("", "test", 0, np.array([0]), 0)
-        segs = T.window_segments(w, np.array([item_id], dtype=object), np.zeros(1, dtype=np.int64),
-                                 np.full(1, np.nan), self.catalog, self.text_cfg)
+        segs = self._item_segments(item_id)
         at = next(i for i, s in enumerate(segs) if s.special and s.text == T.ITEM)
         segs = segs[at + 1:-1] + ([T.Segment(suffix, False)] if suffix else [])
         ids, mask = self.enc.encode(segs)
@@ -355,6 +357,40 @@ class ContextBuilder:
         prompt = self._render("", items, np.zeros(len(items), dtype=np.int64), np.full(len(items), np.nan), cat,
                               {i for _, i in matched if i is not None})
         return prompt, matched
+
+
+def contexts_for(run_cfg: Config, tokenizer, run_dataset_dir: str | Path, dataset: Optional[str] = None) -> ContextBuilder:
+    """The prompt builder of a run, on its own dataset or (``dataset``) another one.
+
+    Another dataset is zero-shot: its users and items reach the model only as
+    text, written with the model's templates, history length and tokenizer; the
+    dataset must have been prepared with that tokenizer (data.tokenizer.path)."""
+    import dataclasses
+    import json
+
+    from m6rec.config import DataConfig, _build
+
+    target = Path(dataset or run_dataset_dir)
+    if not (target / "manifest.json").is_file():
+        raise ConfigError(f"--dataset {target}: no prepared dataset (manifest.json missing)")
+    cfg = run_cfg
+    if dataset and target.resolve() != Path(run_dataset_dir).resolve():
+        mine = json.loads((Path(run_dataset_dir) / "manifest.json").read_text())
+        theirs = json.loads((target / "manifest.json").read_text())
+        if mine.get("tokenizer_sha256") != theirs.get("tokenizer_sha256"):
+            raise ConfigError(f"--dataset {target}: prepared with another tokenizer than the model's "
+                              f"({Path(run_dataset_dir) / 'tokenizer.json'}); prepare it with "
+                              f"--data.tokenizer.path {Path(run_dataset_dir) / 'tokenizer.json'}")
+        data_cfg = _build(DataConfig, theirs["config"], "data")
+        if data_cfg.text.item_repr != "text":
+            raise ConfigError(f"--dataset {target}: zero-shot needs items written as text "
+                              f"(data.text.item_repr text), it has {data_cfg.text.item_repr!r}")
+        # the target's source and split, the model's prompt shape (templates, history length)
+        cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(
+            data_cfg, text=run_cfg.data.text, max_items=run_cfg.data.max_items))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*cannot decode image.*")  # prepare reported them already
+        return ContextBuilder(cfg, target, tokenizer)
 
 
 def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device) -> dict:
@@ -754,7 +790,7 @@ class GenerativeRecommender:
 
 def recommender_from_run(run_dir: str | Path, tag: Optional[str] = None, mode: str = "auto", beam: int = 0,
                          batch_size: int = 16, device: str = "cpu", length_norm: float = 1.0) -> GenerativeRecommender:
-    """``load_run`` + ``ContextBuilder`` + ``GenerativeRecommender`` in one call."""
+    """``load_run`` + ``contexts_for`` + ``GenerativeRecommender`` in one call."""
     run = load_run(run_dir, tag, device)
-    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    ctx = contexts_for(run.cfg, run.tokenizer, run.dataset_dir)
     return GenerativeRecommender(run.model, ctx, mode=mode, beam=beam, batch_size=batch_size, length_norm=length_norm)
