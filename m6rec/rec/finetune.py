@@ -194,8 +194,7 @@ class Examples:
     def __init__(self, ctx: ContextBuilder, task: str):
         self.ctx, self.task = ctx, task
         self.users = sorted(ctx._timeline)
-        splits = EvalData.load(ctx.dataset_dir).splits
-        train = splits[splits["split"] == "train"]
+        train = ctx.splits[ctx.splits["split"] == "train"]  # the split the builder already read
         counts = train.groupby("user_id").size()
         pairs = []
         for u in self.users:
@@ -278,8 +277,8 @@ class TaskRun:
         h = hashlib.sha256()
         h.update(f"{self.meta.get('base_run')}|{self.meta.get('base_tag')}|{self.meta.get('loaded_sha256', '')}|"
                  f"{next(self.model.parameters()).dtype}|{ctx.source_loaded}".encode())
-        for i in ctx.catalog_ids:
-            p = ctx.for_item(i)
+        items = [ctx.for_item(i) for i in ctx.catalog_ids]  # rendered once: hashed here, embedded on a miss
+        for i, p in zip(ctx.catalog_ids, items):
             h.update(f"{i}\t{p.image_items}\t".encode() + p.ids.tobytes())
         key = h.hexdigest()[:16]
         cache = self.out_dir / f"item_index-{key}.safetensors" if self.out_dir is not None else None
@@ -287,8 +286,7 @@ class TaskRun:
             from safetensors.torch import load_file
 
             return load_file(str(cache))["embeddings"]
-        emb = self.embed(ctx, [ctx.for_item(i) for i in ctx.catalog_ids], "item",
-                         progress="item index" if progress else None)
+        emb = self.embed(ctx, items, "item", progress="item index" if progress else None)
         if cache is not None:
             from safetensors.torch import save_file
 

@@ -194,7 +194,7 @@ class ContextBuilder:
         self.catalog_ids = self.items["item_id"].tolist()
         self.item_index = {i: n for n, i in enumerate(self.catalog_ids)}
         self.titles = dict(zip(self.items["item_id"], self.items["title"]))
-        splits = pd.read_parquet(self.dataset_dir / "splits.parquet").sort_values(["user_id", "position"])
+        self.splits = splits = pd.read_parquet(self.dataset_dir / "splits.parquet").sort_values(["user_id", "position"])
         self._timeline = {u: (g["item_id"].to_numpy(), g["timestamp"].to_numpy(), g["rating"].to_numpy(np.float64))
                           for u, g in splits.groupby("user_id", sort=False)}
         self.catalog = T.Catalog(dict(zip(self.items["item_id"], self.items["text"])), {}, {}, {})
