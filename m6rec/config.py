@@ -156,6 +156,10 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # adamw: torch's AdamW -- fused kernel, no compiler needed, clipping and non-finite skips
+    # on the device (the default everywhere); fused_adam / cpu_adam: DeepSpeed's JIT-built
+    # ops (nvcc and ninja needed at first use; cpu_adam is the fast optimizer-offload step)
+    optimizer: Literal["adamw", "fused_adam", "cpu_adam"] = "adamw"
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 0  # validation batches per evaluation; 0 = the whole validation split

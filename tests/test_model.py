@@ -432,3 +432,47 @@ def test_compile_blocks_matches_eager(impl):
     m.train()
     m(**batch).loss.backward()
     assert all(p.grad is not None for p in m.layers.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [3, 7, 1000])
+def test_chunked_linear_cross_entropy_matches_full_logits(dtype, chunk):
+    """Loss and both gradients of the chunked head equal F.cross_entropy over full fp32 logits."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(20, 16, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(50, 16, generator=g) * 0.3).to(dtype).requires_grad_()
+    y = torch.randint(0, 50, (20,), generator=g)
+    got = tr.linear_cross_entropy(h, w, y, chunk=chunk) / 20
+    (got * 3.0).backward()  # a non-unit upstream gradient reaches both inputs
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    want = F.cross_entropy((h @ w.t()).float(), y)
+    (want * 3.0).backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    assert gh.dtype == dtype and gw.dtype == dtype
+    torch.testing.assert_close(gh.float(), h.grad.float(), **tol)
+    torch.testing.assert_close(gw.float(), w.grad.float(), **tol)
+    with torch.no_grad():  # the no-grad path (evaluation) gives the same sum
+        torch.testing.assert_close(tr.linear_cross_entropy(h, w, y, chunk=chunk) / 20, want, **tol)
+
+
+def test_host_label_index_and_mask_give_the_same_loss_and_grads():
+    """What the trainer passes (labels, label_index and the mask built from the host copy)
+    equals what the model finds by itself."""
+    m = tiny_model(attn_impl="varlen")
+    batch = pack(docs3(), T=40)
+    ref = m(**batch).loss
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    labels, index = m.label_positions(batch["labels"], batch["document_ids"], batch["prefix_mask"])
+    mask = m.attention_mask(40, batch["document_ids"], batch["prefix_mask"], torch.device("cpu"),
+                            host_document_ids=batch["document_ids"], host_prefix_mask=batch["prefix_mask"])
+    assert mask.kind == "varlen"
+    out = m(**{**batch, "labels": labels}, label_index=index, attention_mask=mask)
+    assert int(out.n_tokens) == index.numel() == int((labels != -100).sum())
+    torch.testing.assert_close(out.loss, ref)
+    out.loss.backward()
+    for p, g in zip(m.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g)

@@ -143,7 +143,17 @@ def flex_block_mask(document_ids: Tensor, region: Optional[Tensor]) -> Any:
         def mask_mod(b, h, q, k):
             return (doc[b, q] == doc[b, k]) & ((q >= k) | (region[b, q] & region[b, k]))
 
-    return create_block_mask(mask_mod, B, None, T, T, device=doc.device, _compile=doc.is_cuda)
+    if not doc.is_cuda:
+        return create_block_mask(mask_mod, B, None, T, T, device=doc.device)
+    global _compiled_create_block_mask
+    if _compiled_create_block_mask is None:
+        # Compiled once for the process: create_block_mask(_compile=True) wraps itself in a
+        # fresh torch.compile on every call, whose guard checks cost milliseconds per batch.
+        _compiled_create_block_mask = torch.compile(create_block_mask, dynamic=False)
+    return _compiled_create_block_mask(mask_mod, B, None, T, T, device=doc.device)
+
+
+_compiled_create_block_mask = None
 
 
 def build_attention_mask(
@@ -154,20 +164,27 @@ def build_attention_mask(
     attention: str = "prefix",
     impl: str = "auto",
     device: Optional[torch.device] = None,
+    host_document_ids: Optional[Tensor] = None,
+    host_prefix_mask: Optional[Tensor] = None,
 ) -> AttentionMask:
     """Choose the mask and kernel for one batch.
 
     ``attention="causal"`` ignores ``prefix_mask``; without ``document_ids``
-    and without a prefix the plain causal SDPA path is used.
+    and without a prefix the plain causal SDPA path is used.  ``host_*`` are
+    CPU copies of ``document_ids`` / ``prefix_mask``: the "varlen" kernel then
+    reads the document spans from them, not from the device.
     """
     use_prefix = attention == "prefix" and prefix_mask is not None
     if document_ids is None and not use_prefix:
         return AttentionMask("causal")
     if document_ids is None:
         document_ids = torch.zeros(prefix_mask.shape, dtype=torch.long, device=prefix_mask.device)
-    region = bidirectional_region(document_ids, prefix_mask) if use_prefix else None
     device = device or document_ids.device
     on_cuda = torch.device(device).type == "cuda"
+    if host_document_ids is not None and (impl == "varlen" or (impl == "auto" and not on_cuda)):
+        region = bidirectional_region(host_document_ids, host_prefix_mask) if use_prefix else None
+        return AttentionMask("varlen", spans=doc_spans(host_document_ids, region), device=torch.device(device))
+    region = bidirectional_region(document_ids, prefix_mask) if use_prefix else None
     if impl == "flex" or (impl == "auto" and on_cuda):
         return AttentionMask("flex", block_mask=flex_block_mask(document_ids, region))
     if impl == "varlen" or impl == "auto":

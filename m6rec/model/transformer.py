@@ -219,14 +219,15 @@ class M6Transformer(nn.Module):
         prefix_mask: Optional[Tensor] = None,
         image_patches: Optional[Tensor] = None,
         image_positions: Optional[Tensor] = None,
+        attention_mask: Optional[AttentionMask] = None,
     ) -> Tensor:
-        """The final-normed hidden states ``[B, T, D]``."""
+        """The final-normed hidden states ``[B, T, D]``.  ``attention_mask``: one built
+        beforehand from the same batch (:meth:`attention_mask`), e.g. by the trainer from the
+        loader's host copy; by default it is built here."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        mask = build_attention_mask(T, document_ids=document_ids, prefix_mask=prefix_mask,
-                                    attention=self.args.attention, impl=self.args.attn_impl,
-                                    device=input_ids.device)
+        mask = attention_mask or self.attention_mask(T, document_ids, prefix_mask, input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
         x = self.embed(input_ids, image_patches, image_positions)
         ckpt = self.args.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -236,6 +237,16 @@ class M6Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, mask)
         return self.norm(x)
+
+    def attention_mask(self, seq_len: int, document_ids: Optional[Tensor], prefix_mask: Optional[Tensor],
+                       device: torch.device, host_document_ids: Optional[Tensor] = None,
+                       host_prefix_mask: Optional[Tensor] = None) -> AttentionMask:
+        """The mask every layer applies to a batch, built once.  ``host_*``: CPU copies of the
+        same tensors, from which kernels that need the document spans on the host ("varlen")
+        read them without a device-to-host copy."""
+        return build_attention_mask(seq_len, document_ids=document_ids, prefix_mask=prefix_mask,
+                                    attention=self.args.attention, impl=self.args.attn_impl, device=device,
+                                    host_document_ids=host_document_ids, host_prefix_mask=host_prefix_mask)
 
     # --- LM head ----------------------------------------------------------------
     def forward(
@@ -249,33 +260,52 @@ class M6Transformer(nn.Module):
         image_positions: Optional[Tensor] = None,
         sample_keys: Optional[list] = None,  # part of the batch contract; unused
         *,
+        attention_mask: Optional[AttentionMask] = None,
+        label_index: Optional[Tensor] = None,
         return_logits: Optional[bool] = None,
         return_hidden: bool = False,
     ) -> ModelOutput:
         """Language-model pass.  With ``labels`` (already shifted, -100 = no
-        loss) the loss is the mean fp32 cross-entropy over labelled tokens,
-        and by default the LM head runs on those tokens only (no ``[B, T, V]``
-        logits are made).  Without labels, logits ``[B, T, V]`` are returned."""
-        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions)
+        loss) the loss is the mean fp32 cross-entropy over labelled tokens; the
+        LM head runs on those tokens only, a chunk at a time, so neither
+        ``[B, T, V]`` nor fp32 ``[N, V]`` logits are ever made
+        (:func:`linear_cross_entropy`).  Without labels, logits ``[B, T, V]``
+        are returned.
+
+        ``label_index``: the flat positions (``row * T + t``) of the labelled
+        tokens, computed by the caller on the host (the trainer does it from
+        the loader's CPU copy with :func:`label_positions`); ``labels`` must
+        then already be final.  Without it they are found here, which reads
+        their number back from the device (a host sync)."""
+        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions,
+                               attention_mask)
         out = ModelOutput(hidden=h if return_hidden else None)
         if return_logits is None:
             return_logits = labels is None
         if return_logits:
             out.logits = F.linear(h, self.head_weight)
         if labels is not None:
-            if self.args.attention == "prefix" and prefix_mask is not None:
-                labels = self._drop_visible_labels(labels, document_ids, prefix_mask)
-            sel = labels != IGNORE_INDEX
-            out.n_tokens = sel.sum()
-            if out.logits is not None:
-                logits = out.logits[sel]
-            else:
-                logits = F.linear(h[sel], self.head_weight)
-            if logits.shape[0]:
-                out.loss = F.cross_entropy(logits.float(), labels[sel])
+            if label_index is None:
+                if self.args.attention == "prefix" and prefix_mask is not None:
+                    labels = self._drop_visible_labels(labels, document_ids, prefix_mask)
+                label_index = (labels.flatten() != IGNORE_INDEX).nonzero().flatten()
+            n = label_index.numel()
+            out.n_tokens = torch.full((), n, dtype=torch.long, device=h.device)
+            if n:
+                hs = h.flatten(0, 1).index_select(0, label_index)
+                ys = labels.flatten().index_select(0, label_index)
+                out.loss = linear_cross_entropy(hs, self.head_weight, ys) / n
             else:  # nothing to predict: a zero that keeps the graph
                 out.loss = h.sum().float() * 0.0
         return out
+
+    def label_positions(self, labels: Tensor, document_ids: Optional[Tensor],
+                        prefix_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(final labels, label_index)`` for :meth:`forward`, computed where the tensors are
+        (the trainer calls it on the loader's CPU copy, so the count costs no device sync)."""
+        if self.args.attention == "prefix" and prefix_mask is not None:
+            labels = self._drop_visible_labels(labels, document_ids, prefix_mask)
+        return labels, (labels.flatten() != IGNORE_INDEX).nonzero().flatten()
 
     @staticmethod
     def _drop_visible_labels(labels: Tensor, document_ids: Optional[Tensor], prefix_mask: Tensor) -> Tensor:
@@ -338,6 +368,70 @@ class M6Transformer(nn.Module):
         last, index = self.pool(h, document_ids, "last")
         w = self.head_weight
         return (last.float() @ (w[yes_id] - w[no_id]).float()), index
+
+
+# ---------------------------------------------------------------------------
+# The loss: LM head + cross-entropy, a chunk of tokens at a time
+# ---------------------------------------------------------------------------
+def _chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk: fp32 logits of one chunk stay near 256 MiB."""
+    return max(256, (1 << 26) // vocab)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ weight.T`` whose gradients are computed in the
+    forward pass, chunk by chunk (the fused linear + cross-entropy of Liger-Kernel
+    and Apple's Cut Cross-Entropy, in plain PyTorch ops): each chunk's logits are
+    made, turned into ``softmax - onehot``, used for both gradients and dropped.
+    The same three matmuls as an unfused head, no recomputation, and the only
+    fp32 ``[tokens, vocab]`` tensor alive is one chunk's."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, yc = h[s:s + chunk], labels[s:s + chunk]
+            logits = (hc @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            # d(sum of losses)/d(logits) = softmax - onehot, written over the logits
+            dlogits = logits.sub_(lse[:, None]).exp_()
+            dlogits.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))
+            dlogits = dlogits.to(h.dtype)
+            if grad_h is not None:
+                torch.matmul(dlogits, weight, out=grad_h[s:s + chunk])
+            if grad_w is not None:
+                if hc.dtype == torch.float32:
+                    grad_w.addmm_(dlogits.t(), hc)
+                else:  # the matmul in the model's dtype, the sum over chunks in fp32
+                    grad_w.add_(dlogits.t() @ hc)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.has_grad = (grad_h is not None, grad_w is not None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        saved = iter(ctx.saved_tensors)
+        grad_h = next(saved) * grad_out if ctx.has_grad[0] else None  # keeps h's dtype (0-d fp32 factor)
+        grad_w = (next(saved) * grad_out).to(ctx.weight_dtype) if ctx.has_grad[1] else None
+        return grad_h, grad_w, None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: Optional[int] = None) -> Tensor:
+    """Sum over tokens of ``cross_entropy(h @ weight.T, labels)`` in fp32, for
+    ``h [N, D]``, ``weight [V, D]``, ``labels [N]`` (all valid), never holding
+    more than one chunk's fp32 logits."""
+    chunk = chunk or _chunk_tokens(weight.shape[0])
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, labels, chunk)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        total += F.cross_entropy((h[s:s + chunk] @ weight.t()).float(), labels[s:s + chunk], reduction="sum")
+    return total
 
 
 # ---------------------------------------------------------------------------

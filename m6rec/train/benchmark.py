@@ -137,6 +137,21 @@ def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
 
 
 def bench_train(cfg: Any, args: Any) -> dict[str, Any]:
+    """Both tables: ZeRO scaling at 1 and 2 ranks, and the engine overhead (``--only`` picks one)."""
+    only = getattr(args, "only", None)
+    out: dict[str, Any] = {"bench": "train"}
+    if only in (None, "scaling"):
+        out.update(bench_scaling(cfg, args))
+    if only in (None, "overhead"):
+        out["overhead"] = bench_overhead()
+        print("\n".join(["engine overhead (350m depth, tiny width; per ZeRO stage, one rank):",
+                          *out["overhead"]["table"]]))
+    if only in (None, "scaling"):
+        print("\n".join(["ZeRO scaling:", *out["table"]]))
+    return out
+
+
+def bench_scaling(cfg: Any, args: Any) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
     from m6rec.config import load_config
@@ -185,4 +200,269 @@ def format_table(rows: list[dict]) -> list[str]:
         out.append(f"| {r['stage']} | {r['world']} | {r['step_s']:.2f} / {r['step_s_median']:.2f} | {r['tokens_per_s']:.0f} | "
                    f"{r.get('mfu_pct', 0):.1f} | {eff} | {max(r['adam_state_bytes_per_rank']) / 2**20:.1f} | "
                    f"{r['theoretical_adam_state_bytes'] / 2**20:.1f} | {max(r['fp32_master_bytes_per_rank']) / 2**20:.1f} |")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Engine overhead: the engine's step vs a plain PyTorch loop, at negligible compute
+# ---------------------------------------------------------------------------
+# The `350m` preset's depth (24 blocks, so as many parameter tensors, hooks and kernel
+# launches per step) at a width where the arithmetic costs next to nothing: what is
+# left of a step is per-tensor and per-op host work -- the engine's overhead.
+OVERHEAD_MODEL = dict(preset="350m-depth", dim=64, n_layers=24, n_heads=4, ffn_hidden=128, vocab_size=512,
+                      max_seq_len=256)
+OVERHEAD_SHAPE = dict(rows=2, seq_len=128)
+
+
+class HostSyncCounter:
+    """Counts aten ops and host syncs while active (a ``TorchDispatchMode`` plus wrappers).
+
+    A *host sync* is a read of device data by Python: ``.item()``/``float()``/``bool()``
+    (``aten._local_scalar_dense``), ``.tolist()``, ``.numpy()``, ``.cpu()``,
+    and ops whose output size depends on values (``nonzero``, boolean indexing,
+    ``masked_select``, ``unique``...).  On a CPU every tensor lives in host memory, so
+    "device" is decided by provenance: parameters, gradients and optimizer state, and
+    every tensor an op computes from them, are device tensors; tensors the loader made
+    and what is computed from those alone are host tensors (on a GPU they stay in host
+    memory: reading them costs nothing).  Ops with no tensor input (factories) make host
+    tensors until a device tensor is written into them."""
+
+    VALUE_SIZED = {"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "bincount",
+                   "repeat_interleave", "_local_scalar_dense", "argwhere"}
+
+    def __init__(self, device_tensors):
+        import collections
+
+        self.ops = 0
+        self.syncs = collections.Counter()
+        self._ids: set[int] = set()
+        self._keep: list = []  # keeps counted tensors alive so their ids are not reused
+        for t in device_tensors:
+            self._mark(t)
+
+    def _mark(self, t) -> None:
+        import torch
+
+        if isinstance(t, torch.Tensor):
+            self._ids.add(id(t))
+            self._keep.append(t)
+
+    def is_device(self, t) -> bool:
+        return id(t) in self._ids or (getattr(t, "_base", None) is not None and id(t._base) in self._ids)
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                counter.ops += 1
+                flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+                dev = any(counter.is_device(a) for a in flat)
+                name = func.overloadpacket.__name__
+                if dev and name in counter.VALUE_SIZED:
+                    counter.syncs["item" if name == "_local_scalar_dense" else name] += 1
+                if dev and name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                   for i in (args[1] or [])):
+                    counter.syncs["index(bool)"] += 1
+                out = func(*args, **kwargs)
+                if dev:
+                    for o in tree_flatten(out)[0]:
+                        counter._mark(o)
+                return out
+
+        def wrap(name):
+            orig = getattr(torch.Tensor, name)
+
+            def method(t, *a, **k):
+                if counter.is_device(t):
+                    counter.syncs[name] += 1
+                return orig(t, *a, **k)
+
+            return name, orig, method
+
+        # ``.to(device)`` is not counted: on a CPU a copy to the host cannot be told from a copy
+        # to the same device (``clip_grad_norm_`` moves every norm "to the first device").
+        self._patches = [wrap("tolist"), wrap("numpy"), wrap("cpu")]
+        for name, _, method in self._patches:
+            setattr(torch.Tensor, name, method)
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        self._mode.__exit__(*exc)
+        for name, orig, _ in self._patches:
+            setattr(torch.Tensor, name, orig)
+        self._keep.clear()
+        return False
+
+    @property
+    def total(self) -> int:
+        return sum(self.syncs.values())
+
+
+def _device_tensors(model, optimizer) -> list:
+    """Parameters (ZeRO 3: their partitions), gradients and optimizer state: device tensors."""
+    out = []
+    for p in model.parameters():
+        out += [p, getattr(p, "ds_tensor", None), p.grad]
+    for opt in (optimizer, getattr(optimizer, "optimizer", None)):
+        if opt is None:
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                out += [p, p.grad]
+        for state in opt.state.values():
+            out += [v for v in state.values()]
+    return [t for t in out if t is not None]
+
+
+def _overhead_worker(spec: dict, out: str) -> None:
+    """One process, one rank: every ZeRO stage's engine, the plain loop and forward+backward,
+    their steps interleaved so that they share whatever load the machine has."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(spec["port"]), DS_ACCELERATOR="cpu")
+    import logging
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import deepspeed
+
+    from m6rec.config import load_config
+    from m6rec.model import build_model
+    from m6rec.model.args import ModelArgs
+    from m6rec.train.engine import TrainStep, build_optimizer, clips_on_device, deepspeed_config, prepare_inputs
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    margs = ModelArgs.from_dict(spec["model_args"])
+    T, B = spec["seq_len"], spec["rows"]
+    batch = _batch(margs.vocab_size, B, T, seed=0)
+    batch["sample_keys"] = [f"row{i}" for i in range(B)]
+    cpu = torch.device("cpu")
+    results = []
+    for stage in STAGES:
+        cfg = load_config(None, {"deepspeed": {"zero_stage": stage}, "data": {"stream": {"seq_len": T, "batch_size": B}},
+                                 "train": {"lr": 1e-4, "grad_clip": 1.0}})
+        torch.manual_seed(0)
+        model = build_model(margs)
+        opt = build_optimizer(cfg, model, on_gpu=False)
+        clips = clips_on_device(cfg, 1)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                          config=deepspeed_config(cfg, 1, False, optimizer_clips=clips))
+        runner = TrainStep(engine, opt, cfg, cpu, clips)
+        torch.manual_seed(0)
+        plain = build_model(margs)
+        plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+        prev = [None]
+
+        def engine_step(i):
+            # as the trainer runs it on a step that does not log: queue this step, read the previous one
+            queued = runner.run(i, 1e-4, [batch], [0.0] * 6)
+            if prev[0] is not None:
+                prev[0].values()
+            prev[0] = queued
+
+        def plain_step(i):
+            inputs, _ = prepare_inputs(plain, batch, cpu)
+            plain(**inputs).loss.backward()
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0, foreach=True)
+            plain_opt.step()
+            plain_opt.zero_grad(set_to_none=True)
+
+        def fwd_bwd(model):
+            def run(i):
+                inputs, _ = prepare_inputs(model, batch, cpu)
+                model(**inputs).loss.backward()
+                for p in model.parameters():
+                    p.grad = None
+            return run
+
+        # Each loop's baseline is forward + backward of its own model object (the engine's is
+        # engine.module called directly), so the model's own variation cancels out.
+        kinds = {"engine": engine_step, "fwd_bwd": fwd_bwd(engine.module), "plain": plain_step,
+                 "plain_fwd_bwd": fwd_bwd(plain)}
+        times = {k: [] for k in kinds}
+        for i in range(spec["warmup"] + spec["steps"]):
+            for k, fn in kinds.items():
+                t = time.perf_counter()
+                fn(i)
+                if i >= spec["warmup"]:
+                    times[k].append(time.perf_counter() - t)
+        counts = {}
+        for k, fn, m, o in (("engine", engine_step, engine.module, engine.optimizer),
+                            ("plain", plain_step, plain, plain_opt)):
+            # the engine's step reads the previous step's vector: a device tensor like the rest
+            extra = [prev[0].host] if k == "engine" else []
+            with HostSyncCounter(_device_tensors(m, o) + extra) as c:
+                fn(spec["warmup"] + spec["steps"])
+            counts[k] = dict(ops=c.ops, syncs=dict(c.syncs), total=c.total)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        # Overheads per round (the three ran back to back, under the same load), then the median.
+        engine_over = statistics.median(e - f for e, f in zip(times["engine"], times["fwd_bwd"]))
+        plain_over = statistics.median(p - f for p, f in zip(times["plain"], times["plain_fwd_bwd"]))
+        results.append(dict(
+            stage=stage, ran_as_stage=engine.zero_optimization_stage(),
+            engine_ms=1e3 * med["engine"], plain_ms=1e3 * med["plain"], fwd_bwd_ms=1e3 * med["fwd_bwd"],
+            engine_overhead_ms=1e3 * engine_over, plain_overhead_ms=1e3 * plain_over,
+            overhead_ratio=engine_over / plain_over if plain_over > 0 else float("inf"),
+            engine_vs_plain=med["engine"] / med["plain"],
+            host_syncs_per_step=counts["engine"]["total"], host_syncs_by_kind=counts["engine"]["syncs"],
+            aten_ops_per_step=counts["engine"]["ops"], plain_host_syncs_per_step=counts["plain"]["total"],
+            plain_aten_ops_per_step=counts["plain"]["ops"], clips_on_device=clips,
+            times_ms={k: [1e3 * x for x in v] for k, v in times.items()}))
+        del engine, opt, model, plain, plain_opt, runner
+        prev[0] = None
+        gc.collect()
+    Path(out).write_text(json.dumps(results))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def bench_overhead(warmup: int = 8, steps: int = 30, threads: int = 1) -> dict[str, Any]:
+    """The overhead table: per ZeRO stage, engine vs plain loop vs forward+backward (ms, median),
+    ``overhead_ratio`` = (engine - fwd_bwd) / (plain - fwd_bwd), aten ops and host syncs per step."""
+    import torch.multiprocessing as mp
+
+    from m6rec.model.args import ModelArgs
+    from m6rec.train.engine import _free_port
+
+    margs = ModelArgs(**OVERHEAD_MODEL)
+    spec = dict(model_args=margs.to_dict(), seq_len=OVERHEAD_SHAPE["seq_len"], rows=OVERHEAD_SHAPE["rows"],
+                warmup=warmup, steps=steps, threads=threads, port=_free_port())
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    t0 = time.perf_counter()
+    mp.start_processes(_overhead_entry, args=(spec, out), nprocs=1, start_method="spawn")
+    rows = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return dict(model_args=margs.to_dict(), seq_len=spec["seq_len"], rows_per_step=spec["rows"], warmup_steps=warmup,
+                timed_steps=steps, threads=threads, results=rows, table=format_overhead_table(rows),
+                wall_s=time.perf_counter() - t0)
+
+
+def _overhead_entry(_index: int, spec: dict, out: str) -> None:
+    _overhead_worker(spec, out)
+
+
+def format_overhead_table(rows: list[dict]) -> list[str]:
+    out = ["| ZeRO | engine ms | plain loop ms | fwd+bwd ms | engine overhead ms | plain overhead ms | "
+           "overhead_ratio | host syncs / step (engine; plain) | aten ops / step (engine; plain) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["host_syncs_by_kind"].items()))
+        stage = f"{r['stage']}" + (f" (runs as {r['ran_as_stage']})" if r["ran_as_stage"] != r["stage"] else "")
+        out.append(f"| {stage} | {r['engine_ms']:.1f} | {r['plain_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
+                   f"{r['engine_overhead_ms']:.1f} | {r['plain_overhead_ms']:.1f} | {r['overhead_ratio']:.2f} | "
+                   f"{r['host_syncs_per_step']}{' (' + kinds + ')' if kinds else ''}; {r['plain_host_syncs_per_step']} | "
+                   f"{r['aten_ops_per_step']}; {r['plain_aten_ops_per_step']} |")
     return out

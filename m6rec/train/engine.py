@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -124,11 +125,39 @@ def init_distributed() -> tuple[int, int, torch.device]:
 # ---------------------------------------------------------------------------
 # DeepSpeed configuration: rendered from the one config tree
 # ---------------------------------------------------------------------------
-def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
+def effective_zero_stage(cfg: Config, world_size: int) -> int:
+    """The ZeRO stage DeepSpeed is asked for: on one rank stages 1-3 partition nothing
+    (the one rank holds every shard) and only add DeepSpeed's per-parameter gradient
+    hooks, buckets and copies -- measured by ``m6rec bench train`` -- so without
+    offload one rank runs as stage 0.  Checkpoints record the stage that ran."""
+    z = cfg.deepspeed
+    if world_size == 1 and z.zero_stage > 0 and not z.offload_optimizer:
+        return 0
+    return z.zero_stage
+
+
+def clips_on_device(cfg: Config, world_size: int) -> bool:
+    """Whether :class:`StepOnDevice` clips and measures the gradient norm itself: when
+    DeepSpeed hands it whole gradients in one ``step`` (stage 0, no fp16 loss scaling).
+    ZeRO 1/2 step one parameter group's partition at a time, so the global norm is
+    not known there: DeepSpeed clips, StepOnDevice still skips on the device."""
+    return (cfg.train.optimizer == "adamw" and effective_zero_stage(cfg, world_size) == 0
+            and cfg.train.precision != "fp16")
+
+
+def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, *, optimizer_clips: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON of a config (``python -m m6rec.train.engine --config X`` prints it).
 
     The optimizer is not in it: the engine passes its own AdamW (see
-    :func:`build_optimizer`) and sets the learning rate every step."""
+    :func:`build_optimizer`) and sets the learning rate every step.
+
+    ``optimizer_clips``: the optimizer clips and skips non-finite steps on the
+    device itself (:class:`StepOnDevice`, ZeRO 0-2 with ``train.optimizer:
+    adamw``), so DeepSpeed is asked for no gradient norm and no overflow
+    check -- both read a value back to the host at every step.  What a single
+    rank cannot use is not asked for either (no communication overlap, no
+    buckets to fill), and DeepSpeed's throughput timer, which synchronises the
+    device twice per step, is off (m6rec times its own steps)."""
     t, z, s = cfg.train, cfg.deepspeed, cfg.data.stream
     if z.offload_optimizer and not on_gpu:
         raise ConfigError("config key 'deepspeed.offload_optimizer': true needs GPUs "
@@ -139,8 +168,8 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, An
         raise ConfigError("config key 'train.precision': 'fp16' needs a GPU (CPU kernels lack fp16); "
                           "use 'bf16' or 'fp32' here")
     zero: dict[str, Any] = {
-        "stage": z.zero_stage,
-        "overlap_comm": z.overlap_comm,
+        "stage": effective_zero_stage(cfg, world_size),
+        "overlap_comm": z.overlap_comm and world_size > 1,
         "contiguous_gradients": True,
         "reduce_scatter": True,
         "reduce_bucket_size": z.reduce_bucket_size,
@@ -148,19 +177,24 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, An
     }
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    return {
+    clip_here = optimizer_clips and clips_on_device(cfg, world_size)
+    out = {
         "train_micro_batch_size_per_gpu": s.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": s.batch_size * t.grad_accum * world_size,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": 0.0 if clip_here else t.grad_clip,
         "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # our AdamW subclass (see skippable())
-        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # our AdamW subclass (see StepOnDevice)
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": not clip_here},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "steps_per_print": 1 << 30,  # m6rec logs its own metrics
         "wall_clock_breakdown": False,
     }
+    if z.offload_optimizer and t.optimizer == "adamw":
+        out["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW steps the offloaded state, no JIT build
+    return out
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -180,7 +214,9 @@ def skippable(cls: type) -> type:
     DeepSpeed calls the wrapped optimizer's ``step`` at the accumulation
     boundary (ZeRO 3 once per sub-group); with the flag set no parameter and
     no optimizer state moves.  A subclass, so DeepSpeed's isinstance checks
-    (FusedAdam, DeepSpeedCPUAdam) still hold."""
+    (FusedAdam, DeepSpeedCPUAdam) still hold.  This host flag is how the
+    DeepSpeed JIT optimizers skip; torch's AdamW skips on the device
+    (:class:`StepOnDevice`)."""
 
     class Skippable(cls):
         skip_update = False
@@ -194,6 +230,52 @@ def skippable(cls: type) -> type:
     return Skippable
 
 
+class StepOnDevice(skippable(torch.optim.AdamW)):
+    """torch's fused AdamW that clips and skips without reading anything back to the host.
+
+    DeepSpeed calls ``step`` with the gradients this rank steps: at stage 0 the
+    whole (already averaged) gradients of every group at once.  Before the update:
+
+    * the global gradient norm, from the whole gradients DeepSpeed hands it at
+      stage 0 (a device scalar);
+    * clipping to ``clip_norm`` by ``min(1, clip / (norm + 1e-6))``, a device scalar;
+    * ``found_inf`` -- non-finite norm, or ``nonfinite`` (the trainer's flag for a
+      non-finite loss on any rank) -- which the fused kernel reads to leave every
+      parameter, moment and step count untouched, as PyTorch's GradScaler uses it.
+
+    ``grad_norm`` keeps the norm (a device tensor) for the log line.  ZeRO 1-3 step
+    one group's partition (or sub-group) per call, so the global norm is not known
+    here: DeepSpeed clips (``measure_norm`` and ``clip_norm`` off) and only
+    ``nonfinite`` is applied."""
+
+    clip_norm: float = 0.0
+    measure_norm: bool = False
+    nonfinite: Optional[torch.Tensor] = None  # 0-d float on the device, set by the trainer before each step
+    grad_norm: Optional[torch.Tensor] = None
+
+    def step(self, closure=None):
+        if self.skip_update:
+            return None
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = self.nonfinite
+        if grads and (self.clip_norm > 0 or self.measure_norm):
+            norms = torch._foreach_norm(grads)
+            norm = torch.stack(norms).float().square().sum().sqrt()
+            self.grad_norm = norm
+            norm_bad = (~torch.isfinite(norm)).float()
+            bad = norm_bad if bad is None else torch.maximum(bad, norm_bad)
+            if self.clip_norm > 0:
+                scale = (self.clip_norm / (norm + 1e-6)).clamp(max=1.0)
+                torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+        if bad is not None:  # the kernel wants it beside the parameters (the CPU with optimizer offload)
+            dev = grads[0].device if grads else bad.device
+            self.found_inf = bad.reshape(()).float().to(dev)
+        try:
+            return super().step(closure)
+        finally:
+            self.found_inf = None
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on norms and embeddings (1-D weights and the token table)."""
     decay, no_decay = [], []
@@ -204,21 +286,59 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _cuda_arch_list_for_jit(capabilities: Optional[list[tuple[int, int]]] = None) -> Optional[tuple[str, str]]:
+    """Make ``TORCH_CUDA_ARCH_LIST`` something DeepSpeed's JIT builder can parse.
+
+    DeepSpeed 0.19 reads each entry as ``major.minor[+PTX]`` with integers, so a list
+    holding an arch-specific entry such as ``9.0a`` (as some CUDA images carry for
+    Hopper) dies with ``invalid literal for int() ... '0a'`` before compiling
+    anything.  Without a parseable list, it is set from the visible devices' compute
+    capabilities (``capabilities``: those, for tests).  Returns ``(old, new)`` when
+    it was changed, else None."""
+    current = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    entries = [e for e in re.split(r"[;\s]+", current) if e]
+    if entries and all(re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries):
+        return None
+    if capabilities is None:
+        capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    if not capabilities:
+        return None
+    value = ";".join(f"{a}.{b}" for a, b in sorted(set(capabilities)))
+    os.environ["TORCH_CUDA_ARCH_LIST"] = value
+    return current or "unset", value
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module, on_gpu: bool) -> torch.optim.Optimizer:
-    """AdamW: DeepSpeed's fused kernel on GPU (its CPU-Adam with optimizer
-    offload), torch's on CPU; always skippable (see :func:`skippable`)."""
+    """The optimizer of ``train.optimizer``, built without a compiler by default.
+
+    ``adamw`` (default): :class:`StepOnDevice`, torch's fused AdamW kernel (GPU and
+    CPU alike; with optimizer offload it steps the CPU copy). ``fused_adam`` /
+    ``cpu_adam``: DeepSpeed's JIT ops, built at first use with nvcc/ninja; the CUDA
+    arch list is made parseable first (:func:`_cuda_arch_list_for_jit`).  All skip a
+    step on request (:func:`skippable`)."""
     kw: dict[str, Any] = dict(lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8)
-    if on_gpu and cfg.deepspeed.offload_optimizer:
+    groups = _param_groups(model, cfg.train.weight_decay)
+    name = cfg.train.optimizer
+    if name == "adamw":
+        return StepOnDevice(groups, fused=True, **kw)
+    if not on_gpu:
+        raise ConfigError(f"config key 'train.optimizer': {name!r} is a DeepSpeed CUDA op; use 'adamw' without GPUs")
+    if name == "cpu_adam" and not cfg.deepspeed.offload_optimizer:
+        raise ConfigError("config key 'train.optimizer': 'cpu_adam' steps an offloaded optimizer; set "
+                          "deepspeed.offload_optimizer: true, or use 'adamw' / 'fused_adam'")
+    changed = _cuda_arch_list_for_jit()
+    if changed:
+        log.warning("train.optimizer=%s builds a DeepSpeed op: TORCH_CUDA_ARCH_LIST set to %r from the visible "
+                    "GPUs (it was %r, which DeepSpeed's JIT builder cannot parse)", name, changed[1], changed[0])
+    if name == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam as cls
 
         kw["adamw_mode"] = True
-    elif on_gpu:
+    else:
         from deepspeed.ops.adam import FusedAdam as cls
 
         kw["adam_w_mode"] = True
-    else:
-        cls = torch.optim.AdamW
-    return skippable(cls)(_param_groups(model, cfg.train.weight_decay), **kw)
+    return skippable(cls)(groups, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -310,8 +430,29 @@ def infill_documents(batch: dict, rate: float, rng: np.random.Generator, special
 # ---------------------------------------------------------------------------
 # Helpers of the loop
 # ---------------------------------------------------------------------------
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+def prepare_inputs(model, batch: dict, device: torch.device) -> tuple[dict, int]:
+    """The model's inputs for a loader batch, and its number of real (non-padding) tokens.
+
+    Everything that needs values rather than shapes is computed here from the
+    loader's CPU tensors, where reading them costs nothing: the final labels and
+    their positions (``label_index``), the token count, and -- for the per-document
+    kernel -- the document spans of the attention mask.  Tensors go to the device
+    from pinned memory without blocking; on CUDA the FlexAttention block mask is
+    then built once for the batch from the device copies (shared by every layer,
+    and by the recomputation of activation checkpointing)."""
+    labels, label_index = model.label_positions(batch["labels"], batch.get("document_ids"), batch.get("prefix_mask"))
+    n_tokens = int(np.count_nonzero(batch["document_ids"].numpy() >= 0)) if "document_ids" in batch \
+        else batch["input_ids"].numel()
+    host = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    host.update(labels=labels, label_index=label_index)
+    if device.type == "cuda":
+        inputs = {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in host.items()}
+    else:
+        inputs = {k: v.to(device) for k, v in host.items()}
+    inputs["attention_mask"] = model.attention_mask(
+        batch["input_ids"].shape[1], inputs.get("document_ids"), inputs.get("prefix_mask"), device,
+        host_document_ids=host.get("document_ids"), host_prefix_mask=host.get("prefix_mask"))
+    return inputs, n_tokens
 
 
 def _manifest(cfg: Config) -> dict:
@@ -361,7 +502,7 @@ def evaluate(engine, loader, device, max_batches: int) -> float:
         for _ in range(min(per_rank or loader.steps_per_epoch, loader.steps_per_epoch)):
             with shielded_children():  # the first next() starts the workers
                 batch = next(batches)
-            out = engine(**_to_device(batch, device))
+            out = engine(**prepare_inputs(engine.module, batch, device)[0])
             n = out.n_tokens.double()
             total += torch.stack([out.loss.double() * n, n])
     batches.close()  # stops the loader's workers now, not at garbage collection
@@ -371,13 +512,119 @@ def evaluate(engine, loader, device, max_batches: int) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def _global_grad_norm(engine) -> Optional[float]:
-    """ZeRO and the fp16/bf16 wrappers report it after the step; plain stage 0
-    does not, so it is computed from the (already averaged) gradients before."""
-    params = [p for p in engine.module.parameters() if p.grad is not None]
-    if not params:
+def _global_grad_norm(engine) -> Optional[torch.Tensor]:
+    """ZeRO and the fp16/bf16 wrappers report it after the step; plain stage 0 with a
+    DeepSpeed JIT optimizer does not, so it is computed (on the device) from the
+    already averaged gradients before.  StepOnDevice measures it itself."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
         return None
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+    return torch.stack(torch._foreach_norm(grads)).float().square().sum().sqrt()
+
+
+class StepStats:
+    """What one step tells every rank, all-reduced on the device and read only when needed.
+
+    ``vector`` holds ``[non-finite flag, loss sum, tokens, signal, stop file, time
+    to save, skipped samples, corrupt shards, infilled documents]`` summed over
+    ranks.  On CUDA a non-blocking copy to pinned memory is queued behind it, so
+    :meth:`values` waits for this step's work only, not for the steps queued
+    since: the trainer reads a step's numbers one step late and keeps the device
+    busy (or at once, on log and save steps)."""
+
+    FIELDS = ("nonfinite", "loss_sum", "tokens", "signalled", "stop_file", "time_save", "skipped", "corrupt",
+              "infilled")
+
+    def __init__(self, vector: torch.Tensor, local_losses: list, keys: list, lr: float):
+        self.local_losses, self.keys, self.lr = local_losses, keys, lr
+        self.event = None
+        if vector.is_cuda:
+            self.host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
+            self.host.copy_(vector, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = vector
+        self._values: Optional[dict] = None
+
+    def values(self) -> dict:
+        if self._values is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self._values = dict(zip(self.FIELDS, self.host.tolist()))  # the step's one host read
+        return self._values
+
+
+class TrainStep:
+    """One optimizer step of the DeepSpeed engine, queued without reading anything back.
+
+    For each micro-batch: :func:`prepare_inputs`, forward, backward (and DeepSpeed's
+    non-boundary ``step``).  Then one all-reduce of the step's shared numbers
+    (:class:`StepStats`: the non-finite flag and loss sum from the device, the host's
+    flags beside them), and the boundary ``engine.step()``.  With
+    :class:`StepOnDevice` the optimizer reads the all-reduced non-finite flag on the
+    device and skips the update there; DeepSpeed's JIT optimizers can only skip on a
+    host flag, so with them the flag is read before the boundary (one host sync
+    more per step)."""
+
+    def __init__(self, engine, optimizer, cfg: Config, device: torch.device, clips: bool):
+        self.engine, self.optimizer, self.device = engine, optimizer, device
+        self.accum = cfg.train.grad_accum
+        self.on_device = isinstance(optimizer, StepOnDevice)
+        if self.on_device:
+            optimizer.clip_norm = cfg.train.grad_clip if clips else 0.0
+            optimizer.measure_norm = clips
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.stage0_norm = effective_zero_stage(cfg, self.world) == 0 and not clips
+        if self.world == 1 and effective_zero_stage(cfg, 1) == 0:
+            # one rank: DeepSpeed's gradient all-reduce would flatten every gradient into
+            # buckets and copy it back, to average over one rank
+            engine.enable_backward_allreduce = False
+        self.nan_steps = ckpt.fault_steps("nan_loss")
+
+    def run(self, step: int, lr: float, batches: list[dict], host: list[float]) -> StepStats:
+        """Queue optimizer step ``step`` (0-based) at learning rate ``lr``; ``host`` holds the
+        host's numbers for the vector (signal, stop file, time to save, skipped, corrupt, infilled)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        losses, keys, tokens = [], [], 0
+        for micro, batch in enumerate(batches):
+            keys.append(batch.get("sample_keys"))
+            inputs, n = prepare_inputs(self.engine.module, batch, self.device)
+            tokens += n
+            loss = self.engine(**inputs).loss
+            if step + 1 in self.nan_steps:
+                loss = loss * float("nan")  # test hook (M6REC_FAULT=nan_loss@N)
+            self.engine.backward(loss)
+            losses.append(loss.detach().float())
+            if micro < self.accum - 1:
+                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        local = torch.stack(losses)
+        bad = (~torch.isfinite(local)).any()
+        if self.stage0_norm:  # a non-finite whole gradient skips too (ZeRO 1-3 check their own)
+            norm = _global_grad_norm(self.engine)
+            bad = bad | ~torch.isfinite(norm) if norm is not None else bad
+        host_part = torch.tensor([tokens, *host], dtype=torch.float64)
+        if self.device.type == "cuda":
+            host_part = host_part.pin_memory().to(self.device, non_blocking=True)
+        vector = torch.cat([bad.double().reshape(1), local.nan_to_num(0.0).sum().double().reshape(1), host_part])
+        if self.world > 1:
+            dist.all_reduce(vector)
+        if self.on_device:
+            self.optimizer.nonfinite = (vector[0] > 0).float()
+        else:
+            self.optimizer.skip_update = bool(vector[0] > 0)  # a host read: see the class docstring
+        self.engine.step()  # the boundary: clip + optimizer step (skipped if non-finite)
+        self.optimizer.skip_update = False
+        if self.on_device:
+            self.optimizer.nonfinite = None
+        return StepStats(vector, losses, keys, lr)
+
+    def grad_norm(self) -> Optional[float]:
+        """The last step's gradient norm before clipping (a host read: log steps only)."""
+        norm = self.optimizer.grad_norm if self.on_device and self.optimizer.measure_norm else \
+            self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
 
 class _Trace:
@@ -440,9 +687,11 @@ def _resume(engine, ckpt_dir: Path, resume: str, cfg: Config, world: int, loader
             f"Resume with {meta['world_size']} ranks, or start a new run from its weights "
             f"(m6rec export --ckpt {ckpt_dir / tag} --to hf OUT, then --model.init_from hf:OUT); "
             f"see docs/training.md#changing-the-number-of-ranks")
-    if meta.get("zero_stage", cfg.deepspeed.zero_stage) != cfg.deepspeed.zero_stage:
+    stage = effective_zero_stage(cfg, world)
+    if meta.get("zero_stage", stage) != stage:
         raise ConfigError(f"checkpoint {ckpt_dir / tag} was written with ZeRO stage {meta['zero_stage']} but "
-                          f"deepspeed.zero_stage is {cfg.deepspeed.zero_stage}: resume with the same stage")
+                          f"deepspeed.zero_stage is {cfg.deepspeed.zero_stage} (runs as {stage} on {world} rank(s)): "
+                          f"resume with the same stage")
     client, rank_state = ckpt.load(engine, ckpt_dir, tag)
     loader.load_state_dict(client["stream"])
     if rank_state is not None:
@@ -472,7 +721,7 @@ def train(cfg: Config, resume: str = "none") -> dict:
     manifest = _manifest(cfg)
     _warn_truncation(manifest, cfg.data.stream.seq_len, rank)
     cfg = model_config_for(cfg, manifest)
-    ds_config = deepspeed_config(cfg, world, on_gpu)
+    deepspeed_config(cfg, world, on_gpu)  # config errors before any work
     accelerate_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if rank == 0 and accelerate_stage not in (None, str(cfg.deepspeed.zero_stage)):
         log.warning("accelerate's DeepSpeed plugin says ZeRO stage %s; m6rec uses deepspeed.zero_stage=%d from "
@@ -480,16 +729,21 @@ def train(cfg: Config, resume: str = "none") -> dict:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
 
     model = build_model(cfg, device=device)
     margs = ModelArgs.from_config(cfg)
     optimizer = build_optimizer(cfg, model, on_gpu)
+    clips = isinstance(optimizer, StepOnDevice) and clips_on_device(cfg, world)
+    ds_config = deepspeed_config(cfg, world, on_gpu, optimizer_clips=clips)
+    if rank == 0:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    train_loader = StreamLoader.from_config(cfg.data, "train", train=True, rank=rank, world_size=world)
-    val_loader = StreamLoader.from_config(cfg.data, "valid", train=False, rank=rank, world_size=world)
+    train_loader = StreamLoader.from_config(cfg.data, "train", train=True, rank=rank, world_size=world,
+                                            pin_memory=on_gpu)
+    val_loader = StreamLoader.from_config(cfg.data, "valid", train=False, rank=rank, world_size=world,
+                                          pin_memory=on_gpu)
     client = _resume(engine, ckpt_dir, resume, cfg, world, train_loader)
     step, tokens_seen = client.get("step", 0), client.get("tokens_seen", 0)
     nonfinite_total = client.get("nonfinite_steps", 0)
@@ -501,14 +755,19 @@ def train(cfg: Config, resume: str = "none") -> dict:
     trace = _Trace(run_dir, rank)
     bar = progress(total=cfg.train.steps, initial=step, desc="train", rank=rank)
     timer = StepTimer()
-    accum, stage = cfg.train.grad_accum, cfg.deepspeed.zero_stage
+    stage = effective_zero_stage(cfg, world)
+    if stage != cfg.deepspeed.zero_stage and rank == 0:
+        log.info("one rank: deepspeed.zero_stage %d would partition nothing, running as ZeRO stage 0",
+                 cfg.deepspeed.zero_stage)
     special = manifest["special_tokens"]
-    nan_steps = ckpt.fault_steps("nan_loss")
+    runner = TrainStep(engine, optimizer, cfg, device, clips)
     meta = {"world_size": world, "zero_stage": stage, "precision": cfg.train.precision,
             "model_args": margs.to_dict(), "tokenizer": str(Path(cfg.data.output) / "tokenizer.json")}
     last_save_time, last_saved = time.time(), step
     interval_losses: list[float] = []
-    consecutive_nonfinite, save_due, stopped_by = 0, False, "steps"
+    consecutive_nonfinite, save_due, stopped_by, want_stop = 0, False, "steps", False
+    shared = {"signalled": 0.0, "stop_file": 0.0, "skipped": 0.0, "corrupt": 0.0, "infilled": 0.0}
+    pending: list[tuple[int, StepStats]] = []  # queued steps whose numbers are not read yet (at most one)
     batches = iter(train_loader)
 
     def next_batch() -> dict:
@@ -528,80 +787,77 @@ def train(cfg: Config, resume: str = "none") -> dict:
             ckpt.save(engine, ckpt_dir, step, state, {"rng": ckpt.rng_state()}, cfg.train.keep_last, meta)
         last_save_time, last_saved = time.time(), step
 
+    def settle(upto: Optional[int] = None) -> None:
+        """Read the numbers of the queued steps up to ``upto`` (default: all) -- the host
+        sync -- and account for them in order."""
+        nonlocal tokens_seen, nonfinite_total, consecutive_nonfinite, save_due
+        while pending and (upto is None or pending[0][0] <= upto):
+            at, stats = pending.pop(0)
+            v = stats.values()
+            tokens_seen += int(v["tokens"])
+            shared.update({k: v[k] for k in shared})
+            save_due |= bool(v["time_save"])
+            nonfinite = bool(v["nonfinite"])
+            step_loss = v["loss_sum"] / (world * cfg.train.grad_accum) if not nonfinite else float("nan")
+            trace.write(engine, step=at, loss=step_loss.hex(), lr=stats.lr, skipped=nonfinite, keys=stats.keys,
+                        local=[float(x).hex() for x in stats.local_losses])
+            if nonfinite:
+                consecutive_nonfinite += 1
+                nonfinite_total += 1
+                log.warning("step %d: non-finite loss (or gradient) on some rank; update skipped (%d in a row, "
+                            "%d in all)", at, consecutive_nonfinite, nonfinite_total)
+            else:
+                consecutive_nonfinite = 0
+                interval_losses.append(step_loss)
+
+    compile_note = margs.compile
     while step < cfg.train.steps:
         lr = lr_at(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        local_losses, keys, step_tokens, infilled = [], [], 0, 0
-        for micro in range(accum):
+        micro_batches, infilled = [], 0
+        for micro in range(cfg.train.grad_accum):
             batch = next_batch()
             if cfg.train.infill_rate > 0:
                 rng = np.random.default_rng((cfg.train.seed, step, rank, micro))
                 infilled += infill_documents(batch, cfg.train.infill_rate, rng, special)
-            keys.append(batch["sample_keys"])
-            b = _to_device(batch, device)
-            loss = engine(**b).loss
-            if step + 1 in nan_steps:
-                loss = loss * float("nan")  # test hook (M6REC_FAULT=nan_loss@N)
-            engine.backward(loss)
-            local_losses.append(loss.detach().float())
-            step_tokens += int((b["document_ids"] >= 0).sum())
-            if micro < accum - 1:
-                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-
-        # The one all-reduce of the step, before the boundary: every rank takes the same branches.
-        losses = torch.stack(local_losses)
-        # Stage 0 keeps whole (already averaged) gradients: their norm is cheap, logged, and a
-        # non-finite one skips the step like a non-finite loss (ZeRO 1-3 check it themselves).
-        grad_norm = _global_grad_norm(engine) if stage == 0 else None
+            micro_batches.append(batch)
         stop_file = rank == 0 and (run_dir / STOP_FILE).exists()
         time_save = bool(cfg.train.save_every_minutes) and \
             time.time() - last_save_time >= 60 * cfg.train.save_every_minutes
         stats = train_loader.stats
-        decide = torch.tensor([
-            float(not torch.isfinite(losses).all() or not math.isfinite(grad_norm or 0.0)),
-            float(losses.nan_to_num(0.0).sum()), step_tokens,
-            float(stop.signal is not None), float(stop_file), float(time_save),
-            stats["skipped_samples"], stats["corrupt_shards"], infilled,
-        ], dtype=torch.float64, device=device)
-        if dist.is_initialized():
-            dist.all_reduce(decide)
-        nonfinite, loss_sum, tokens, signalled, stop_file, time_save, skipped, corrupt, infilled = decide.tolist()
-        log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
-        optimizer.skip_update = bool(nonfinite)
-        engine.step()  # the boundary: clip + optimizer step (suppressed if non-finite)
-        optimizer.skip_update = False
-
+        t_first = time.perf_counter()
+        queued = runner.run(step, lr, micro_batches, [float(stop.signal is not None), float(stop_file),
+                                                        float(time_save), stats["skipped_samples"],
+                                                        stats["corrupt_shards"], infilled])
         step += 1
-        tokens_seen += int(tokens)
-        timer.step_done(step_tokens)
+        pending.append((step, queued))
+        log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
+        # One host read per step: the previous step's numbers, long computed (or, on log steps and
+        # when tracing, this step's too).
+        settle(None if log_now or trace.file is not None else step - 1)
+        if compile_note:
+            queued.values()
+            log.info("first step %.1f s (includes compiling the %d blocks: model.compile)", time.perf_counter() - t_first,
+                     margs.n_layers)
+            compile_note = False
+        timer.step_done(sum(int(np.count_nonzero(b["document_ids"].numpy() >= 0)) for b in micro_batches))
         bar.update(1)
-        step_loss = loss_sum / (world * accum) if not nonfinite else float("nan")
-        trace.write(engine, step=step, loss=step_loss.hex(), lr=lr, skipped=bool(nonfinite), keys=keys,
-                    local=[float(x).hex() for x in local_losses])
-        if nonfinite:
-            consecutive_nonfinite += 1
-            nonfinite_total += 1
-            log.warning("step %d: non-finite loss (or stage-0 gradient) on some rank; update skipped (%d in a row, %d in all)",
-                        step, consecutive_nonfinite, nonfinite_total)
-        else:
-            consecutive_nonfinite = 0
-            interval_losses.append(step_loss)
+        signalled, stop_file_seen = bool(shared["signalled"]), bool(shared["stop_file"])
+        want_stop = signalled or stop_file_seen
+        save_due |= bool(cfg.train.save_every and step % cfg.train.save_every == 0)
+        if want_stop or save_due or step == cfg.train.steps or consecutive_nonfinite:
+            settle()  # a checkpoint holds this step's counters, and is never written after a skipped update
 
         row: dict[str, Any] = {}
         if log_now:
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            if nonfinite:
-                grad_norm = None
+            grad_norm = runner.grad_norm() if not consecutive_nonfinite else None
             row = {
                 "loss": sum(interval_losses) / len(interval_losses) if interval_losses else float("nan"),
                 "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
                 **timer.interval_metrics(world, fpt, peak),
                 "tokens_seen": tokens_seen,
-                "samples_skipped": int(skipped),
-                "corrupt_shards": int(corrupt),
+                "samples_skipped": int(shared["skipped"]),
+                "corrupt_shards": int(shared["corrupt"]),
                 "nonfinite_steps": nonfinite_total,
                 "epoch": train_loader.epoch,
                 **memory_stats(device),
@@ -609,7 +865,7 @@ def train(cfg: Config, resume: str = "none") -> dict:
             if cfg.train.precision == "fp16":
                 row["loss_scale"] = float(getattr(engine.optimizer, "cur_scale", float("nan")))
             if cfg.train.infill_rate > 0:
-                row["infilled_docs"] = int(infilled)
+                row["infilled_docs"] = int(shared["infilled"])
             interval_losses = []
         if consecutive_nonfinite >= cfg.train.max_nonfinite:
             metrics.log(step, row or {"nonfinite_steps": nonfinite_total})
@@ -628,8 +884,6 @@ def train(cfg: Config, resume: str = "none") -> dict:
             metrics.log(step, row)
 
         # Saves wait for a step with a finite loss: no checkpoint right after a skipped update.
-        save_due |= bool(cfg.train.save_every and step % cfg.train.save_every == 0) or bool(time_save)
-        want_stop = signalled or stop_file
         if (save_due or want_stop or step == cfg.train.steps) and not consecutive_nonfinite:
             save_now("preempted" if want_stop else "scheduled" if step < cfg.train.steps else "final")
             save_due = False
@@ -642,6 +896,7 @@ def train(cfg: Config, resume: str = "none") -> dict:
                 # reaches a requeued job while it starts must still count.
                 (run_dir / STOP_FILE).unlink(missing_ok=True)
             break
+    settle()
     if step == cfg.train.steps and last_saved != step and step > start_step:
         log.warning("step %d: the last step was non-finite; the final checkpoint was not written", step)
     trace.final_weights(engine, run_dir / "trace" / "final_weights.safetensors")
