@@ -4,11 +4,14 @@ Every subcommand takes ``--config PRESET.yaml`` and any number of dotted
 overrides (``--data.max_items 50``); the typed tree in :mod:`m6rec.config`
 checks them before any work starts.  Subcommand bodies live next to the code
 they drive and are imported only when called, so ``m6rec --help`` is fast.
+The training commands first check that PyTorch can use the NVIDIA GPUs the
+driver lists (exit status 3 when it cannot; see :mod:`m6rec.hardware`).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from m6rec.config import ConfigError, load_config
@@ -27,6 +30,27 @@ COMMANDS = {
     "recommend": ("m6rec.rec.commands", "recommend_main", "top-k items for a user id or a free-text history"),
     "finetune": ("m6rec.rec.finetune", "main", "adapt a pretrained run to retrieval or ranking (full or option tuning)"),
 }
+
+
+# Commands that train: stopped before any work when NVIDIA GPUs are present but
+# PyTorch cannot use them (m6rec/hardware.py; M6REC_ALLOW_CPU=1 to train on the CPU anyway).
+TRAINING_COMMANDS = ("train", "finetune", "quickstart")
+GPU_UNUSABLE_EXIT = 3
+
+
+def _check_gpus(command: str) -> int:
+    from m6rec.hardware import GpuUnusable, check_gpus_usable
+
+    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    try:
+        note = check_gpus_usable(command)
+    except GpuUnusable as e:
+        # Every rank stops; one per machine says why in full.
+        print(str(e) if local_rank == "0" else str(e).splitlines()[0], file=sys.stderr)
+        return GPU_UNUSABLE_EXIT
+    if note and local_rank == "0":
+        print(note, file=sys.stderr)
+    return 0
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -114,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"m6rec {args.command}: {e}", file=sys.stderr)
         return 2
+    if args.command in TRAINING_COMMANDS:
+        from_launch = args.command == "train" and os.path.basename(sys.argv[0]) == "train.py"
+        code = _check_gpus("launch/train.py" if from_launch else f"m6rec {args.command}")
+        if code:
+            return code
     module, func, _ = COMMANDS[args.command]
     fn = getattr(importlib.import_module(module), func)
     try:
