@@ -113,13 +113,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """``model:``.  The model's fields are declared here only: m6rec.model.args.ModelArgs
+    inherits them (and adds the image geometry of ``data.images``)."""
+
     preset: str = "tiny"
     dim: int = 128
     n_layers: int = 2
     n_heads: int = 4
-    n_kv_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None  # None = n_heads (multi-head); fewer = grouped-query attention
     vocab_size: int = 8192  # taken from the tokenizer when data is prepared
-    ffn_hidden: Optional[int] = None
+    ffn_hidden: Optional[int] = None  # None = Llama rule: 8/3 * dim rounded up to ffn_multiple_of
     max_seq_len: int = 1024
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
@@ -130,7 +133,7 @@ class ModelConfig:
     init_from: Optional[str] = None  # "hf:DIR": start from a transformers Llama directory
     init_std: float = 0.02  # normal init std; residual projections get init_std / sqrt(2 * n_layers)
     ffn_multiple_of: int = 256  # rounding of the default SwiGLU width (ffn_hidden: null)
-    # auto: FlexAttention on CUDA, per-document fused SDPA ("varlen") on CPU
+    # auto: FlexAttention on CUDA, per-document fused SDPA ("varlen") elsewhere (m6rec/model/masks.py)
     attn_impl: Literal["auto", "sdpa", "flex", "varlen"] = "auto"
 
 

@@ -36,6 +36,8 @@ def test_include_and_later_keys_win(tmp_path):
         (["--data.images.size", "60"], ["data.images.size", "60", "patch_size"]),
         (["--data.stream.strict", "maybe"], ["data.stream.strict", "'maybe'", "bool"]),
         (["--data.filters.min_user_interactions", "2"], ["min_user_interactions", "2", ">= 3"]),
+        (["--model.attention", "sideways"], ["model.attention", "'sideways'", "'causal'", "'prefix'"]),
+        (["--model.n_kv_heads", "two"], ["model.n_kv_heads", "'two'", "int or null"]),
     ],
 )
 def test_errors_name_key_value_and_allowed(override, words):

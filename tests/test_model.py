@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from m6rec.model import ModelArgs, build_model
 from m6rec.model import masks as masks_mod
 from m6rec.model import transformer as tr
+from m6rec.model.decode import KVCache, decode
 from m6rec.model.masks import bidirectional_region, build_attention_mask
 
 IMG = 3  # placeholder token id of an image slot in these tests
@@ -476,3 +477,121 @@ def test_host_label_index_and_mask_give_the_same_loss_and_grads():
     out.loss.backward()
     for p, g in zip(m.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, g)
+
+def test_model_args_are_the_config_fields_plus_image_geometry():
+    from dataclasses import fields, replace
+
+    from m6rec.config import ModelConfig, load_config
+
+    cfg = load_config(None, ["--model.dim", "64", "--model.n_kv_heads", "2", "--model.attn_impl", "sdpa",
+                             "--data.images.size", "32"])
+    args = ModelArgs.from_config(cfg)
+    names = [f.name for f in fields(ModelConfig)]
+    assert [f.name for f in fields(ModelArgs)] == names + ["image_size", "patch_size", "image_channels"]
+    assert all(getattr(args, n) == getattr(cfg.model, n) for n in names) and args.image_size == 32
+    assert ModelArgs.from_dict(args.to_dict()) == args
+    # checkpoints store these dicts: one from an older version (a key since retired, keys added since missing)
+    # still loads, the missing keys at their defaults
+    old = {k: v for k, v in args.to_dict().items() if k not in ("attn_impl", "image_channels")}
+    assert ModelArgs.from_dict({**old, "retired_key": 1}) == replace(args, attn_impl="auto")
+    with pytest.raises(ValueError, match="model.n_heads"):
+        ModelArgs.from_config(cfg, n_kv_heads=3)
+
+
+# ---------------------------------------------------------------------------
+# Incremental decoding (KV cache): teacher forcing equivalence
+# ---------------------------------------------------------------------------
+def lm_logits(m, h):
+    return F.linear(h, m.head_weight)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, None])  # grouped-query and multi-head
+@pytest.mark.parametrize("first", [1, 5, 12])  # token by token; a 5-token prompt then tokens; all at once
+def test_decode_causal_equals_teacher_forcing(first, n_kv_heads):
+    m = tiny_model(attention="causal", n_kv_heads=n_kv_heads)
+    ids = torch.randint(4, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = m(ids).logits
+        cache = KVCache.empty(m)
+        got = [lm_logits(m, decode(m, ids[:, :first], cache))]
+        t = first
+        for n in (1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1):  # also a chunk of 3 after the cache is filled
+            if t < 12:
+                got.append(lm_logits(m, decode(m, ids[:, t:t + n], cache)))
+                t += n
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, None])
+@pytest.mark.parametrize("impl", ["sdpa", "varlen"])
+def test_decode_prefix_prompt_then_causal_tokens(impl, n_kv_heads):
+    """A bidirectional context (with a poster) prefilled at once, then the targets one by one,
+    equals one forward pass of the whole document."""
+    m = tiny_model(attention="prefix", attn_impl=impl, n_kv_heads=n_kv_heads)
+    d = make_doc(16, 8, 7, image_at=2)
+    full = pack([d])
+    with torch.no_grad():
+        want = m(**{k: v for k, v in full.items() if k != "labels"}).logits
+        cache = KVCache.empty(m)
+        h = decode(m, full["input_ids"][:, :8], cache, document_ids=full["document_ids"][:, :8],
+                   prefix_mask=full["prefix_mask"][:, :8], image_patches=full["image_patches"],
+                   image_positions=full["image_positions"])
+        got = [lm_logits(m, h)]
+        for t in range(8, 16):
+            got.append(lm_logits(m, decode(m, full["input_ids"][:, t:t + 1], cache)))
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "varlen"])
+def test_decode_right_padded_prompts(impl):
+    """Prompts of different lengths, right-padded in one batch: each continues at its own
+    position and never reads the padding."""
+    m = tiny_model(attention="prefix", attn_impl=impl)
+    docs = [make_doc(10, 6, 1), make_doc(7, 4, 2)]
+    more = torch.randint(4, V, (2, 3), generator=torch.Generator().manual_seed(4))
+    L = 10
+    ids = torch.zeros(2, L, dtype=torch.long)
+    doc = torch.full((2, L), -1)
+    prefix = torch.zeros(2, L, dtype=torch.bool)
+    for b, d in enumerate(docs):
+        n = len(d["ids"])
+        ids[b, :n], doc[b, :n], prefix[b, :n] = d["ids"], 0, d["prefix"]
+    lengths = torch.tensor([10, 7])
+    pos = torch.where(doc >= 0, torch.arange(L), 0)
+    with torch.no_grad():
+        cache = KVCache.empty(m)
+        h = decode(m, ids, cache, pos, document_ids=doc, prefix_mask=prefix)
+        got = [[lm_logits(m, h[b, :lengths[b]])] for b in range(2)]
+        for t in range(3):
+            step = lm_logits(m, decode(m, more[:, t:t + 1], cache, (lengths + t)[:, None]))
+            for b in range(2):
+                got[b].append(step[b])
+        for b, d in enumerate(docs):
+            alone = torch.cat([d["ids"], more[b]])[None]
+            want = m(alone, document_ids=torch.zeros_like(alone),
+                     prefix_mask=torch.cat([d["prefix"], torch.zeros(3, dtype=torch.bool)])[None]).logits[0]
+            torch.testing.assert_close(torch.cat(got[b]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_tree_of_continuations_in_one_row():
+    """Two continuations of one prompt decoded side by side in one cache row (as beam search
+    does): with a mask that lets each read the prompt and its own tokens, each equals
+    teacher forcing of prompt + its tokens."""
+    m = tiny_model(attention="prefix")
+    d = make_doc(9, 5, 5)
+    branches = torch.randint(4, V, (2, 3), generator=torch.Generator().manual_seed(6))  # [branch, step]
+    with torch.no_grad():
+        cache = KVCache.empty(m)
+        decode(m, d["ids"][None], cache, document_ids=torch.zeros(1, 9, dtype=torch.long), prefix_mask=d["prefix"][None])
+        reads = cache.readable[:, None, :].expand(1, 2, 9)  # what each branch's next token reads
+        got = []
+        for t in range(3):
+            reads = torch.cat([reads, torch.eye(2, dtype=torch.bool)[None]], dim=2)
+            h = decode(m, branches[None, :, t], cache, torch.full((1, 2), 9 + t), attn_mask=reads)
+            got.append(lm_logits(m, h)[0])  # [branch, V]
+        for b in range(2):
+            ids = torch.cat([d["ids"], branches[b]])[None]
+            want = m(ids, document_ids=torch.zeros_like(ids),
+                     prefix_mask=torch.cat([d["prefix"], torch.zeros(3, dtype=torch.bool)])[None]).logits[0, 9:]
+            torch.testing.assert_close(torch.stack([g[b] for g in got]), want, atol=1e-5, rtol=1e-5)

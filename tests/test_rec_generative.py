@@ -19,7 +19,7 @@ from m6rec.cli import main as cli_main
 from m6rec.data import prepare as P
 from m6rec.data import text as T
 from m6rec.rec.evaluate import EvalData, evaluate
-from m6rec.rec.generative import ContextBuilder, GenerativeRecommender, ItemTrie, load_run
+from m6rec.rec.generative import ContextBuilder, GenerativeRecommender, ItemTrie, batches_by_length, load_run
 from test_prepare import generic_cfg, write_generic_logs
 
 MODEL = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.ffn_hidden", "128",
@@ -278,3 +278,21 @@ def test_free_text_history_prompt(runs):
     assert prompt.image_items == []  # neither sku-3 nor sku-7 has a poster
     prompt, _ = s.ctx.for_titles("Product 0")
     assert prompt.image_items == ["sku-0"]
+
+
+def test_batches_by_length_returns_results_in_the_original_order():
+    from types import SimpleNamespace
+
+    lengths = [5, 2, 9, 2, 7, 1, 5, 3]
+    prompts = [SimpleNamespace(ids=np.zeros(n), name=i) for i, n in enumerate(lengths)]
+    batches = batches_by_length(prompts, 3)
+    assert [len(b) for _, b in batches] == [3, 3, 2]
+    seen = [len(p.ids) for _, b in batches for p in b]
+    assert seen == sorted(lengths)  # similar lengths share a batch
+    out = [None] * len(prompts)
+    for idx, batch in batches:
+        assert [prompts[i] for i in idx] == batch
+        for i, p in zip(idx, batch):
+            out[i] = p.name * 10  # a per-prompt "result"
+    assert out == [i * 10 for i in range(len(prompts))]
+    assert batches_by_length([], 4) == []

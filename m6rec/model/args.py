@@ -1,43 +1,26 @@
-"""The model's own, YAML-free view of its configuration.
+"""The model's own view of its configuration.
 
-:class:`ModelArgs` holds every number the model needs.  It is built from the
-typed config tree (``cfg.model``, plus the image geometry from
-``cfg.data.images``) by :meth:`ModelArgs.from_config`.  Fields that
-``m6rec.config.ModelConfig`` does not carry yet (``init_std``,
-``ffn_multiple_of``, ``attn_impl``) are read from it with ``getattr`` and
-fall back to the defaults here, so they flow through automatically once the
-config tree gains them.
+:class:`ModelArgs` holds every number the model needs: the fields of
+``m6rec.config.ModelConfig`` (``cfg.model``), inherited so that they are
+declared once, plus the image geometry that lives under ``cfg.data.images``.
+It is built by :meth:`ModelArgs.from_config` or directly, and the model code
+never reads YAML: loading and checking config files stays in m6rec.config.
+Checkpoints store :meth:`ModelArgs.to_dict`; :meth:`ModelArgs.from_dict`
+drops keys it does not know and defaults the ones a dict lacks, so older
+dicts still load.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any
+
+from m6rec.config import ModelConfig
 
 
 @dataclass
-class ModelArgs:
-    # --- mirrored from m6rec.config.ModelConfig -----------------------------
-    preset: str = "tiny"
-    dim: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None = n_heads (multi-head); fewer = grouped-query attention
-    vocab_size: int = 8192
-    ffn_hidden: Optional[int] = None  # None = Llama rule: 8/3 * dim rounded up to ffn_multiple_of
-    max_seq_len: int = 1024
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    attention: Literal["causal", "prefix"] = "prefix"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    init_from: Optional[str] = None
-    # --- not (yet) in ModelConfig -------------------------------------------
-    init_std: float = 0.02  # std of the normal init; residual output projections get init_std / sqrt(2 * n_layers)
-    ffn_multiple_of: int = 256  # rounding of the default SwiGLU width
-    attn_impl: Literal["auto", "sdpa", "flex", "varlen"] = "auto"  # auto: flex on CUDA, varlen elsewhere (masks.py)
+class ModelArgs(ModelConfig):
     # --- image geometry (from cfg.data.images) ------------------------------
     image_size: int = 64
     patch_size: int = 16
@@ -91,7 +74,8 @@ class ModelArgs:
     # --- construction -------------------------------------------------------
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "ModelArgs":
-        """Build from a full ``Config`` (model + data.images) or a bare ``ModelConfig``."""
+        """Build from a full ``Config`` (model + data.images), a bare ``ModelConfig`` or
+        another ``ModelArgs``; ``overrides`` win."""
         model_cfg = getattr(cfg, "model", cfg)
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from torch.utils.checkpoint import checkpoint
 
 from m6rec.model.args import ModelArgs
 from m6rec.model.masks import AttentionMask, attend, bidirectional_region, build_attention_mask
+
+if TYPE_CHECKING:
+    from m6rec.model.decode import LayerKV
 
 IGNORE_INDEX = -100
 
@@ -86,14 +89,20 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
+                kv: Optional[LayerKV] = None) -> Tensor:
+        """``kv`` (decoding, m6rec.model.decode): this layer's cached keys and values; the new ones
+        are appended to it and ``mask`` spans cached + new keys."""
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv
         qk, v = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim).split([H + Hkv, Hkv], dim=2)
         # q and k rotated in one go, then laid out [B, H, T, Q] contiguous: the CPU flash kernel
         # runs measurably faster on contiguous q and k than on strided views
         q, k = apply_rope(qk, cos, sin).transpose(1, 2).contiguous().split([H, Hkv], dim=1)
-        out = attend(q, k, v.transpose(1, 2), mask)  # [B, H, T, Q]
+        v = v.transpose(1, 2)
+        if kv is not None:
+            k, v = kv.extend(k, v)
+        out = attend(q, k, v, mask)  # [B, H, T, Q]
         return self.wo(out.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
 
@@ -118,8 +127,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
+                kv: Optional[LayerKV] = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv)
         return x + self.feed_forward(self.ffn_norm(x))
 
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from m6rec.config import Config, ConfigError, load_config, save_config, to_dict
 from m6rec.data import text as T
 from m6rec.rec.evaluate import EvalData, Query, top_k_excluding
-from m6rec.rec.generative import ContextBuilder, Prompt, collate, contexts_for, load_run
+from m6rec.rec.generative import ContextBuilder, Prompt, batches_by_length, collate, contexts_for, load_run
 
 log = logging.getLogger("m6rec.finetune")
 
@@ -252,16 +252,14 @@ class TaskRun:
     def embed(self, ctx: ContextBuilder, prompts: Sequence[Prompt], tower: str, batch_size: int = 64,
               progress: Optional[str] = None) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        order = np.argsort([len(p.ids) for p in prompts], kind="stable")
         out = torch.empty(len(prompts), self.model.lm.args.dim)
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(prompts), desc=progress, unit="row")
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            b = collate([self.prompt(prompts[j]) for j in idx], ctx, self.pad_id, device)
+        for idx, batch in batches_by_length(prompts, batch_size):
+            b = collate([self.prompt(p) for p in batch], ctx, self.pad_id, device)
             out[torch.as_tensor(idx)] = self.model.embed(b, tower).cpu()
             if bar is not None:
                 bar.update(len(idx))
@@ -380,13 +378,12 @@ def ranking_scores(run: TaskRun, ctx: ContextBuilder, examples, batch_size: int 
     """P(yes) of each (query, label) example's target."""
     device = next(run.model.parameters()).device
     prompts = [run.prompt(ranking_prompt(ctx, ctx.for_query(q), q.target)) for q, _ in examples]
-    order = np.argsort([len(p.ids) for p in prompts], kind="stable")
     out = np.zeros(len(prompts))
     from tqdm import tqdm
 
-    for i in tqdm(range(0, len(order), batch_size), desc=f"score {run.name}", unit="batch", disable=not progress):
-        idx = order[i:i + batch_size]
-        b = collate([prompts[j] for j in idx], ctx, run.pad_id, device)
+    for idx, batch in tqdm(batches_by_length(prompts, batch_size), desc=f"score {run.name}", unit="batch",
+                           disable=not progress):
+        b = collate(batch, ctx, run.pad_id, device)
         out[idx] = torch.sigmoid(run.model.ranking_logits(b)).cpu().numpy()
     return out
 

@@ -34,15 +34,16 @@ would write next is the recommendation.
   by their mean (docs/evaluation.md has the measured overlap); with a beam
   as wide as the catalog it is exact.
 
-The model has no KV cache of its own; :class:`_Decoder` runs the prompt once
-(prefill, with the M6 prefix mask) and keeps each layer's rotated keys and
-values, then feeds one token per beam slot per step.  Without it every step
-would re-run the whole prompt for every slot: for a 500-token prompt, beam 50
-and 25 title tokens that is ~625k token-passes per user instead of ~1.75k.
+Decoding goes through the model's KV cache (:mod:`m6rec.model.decode`): the
+prompt runs once (prefill, with the M6 prefix mask), then one token per beam
+slot per step.  All slots of a user share one cache row (the prompt is stored
+once) and a tree mask lets each slot read only the prompt and its own earlier
+tokens.  Without the cache every step would re-run the whole prompt for every
+slot: for a 500-token prompt, beam 50 and 25 title tokens that is ~625k
+token-passes per user instead of ~1.75k.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 from m6rec.config import Config, ConfigError, load_config
 from m6rec.data import text as T
 from m6rec.data.tokenizer import SegmentEncoder, load_tokenizer
+from m6rec.model.decode import KVCache, decode
 from m6rec.rec.evaluate import Query, top_k_excluding
 
 
@@ -393,6 +395,15 @@ def contexts_for(run_cfg: Config, tokenizer, run_dataset_dir: str | Path, datase
         return ContextBuilder(cfg, target, tokenizer)
 
 
+def batches_by_length(prompts: Sequence[Prompt], batch_size: int) -> list[tuple[np.ndarray, list[Prompt]]]:
+    """``(indices, prompts)`` batches of at most ``batch_size`` prompts of similar length (sorted by
+    length, stable), so a right-padded batch wastes little on padding.  Callers write each batch's
+    results at its ``indices``, which puts them back in the order of ``prompts``."""
+    order = np.argsort([len(p.ids) for p in prompts], kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [(idx, [prompts[i] for i in idx]) for idx in batches]
+
+
 def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device) -> dict:
     """Right-padded batch in the batch contract (one document per row, padding document -1)."""
     B, L = len(prompts), max(len(p.ids) for p in prompts)
@@ -483,113 +494,6 @@ class ItemTrie:
 
 
 # ---------------------------------------------------------------------------
-# Prefill once, then one token per beam slot per step
-# ---------------------------------------------------------------------------
-class _Decoder:
-    """A key/value cache around :class:`M6Transformer`'s own modules (no weights copied).
-
-    ``prefill`` runs right-padded prompts with the model's mask (M6 prefix
-    region read bidirectionally, the rest causal, padding never read) and
-    keeps each layer's rotated keys and values; ``step`` feeds one token to
-    each of ``B`` slots per user, which read the user's prompt and their own
-    earlier tokens."""
-
-    def __init__(self, model):
-        from m6rec.model.transformer import apply_rope, rope_cos_sin
-
-        self.m, self.a = model, model.args
-        self._rope, self._cos_sin = apply_rope, rope_cos_sin
-
-    def _qkv(self, layer, x, pos):
-        a = layer.attention
-        N, T_, _ = x.shape
-        H, Hkv, Q = a.n_heads, a.n_kv, a.head_dim
-        qk, v = a.wqkv(layer.attention_norm(x)).view(N, T_, H + 2 * Hkv, Q).split([H + Hkv, Hkv], dim=2)
-        cos, sin = self._cos_sin(pos, Q, self.a.rope_theta)
-        q, k = self._rope(qk, cos, sin).transpose(1, 2).split([H, Hkv], dim=1)
-        return q, k, v.transpose(1, 2)  # [N, H(kv), T, Q]
-
-    @staticmethod
-    def _finish(layer, x, out):
-        N, H, T_, Q = out.shape
-        x = x + layer.attention.wo(out.transpose(1, 2).reshape(N, T_, H * Q))
-        return x + layer.feed_forward(layer.ffn_norm(x))
-
-    @torch.no_grad()
-    def prefill(self, batch: dict) -> torch.Tensor:
-        """Last-position logits ``[U, V]`` of each prompt; the cache is kept on self."""
-        ids, lengths = batch["input_ids"], batch["lengths"]
-        U, L = ids.shape
-        valid = batch["document_ids"] >= 0
-        idx = torch.arange(L, device=ids.device)
-        allowed = (idx[None, :, None] >= idx[None, None, :]) & valid[:, None, :]
-        if self.a.attention == "prefix":
-            from m6rec.model.masks import bidirectional_region
-
-            region = bidirectional_region(batch["document_ids"], batch["prefix_mask"])
-            allowed = allowed | (region[:, :, None] & region[:, None, :])
-        allowed = (allowed | torch.eye(L, dtype=torch.bool, device=ids.device))[:, None]  # padding reads itself
-        x = self.m.embed(ids, batch["image_patches"], batch["image_positions"])
-        pos = batch["position_ids"]
-        self.k, self.v = [], []
-        for layer in self.m.layers:
-            q, k, v = self._qkv(layer, x, pos)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
-            x = self._finish(layer, x, out)
-            self.k.append(k)
-            self.v.append(v)
-        self.key_bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(~valid, float("-inf"))
-        self.lengths = lengths
-        self.dk: list[Optional[torch.Tensor]] = [None] * len(self.m.layers)
-        self.dv: list[Optional[torch.Tensor]] = [None] * len(self.m.layers)
-        last = self.m.norm(x[torch.arange(U, device=ids.device), lengths - 1])
-        return F.linear(last, self.m.head_weight).float()
-
-    @torch.no_grad()
-    def reorder(self, users: torch.Tensor, parent: torch.Tensor) -> None:
-        """Keep only ``users`` (indices into the current users); their slot ``b`` continues
-        slot ``parent[u, b]``.  Finished users and slots drop out, so late steps (long titles
-        only) cost little."""
-        if len(users) != self.key_bias.shape[0]:
-            self.k = [k[users] for k in self.k]
-            self.v = [v[users] for v in self.v]
-            self.key_bias, self.lengths = self.key_bias[users], self.lengths[users]
-        if self.dk[0] is None:
-            return
-        g = parent[:, :, None, None, None]
-        for i in range(len(self.dk)):
-            dk, dv = self.dk[i][users], self.dv[i][users]
-            self.dk[i] = dk.gather(1, g.expand(-1, -1, *dk.shape[2:]))
-            self.dv[i] = dv.gather(1, g.expand(-1, -1, *dv.shape[2:]))
-
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
-        """Feed ``tokens [U, B]`` (the ``t``-th generated token of each slot): logits ``[U, B, V]``."""
-        U, B = tokens.shape
-        x = self.m.tok_embeddings(tokens.reshape(U * B, 1))
-        pos = (self.lengths[:, None] + t).expand(U, B).reshape(U * B, 1)
-        for li, layer in enumerate(self.m.layers):
-            q, k, v = self._qkv(layer, x, pos)  # [N, H, 1, Q], [N, Hkv, 1, Q]
-            H, Hkv, Q = q.shape[1], k.shape[1], q.shape[3]
-            G = H // Hkv
-            k = k.reshape(U, B, Hkv, 1, Q)
-            v = v.reshape(U, B, Hkv, 1, Q)
-            self.dk[li] = k if self.dk[li] is None else torch.cat([self.dk[li], k], dim=3)
-            self.dv[li] = v if self.dv[li] is None else torch.cat([self.dv[li], v], dim=3)
-            qg = q.reshape(U, B, Hkv, G, Q) * (1.0 / math.sqrt(Q))
-            s_p = torch.einsum("ubkgq,uktq->ubkgt", qg, self.k[li])
-            s_p = s_p + self.key_bias[:, None, None, None, :]
-            s_d = torch.einsum("ubkgq,ubktq->ubkgt", qg, self.dk[li])
-            w = torch.softmax(torch.cat([s_p, s_d], dim=-1).float(), dim=-1).to(qg.dtype)
-            Lp = s_p.shape[-1]
-            out = torch.einsum("ubkgt,uktq->ubkgq", w[..., :Lp], self.v[li]) + \
-                torch.einsum("ubkgt,ubktq->ubkgq", w[..., Lp:], self.dv[li])
-            x = self._finish(layer, x, out.reshape(U * B, H, 1, Q))
-        h = self.m.norm(x[:, 0])
-        return F.linear(h, self.m.head_weight).float().reshape(U, B, -1)
-
-
-# ---------------------------------------------------------------------------
 # The recommender
 # ---------------------------------------------------------------------------
 class GenerativeRecommender:
@@ -659,16 +563,13 @@ class GenerativeRecommender:
     def rank_prompts(self, prompts: Sequence[Prompt], k: int, progress: bool = False) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(item_id, score)`` per prompt, its ``exclude`` set removed."""
         t0 = time.perf_counter()
-        order = np.argsort([len(p.ids) for p in prompts], kind="stable")  # similar lengths batch together
         out: list = [None] * len(prompts)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(prompts), desc=f"rank {self.name}", unit="user")
-        for idx in batches:
-            group = [prompts[i] for i in idx]
+        for idx, group in batches_by_length(prompts, self.batch_size):
             res = self._rank_token(group, k) if self.mode == "token" else self._rank_text(group, k)
             for i, r in zip(idx, res):
                 out[i] = r
@@ -702,9 +603,8 @@ class GenerativeRecommender:
     def _rank_text(self, prompts: list[Prompt], k: int) -> list:
         trie, U = self.trie, len(prompts)
         B = max(k, self.beam)
-        dec = _Decoder(self.model)
-        batch = collate(prompts, self.ctx, self.pad_id, self.device)
-        logits = dec.prefill(batch)[:, None, :]  # [U, 1, V]: only slot 0 (the root) is live at first
+        dec = _BeamDecoder(self.model, collate(prompts, self.ctx, self.pad_id, self.device))
+        logits = dec.logits[:, None, :]  # [U, 1, V]: only slot 0 (the root) is live at first
         # per user: history items out of the trie
         hist_sub = np.zeros((U, trie.n_nodes), dtype=np.int64)
         hist_at = np.zeros((U, trie.n_nodes), dtype=np.int64)
@@ -771,8 +671,8 @@ class GenerativeRecommender:
             new_cum[su, slot] = score[sel]
             parent[su, slot] = cb[sel]
             tokens[su, slot] = ctok[sel]
-            dec.reorder(torch.from_numpy(keep_users).to(self.device), torch.from_numpy(parent).to(self.device))
-            logits = dec.step(torch.from_numpy(tokens).to(self.device), t)
+            logits = dec.step(torch.from_numpy(keep_users).to(self.device), torch.from_numpy(parent).to(self.device),
+                              torch.from_numpy(tokens).to(self.device), t)
             act, node, cum = act[keep_users], new_node, new_cum
             t += 1
         out = []
@@ -786,6 +686,37 @@ class GenerativeRecommender:
             ranked.sort(key=lambda x: (-x[1], x[2]))
             out.append([(iid, s) for iid, s, _ in ranked[:k]])
         return out
+
+
+class _BeamDecoder:
+    """The beam search's view of :func:`m6rec.model.decode.decode`: one cache row per user
+    holding its prompt and every token any of its slots was fed (a tree), and per slot the
+    cached positions its next token reads (``reads [U, B, S]``: the prompt and its ancestors)."""
+
+    @torch.no_grad()
+    def __init__(self, model, batch: dict):
+        self.model, self.lengths = model, batch.pop("lengths")
+        self.cache = KVCache.empty(model)
+        h = decode(model, batch.pop("input_ids"), self.cache, **batch)  # prefill, with the prompts' own mask
+        last = h[torch.arange(len(self.lengths), device=h.device), self.lengths - 1]
+        self.logits = F.linear(last, model.head_weight).float()  # [U, V]
+        self.reads = self.cache.readable[:, None, :]  # the root slot reads the prompt
+
+    @torch.no_grad()
+    def step(self, users: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Keep only ``users`` (indices into the current users; finished ones drop out, so late
+        steps cost little); their slot ``b`` continues slot ``parent[u, b]`` and is fed
+        ``tokens[u, b]``, the ``t``-th token of its item.  Returns logits ``[U, B, V]``."""
+        if len(users) != self.reads.shape[0]:
+            self.cache, self.lengths = self.cache.select(users), self.lengths[users]
+        reads = self.reads[users]
+        reads = reads.gather(1, parent[:, :, None].expand(-1, -1, reads.shape[2]))
+        U, B = tokens.shape
+        # each new token reads its slot's history and itself, not the other slots' new tokens
+        own = torch.eye(B, dtype=torch.bool, device=tokens.device).expand(U, B, B)
+        self.reads = torch.cat([reads, own], dim=2)
+        h = decode(self.model, tokens, self.cache, (self.lengths[:, None] + t).expand(U, B), attn_mask=self.reads)
+        return F.linear(h, self.model.head_weight).float()
 
 
 def recommender_from_run(run_dir: str | Path, tag: Optional[str] = None, mode: str = "auto", beam: int = 0,
