@@ -236,6 +236,152 @@ def test_resumed_steps_skip_wandb_only(tmp_path, monkeypatch, capsys):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
 
 
+# --------------------------------------------------------------------------
+# Resume: each step once in metrics.jsonl and in W&B
+# --------------------------------------------------------------------------
+def jsonl_rows(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines()]
+
+
+def test_resume_sets_aside_rows_after_the_checkpoint(tmp_path, capsys):
+    """kill -9 at step 50, last checkpoint 45: steps 46-50 leave metrics.jsonl before they are logged again."""
+    with M.MetricsLogger(tmp_path, {}, 0, 1, None, enabled_sinks=("jsonl",)) as first:
+        for step in range(5, 51, 5):
+            first.log(step, {"loss": 10.0 - step / 10})
+        first.log(40, {"val_loss": 5.5})
+        first._jsonl.write('{"step": 51, "time": 1.0, "lo')  # the line SIGKILL cut
+    before = (tmp_path / "metrics.jsonl").read_text()
+
+    # Another rank resuming touches nothing.
+    M.MetricsLogger(tmp_path, {}, 1, 2, None, resume_step=45).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+    t0 = __import__("time").time()
+    resumed = M.MetricsLogger(tmp_path, {}, 0, 1, None, enabled_sinks=("jsonl",), resume_step=45)
+    # Before anything is logged: steps <= 45 only, in their order, the lines unchanged.
+    kept = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert kept == before.splitlines()[:9] + [before.splitlines()[10]]
+    assert [r["step"] for r in jsonl_rows(tmp_path / "metrics.jsonl")] == [5, 10, 15, 20, 25, 30, 35, 40, 45, 40]
+    aside = jsonl_rows(tmp_path / "metrics.superseded.jsonl")
+    assert [r.get("step") for r in aside] == [50, None]
+    assert aside[0]["loss"] == 5.0 and aside[1]["text"] == '{"step": 51, "time": 1.0, "lo'
+    for r in aside:
+        assert r["superseded"]["resume_step"] == 45 and t0 - 1 <= r["superseded"]["time"] <= t0 + 60
+        assert "step 45" in r["superseded"]["reason"] or "cut short" in r["superseded"]["reason"]
+    assert resumed.set_aside == aside
+    assert not list(tmp_path.glob("*.tmp"))
+    assert "resumed at step 45: 2 line(s) of metrics.jsonl (step 50)" in capsys.readouterr().out
+    for step in (50, 55):
+        resumed.log(step, {"loss": 1.0 + step / 100})
+    resumed.close()
+
+    rows = jsonl_rows(tmp_path / "metrics.jsonl")
+    train_steps = [r["step"] for r in rows if "loss" in r]
+    assert train_steps == sorted(set(train_steps)) == list(range(5, 56, 5))  # each step once
+    # `m6rec plot` reads the cleaned file: the re-run's value of step 50, not the superseded one.
+    series = read_metrics(tmp_path / "metrics.jsonl")
+    assert series["loss"][0] == list(range(5, 56, 5)) and series["loss"][1][-2:] == [1.5, 1.55]
+    assert series["val_loss"] == ([40], [5.5])
+    assert plot_run(tmp_path).stat().st_size > 10_000
+
+    # A second crash and resume from 50 appends to the side file; a clean resume moves nothing.
+    with M.MetricsLogger(tmp_path, {}, 0, 1, None, enabled_sinks=("jsonl",), resume_step=50):
+        pass
+    assert [r.get("step") for r in jsonl_rows(tmp_path / "metrics.superseded.jsonl")] == [50, None, 55]
+    after = (tmp_path / "metrics.jsonl").read_text()
+    with M.MetricsLogger(tmp_path, {}, 0, 1, None, enabled_sinks=("jsonl",), resume_step=50):
+        pass
+    assert (tmp_path / "metrics.jsonl").read_text() == after
+    assert len(jsonl_rows(tmp_path / "metrics.superseded.jsonl")) == 3
+
+
+def test_offline_wandb_rewinds_to_the_checkpoint(wandb_env, capsys):
+    """Real offline W&B: the resumed run's .wandb records the rewind and holds only the steps after it."""
+    run_dir = wandb_env / "runs" / "rewind"
+    cfg = Config()
+    first = M.MetricsLogger(run_dir, cfg, rank=0, world_size=1, wandb_cfg=cfg.train.wandb)
+    for step, m in enumerate(logged_steps(1, 5), start=1):  # steps 1..5; the checkpoint was at 3
+        first.log(step, m)
+    first.close()
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    (seg1,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+
+    again = M.MetricsLogger(run_dir, cfg, rank=0, world_size=1, wandb_cfg=cfg.train.wandb, resume_step=3)
+    assert again.wandb_mode == "offline" and again.wandb_resume == "rewind"
+    rerun = {step: dict(loss=100.0 + step) for step in (4, 5, 6)}
+    for step, m in rerun.items():
+        again.log(step, m)
+    again.close()
+    assert f"run id {run_id}, rewound to step 3" in capsys.readouterr().out
+
+    segments = sorted(d for d in (run_dir / "wandb").glob(f"offline-run-*-{run_id}*") if d.is_dir())
+    assert len(segments) == 2 and segments[0] == seg1
+    records1 = read_wandb_records(seg1 / f"run-{run_id}.wandb")
+    assert sorted(wandb_history(records1)) == [1, 2, 3, 4, 5]  # the interrupted run's log is not rewritten
+    records2 = read_wandb_records(segments[1] / f"run-{run_id}.wandb")
+    run = next(r.run for r in records2 if r.WhichOneof("record_type") == "run")
+    # What `wandb sync` turns into a rewind of the server's run (RewindRun) before uploading.
+    assert (run.run_id, run.branch_point.run, run.branch_point.metric, run.branch_point.value) == \
+           (run_id, run_id, "_step", 3.0)
+    assert not run.resume
+    history2 = wandb_history(records2)
+    assert sorted(history2) == [4, 5, 6] and {s: history2[s]["loss"] for s in history2} == \
+           {s: m["loss"] for s, m in rerun.items()}
+    # The curve after the rewind: steps up to 3 from the first folder, the rest from the second; each once.
+    curve = {s: r["loss"] for s, r in wandb_history(records1).items() if s <= run.branch_point.value}
+    curve.update({s: r["loss"] for s, r in history2.items()})
+    assert sorted(curve) == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in jsonl_rows(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in jsonl_rows(run_dir / "metrics.superseded.jsonl")] == [4, 5]
+
+    # A clean stop (nothing logged after the checkpoint) continues with resume="allow", no rewind.
+    clean = M.MetricsLogger(run_dir, cfg, rank=0, world_size=1, wandb_cfg=cfg.train.wandb, resume_step=6)
+    assert clean.wandb_resume == "allow"
+    clean.log(7, {"loss": 1.0})
+    clean.close()
+    seg3 = sorted(d for d in (run_dir / "wandb").glob(f"offline-run-*-{run_id}*") if d.is_dir())[2]
+    records3 = read_wandb_records(seg3 / f"run-{run_id}.wandb")
+    run3 = next(r.run for r in records3 if r.WhichOneof("record_type") == "run")
+    assert run3.resume and not run3.branch_point.run and sorted(wandb_history(records3)) == [7]
+
+
+def test_wandb_rewind_needs_an_earlier_offline_folder_and_falls_back_online(tmp_path, monkeypatch, capsys):
+    """Offline with no earlier folder of the run: nothing to rewind.  Online, a refused rewind -> resume='allow'."""
+    calls = []
+
+    class FakeRun:
+        step = 0
+
+        def log(self, metrics, step):
+            pass
+
+        def finish(self):
+            pass
+
+    def fake_init(mode, **kwargs):
+        calls.append((mode, {k: kwargs[k] for k in ("id", "resume", "resume_from") if k in kwargs}))
+        if "resume_from" in kwargs and mode == "online":
+            raise RuntimeError("failed to rewind run: rewind is not enabled")
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=fake_init, run=None, teardown=lambda: None))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0}\n')
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    M.MetricsLogger(tmp_path, {}, 0, 1, None, resume_step=1).close()
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    assert calls == [("offline", {"id": run_id, "resume": "allow"})]
+
+    calls.clear()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0}\n')
+    monkeypatch.setenv("WANDB_MODE", "online")
+    logger = M.MetricsLogger(tmp_path, {}, 0, 1, None, resume_step=1)
+    logger.close()
+    assert calls == [("online", {"id": run_id, "resume_from": f"{run_id}?_step=1"}),
+                     ("online", {"id": run_id, "resume": "allow"})]
+    assert logger.wandb_mode == "online" and logger.wandb_resume == "allow"
+    assert "W&B online start rewound to step 1 failed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "env, configured, netrc_host, expected",
     [

@@ -209,3 +209,65 @@ def test_truncation_is_warned_before_training(caplog):
     caplog.clear()
     _warn_truncation(manifest, 512, rank=0)
     assert not caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resumed_run_logs_each_step_once(tmp_path):
+    """A run dies at step 4, after logging it, with its last checkpoint at step 2; ``--resume auto``
+    trains steps 3-6.  metrics.jsonl then has each step once (the re-run's rows), the interrupted
+    run's rows of steps 3-4 are in metrics.superseded.jsonl, and the resumed W&B folder is a rewind
+    to step 2 holding steps 3-6.  The death is M6REC_FAULT=crash_in_save@4 (the processes exit while
+    writing step 4's checkpoint, so `latest` stays on step 2): a SIGKILL there, without the race."""
+    import os
+    import subprocess
+    import sys
+
+    from m6rec.cli import main
+    from test_metrics import read_wandb_records, wandb_history
+
+    data = tmp_path / "data"
+    assert main(["prepare", "--config", "configs/pretrain/tiny.yaml", "--data.output", str(data)]) == 0
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "M6REC_FAULT_RANK")}
+    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false",
+               **{v: str(tmp_path / "wandb-home" / v.lower()) for v in
+                  ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")})
+    cmd = [sys.executable, "launch/train.py", "--config", "configs/pretrain/tiny.yaml", "--data.output", str(data),
+           "--data.stream.batch_size", "2", "--data.stream.num_workers", "0", "--train.steps", "6",
+           "--train.warmup_steps", "2", "--train.log_every", "1", "--train.eval_every", "0",
+           "--train.save_every", "2", "--train.peak_flops", "1.0e+11", "--train.run_dir", str(run_dir)]
+
+    def rows(name: str) -> list[dict]:
+        return [json.loads(ln) for ln in (run_dir / name).read_text().splitlines()]
+
+    first = subprocess.run(cmd, cwd=ROOT, env=dict(env, M6REC_FAULT="crash_in_save@4"), capture_output=True,
+                           text=True, timeout=240)
+    assert first.returncode != 0 and (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000002", \
+        first.stdout[-3000:] + first.stderr[-3000:]
+    interrupted = rows("metrics.jsonl")
+    assert [r["step"] for r in interrupted] == [1, 2, 3, 4]
+
+    again = subprocess.run([*cmd, "--resume", "auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed at step 2: 2 line(s) of metrics.jsonl (steps 3-4)" in again.stdout
+    final = rows("metrics.jsonl")
+    assert [r["step"] for r in final] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert final[:2] == interrupted[:2] and all(r["time"] > interrupted[-1]["time"] for r in final[2:])
+    aside = rows("metrics.superseded.jsonl")
+    assert [{k: v for k, v in r.items() if k != "superseded"} for r in aside] == interrupted[2:]
+    assert all(r["superseded"]["resume_step"] == 2 for r in aside)
+
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    first_w, resumed_w = sorted(d for d in (run_dir / "wandb").glob(f"offline-run-*-{run_id}*") if d.is_dir())
+    # W&B writes its .wandb file every 15 s (x_transaction_log_flush_interval): a process that dies
+    # sooner leaves it with its 7-byte header only, as here, so the interrupted folder holds some of
+    # steps 1-4 or none.  metrics.jsonl has them all.
+    assert set(wandb_history(read_wandb_records(first_w / f"run-{run_id}.wandb"))) <= {1, 2, 3, 4}
+    records = read_wandb_records(resumed_w / f"run-{run_id}.wandb")
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.branch_point.run, run.branch_point.metric, run.branch_point.value) == (run_id, "_step", 2.0)
+    history = wandb_history(records)
+    assert sorted(history) == [3, 4, 5, 6]
+    assert [history[s]["loss"] for s in (3, 4, 5, 6)] == pytest.approx([r["loss"] for r in final[2:]])

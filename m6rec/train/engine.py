@@ -749,7 +749,7 @@ def train(cfg: Config, resume: str = "none") -> dict:
     nonfinite_total = client.get("nonfinite_steps", 0)
     start_step = step
 
-    metrics = MetricsLogger(run_dir, to_dict(cfg), rank, world, cfg.train.wandb)
+    metrics = MetricsLogger(run_dir, to_dict(cfg), rank, world, cfg.train.wandb, resume_step=step if client else None)
     peak, peak_source = peak_flops(cfg.train.precision, device, configured=cfg.train.peak_flops)
     fpt = flops_per_token(margs, cfg.data.stream.seq_len)["total"]
     trace = _Trace(run_dir, rank)

@@ -344,6 +344,20 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _plain(value: Any) -> Any:
     """A JSON-able scalar: tensors and numpy numbers to float, NaN/inf to None (strict JSON)."""
     if hasattr(value, "item"):
@@ -361,9 +375,19 @@ class MetricsLogger:
 
     A run directory keeps one W&B run id (in ``RUN_DIR/wandb_id``), so a
     resumed or requeued job continues the same W&B run.
+
+    ``resume_step``: the step of the checkpoint this process resumed from
+    (None for a fresh run).  The steps after it were logged by the
+    interrupted run and are about to be trained (and logged) again, so each
+    sink drops its copy first: the rows of ``metrics.jsonl`` with a larger
+    step move to ``metrics.superseded.jsonl`` (:meth:`set_aside_after`), and
+    the W&B run is rewound to that step (``resume_from``; see
+    docs/wandb.md).  Each step then has one value in every curve.
     """
 
     SINKS = ("console", "jsonl", "wandb")
+    JSONL = "metrics.jsonl"
+    SUPERSEDED = "metrics.superseded.jsonl"
 
     def __init__(
         self,
@@ -374,6 +398,7 @@ class MetricsLogger:
         wandb_cfg: Any = None,
         *,
         enabled_sinks: tuple[str, ...] | set[str] = SINKS,
+        resume_step: Optional[int] = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = rank, world_size
@@ -384,6 +409,9 @@ class MetricsLogger:
             raise ValueError(f"unknown metrics sinks {sorted(unknown)}; allowed: {', '.join(self.SINKS)}")
         self.wandb_run = None
         self.wandb_mode = "disabled"
+        self.wandb_resume: Optional[str] = None  # how W&B was started: "rewind" or "allow"
+        self.resume_step = resume_step
+        self.set_aside: list[dict] = []  # rows of metrics.jsonl moved to SUPERSEDED at start-up
         self._jsonl = None
         self._last_fsync = time.monotonic()
         self._warned: set[str] = set()
@@ -391,11 +419,69 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if "jsonl" in self.sinks:
+            if resume_step is not None:
+                self.set_aside = self.set_aside_after(resume_step)
             # Line-buffered append: a resumed run adds to the same file, and a
             # crash loses no line that log() returned from.
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
+            self._jsonl = open(self.run_dir / self.JSONL, "a", buffering=1, encoding="utf-8")
         if "wandb" in self.sinks:
-            self._start_wandb(scrub_secrets(config_dict), wandb_cfg)
+            self._start_wandb(scrub_secrets(config_dict), wandb_cfg, resume_step)
+
+    # -- metrics.jsonl on resume ---------------------------------------------
+    def set_aside_after(self, resume_step: int) -> list[dict]:
+        """Move the rows of ``metrics.jsonl`` with ``step > resume_step`` to ``metrics.superseded.jsonl``.
+
+        They were logged by a run that went on past its last checkpoint and
+        then died; the resumed run trains those steps again and logs them
+        anew.  Each moved row is appended to the side file as it was, plus a
+        ``superseded`` object saying when and why.  A line a crash cut short
+        (not JSON) goes there too, as ``{"text": ..., "superseded": ...}``.
+        ``metrics.jsonl`` is then rewritten with the remaining lines (a
+        temporary file and ``os.replace``: a crash leaves the old file or the
+        new one, never half of one).  The side file is written and fsynced
+        first, so a crash in between can duplicate a row there but not lose
+        it.  Returns the rows moved.
+        """
+        path = self.run_dir / self.JSONL
+        if not path.is_file():
+            return []
+        kept: list[str] = []
+        moved: list[dict] = []
+        note = {"time": time.time(), "resume_step": int(resume_step),
+                "reason": f"resumed from the checkpoint of step {resume_step}; the interrupted run logged "
+                          f"this after it, and the resumed run logs the step again"}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                moved.append({"text": line, "superseded": dict(note, reason="not a complete JSON line "
+                                                                            "(cut short by a crash)")})
+                continue
+            step = row.get("step") if isinstance(row, dict) else None
+            if isinstance(step, (int, float)) and not isinstance(step, bool) and step > resume_step:
+                moved.append({**row, "superseded": note})
+            else:
+                kept.append(line)
+        if not moved:
+            return []
+        with open(self.run_dir / self.SUPERSEDED, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, default=str) + "\n" for r in moved)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.run_dir)
+        steps = sorted({r["step"] for r in moved if "step" in r})
+        span = (f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}") if steps else "no step"
+        print(f"m6rec metrics: resumed at step {resume_step}: {len(moved)} line(s) of {self.JSONL} "
+              f"({span}) logged after that checkpoint moved to {self.SUPERSEDED}", flush=True)
+        return moved
 
     # -- W&B ---------------------------------------------------------------
     def wandb_run_id(self) -> str:
@@ -409,7 +495,27 @@ class MetricsLogger:
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written id
         return run_id
 
-    def _start_wandb(self, config: dict, cfg: Any) -> None:
+    def _earlier_wandb_runs(self, run_id: str) -> list[Path]:
+        """This run directory's earlier W&B folders of ``run_id`` (``[offline-]run-<time>-<ID>[-N]``)."""
+        root = self.run_dir / "wandb"
+        found = [*root.glob(f"*run-*-{run_id}"), *root.glob(f"*run-*-{run_id}-*")] if root.is_dir() else []
+        return sorted(p for p in found if p.is_dir())
+
+    def _wandb_resume_options(self, mode: str, run_id: str, rewind_to: Optional[int]) -> list[dict]:
+        """The ``wandb.init`` resume arguments to try, in order, for one mode.
+
+        ``rewind_to`` None: continue (or create) the run id with
+        ``resume="allow"``.  Otherwise rewind the W&B run to that step
+        (``resume_from="ID?_step=N"``), so the steps the resumed run trains
+        again replace the ones the interrupted run sent.  Online, a server
+        without rewind (a preview feature) refuses it: then ``resume="allow"``.
+        """
+        allow = {"resume": "allow", "id": run_id}
+        if rewind_to is None:
+            return [allow]
+        return [{"resume_from": f"{run_id}?_step={int(rewind_to)}", "id": run_id}, allow]
+
+    def _start_wandb(self, config: dict, cfg: Any, resume_step: Optional[int] = None) -> None:
         mode, why = resolve_wandb_mode(getattr(cfg, "mode", "auto"))
         self.wandb_mode = mode
         if mode == "disabled":
@@ -420,25 +526,42 @@ class MetricsLogger:
             self._warn_once("wandb", f"W&B unavailable ({type(e).__name__}: {e}); logging to console and JSONL only")
             self.wandb_mode = "disabled"
             return
+        run_id = self.wandb_run_id()
+        # Rewind only when the interrupted run logged past its checkpoint (rows set aside from
+        # metrics.jsonl, or unknown without that sink): a clean stop continues as it is.  Offline,
+        # the rewind is only recorded (the server applies it at `wandb sync`), so it needs an
+        # earlier folder of this run here; online, the server knows the run.
+        logged_past = "jsonl" not in self.sinks or any("step" in r for r in self.set_aside)
+        earlier = bool(self._earlier_wandb_runs(run_id))
         kwargs = dict(
             project=getattr(cfg, "project", "m6rec"), entity=getattr(cfg, "entity", None),
             name=getattr(cfg, "name", None) or self.run_dir.resolve().name,
             tags=list(getattr(cfg, "tags", []) or []) or None, job_type="train",
-            dir=str(self.run_dir), config=config, resume="allow", id=self.wandb_run_id(),
+            dir=str(self.run_dir), config=config,
         )
         attempts = [mode] + (["offline"] if mode == "online" and why.startswith("auto") else [])
         for attempt in attempts:
-            try:
-                self.wandb_run = wandb.init(mode=attempt, **kwargs)
+            rewind_to = resume_step if logged_past and (attempt != "offline" or earlier) else None
+            options = self._wandb_resume_options(attempt, run_id, rewind_to)
+            for i, resume in enumerate(options):
+                rewinding = "resume_from" in resume
+                try:
+                    self.wandb_run = wandb.init(mode=attempt, **kwargs, **resume)
+                except Exception as e:  # noqa: BLE001
+                    # "auto" on a node that has credentials but no internet: keep
+                    # the data offline for `wandb sync` rather than losing it.
+                    last = attempt == attempts[-1] and i == len(options) - 1
+                    self._warn_once(f"wandb-{attempt}-{i}",
+                                    f"W&B {attempt} start{f' rewound to step {rewind_to}' if rewinding else ''} "
+                                    f"failed ({type(e).__name__}: {e})"
+                                    + ("; logging to console and JSONL only" if last else
+                                       "; trying resume='allow'" if rewinding else "; trying offline"))
+                    continue
                 self.wandb_mode = attempt
-                print(f"m6rec metrics: W&B {attempt} ({why}), run id {kwargs['id']}", flush=True)
+                self.wandb_resume = "rewind" if rewinding else "allow"
+                how = f", rewound to step {rewind_to}" if rewinding else ""
+                print(f"m6rec metrics: W&B {attempt} ({why}), run id {run_id}{how}", flush=True)
                 return
-            except Exception as e:  # noqa: BLE001
-                # "auto" on a node that has credentials but no internet: keep
-                # the data offline for `wandb sync` rather than losing it.
-                self._warn_once(f"wandb-{attempt}", f"W&B {attempt} start failed ({type(e).__name__}: {e})"
-                                + ("; trying offline" if attempt != attempts[-1] else
-                                   "; logging to console and JSONL only"))
         self.wandb_mode = "disabled"
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -466,8 +589,10 @@ class MetricsLogger:
             self._log_wandb(step, metrics)
 
     def _log_wandb(self, step: int, metrics: dict) -> None:
-        # A resumed run repeats the steps after its last checkpoint; W&B keeps
-        # steps increasing and would warn on each one, so skip them quietly.
+        # A resumed run repeats the steps after its last checkpoint.  After a
+        # rewind W&B starts after the checkpoint; where it could not rewind
+        # (resume="allow" online) it already has them and, keeping steps
+        # increasing, would warn on each one, so skip them quietly.
         if step < self.wandb_run.step:
             self._warn_once("wandb-step", f"W&B already has step {self.wandb_run.step - 1}; "
                             f"steps before {self.wandb_run.step} go to metrics.jsonl only")
