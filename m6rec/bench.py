@@ -422,7 +422,14 @@ def bench_train(cfg: Any, args: Any) -> dict[str, Any]:
     return run(cfg, args)
 
 
-BENCHES = {"data": bench_data, "model": bench_model, "train": bench_train}
+def bench_gpu(cfg: Any, args: Any) -> dict[str, Any]:
+    """The model and the engine side by side on one device (m6rec/train/gpu_check.py)."""
+    from m6rec.train.gpu_check import main as run
+
+    return run(cfg, args)
+
+
+BENCHES = {"data": bench_data, "model": bench_model, "train": bench_train, "gpu": bench_gpu}
 
 
 def main(cfg: Any, args: Any) -> int:

@@ -582,9 +582,11 @@ class TrainStep:
             engine.enable_backward_allreduce = False
         self.nan_steps = ckpt.fault_steps("nan_loss")
 
-    def run(self, step: int, lr: float, batches: list[dict], host: list[float]) -> StepStats:
-        """Queue optimizer step ``step`` (0-based) at learning rate ``lr``; ``host`` holds the
-        host's numbers for the vector (signal, stop file, time to save, skipped, corrupt, infilled)."""
+    def run(self, step: int, lr: float, batches: list[dict], host) -> StepStats:
+        """Queue optimizer step ``step`` (0-based) at learning rate ``lr``.  ``host`` gives the
+        host's numbers for the vector (signal, stop file, time to save, skipped, corrupt,
+        infilled): a list, or a function called once the micro-batches are queued, so that
+        signals and the clock are looked at as late as possible."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         losses, keys, tokens = [], [], 0
@@ -604,7 +606,7 @@ class TrainStep:
         if self.stage0_norm:  # a non-finite whole gradient skips too (ZeRO 1-3 check their own)
             norm = _global_grad_norm(self.engine)
             bad = bad | ~torch.isfinite(norm) if norm is not None else bad
-        host_part = torch.tensor([tokens, *host], dtype=torch.float64)
+        host_part = torch.tensor([tokens, *(host() if callable(host) else host)], dtype=torch.float64)
         if self.device.type == "cuda":
             host_part = host_part.pin_memory().to(self.device, non_blocking=True)
         vector = torch.cat([bad.double().reshape(1), local.nan_to_num(0.0).sum().double().reshape(1), host_part])
@@ -820,14 +822,16 @@ def train(cfg: Config, resume: str = "none") -> dict:
                 rng = np.random.default_rng((cfg.train.seed, step, rank, micro))
                 infilled += infill_documents(batch, cfg.train.infill_rate, rng, special)
             micro_batches.append(batch)
-        stop_file = rank == 0 and (run_dir / STOP_FILE).exists()
-        time_save = bool(cfg.train.save_every_minutes) and \
-            time.time() - last_save_time >= 60 * cfg.train.save_every_minutes
-        stats = train_loader.stats
+        def host_flags() -> list[float]:
+            stop_file = rank == 0 and (run_dir / STOP_FILE).exists()
+            time_save = bool(cfg.train.save_every_minutes) and \
+                time.time() - last_save_time >= 60 * cfg.train.save_every_minutes
+            stats = train_loader.stats
+            return [float(stop.signal is not None), float(stop_file), float(time_save), stats["skipped_samples"],
+                    stats["corrupt_shards"], infilled]
+
         t_first = time.perf_counter()
-        queued = runner.run(step, lr, micro_batches, [float(stop.signal is not None), float(stop_file),
-                                                        float(time_save), stats["skipped_samples"],
-                                                        stats["corrupt_shards"], infilled])
+        queued = runner.run(step, lr, micro_batches, host_flags)
         step += 1
         pending.append((step, queued))
         log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
