@@ -595,3 +595,24 @@ def test_decode_tree_of_continuations_in_one_row():
             want = m(ids, document_ids=torch.zeros_like(ids),
                      prefix_mask=torch.cat([d["prefix"], torch.zeros(3, dtype=torch.bool)])[None]).logits[0, 9:]
             torch.testing.assert_close(torch.stack([g[b] for g in got]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_linear_cross_entropy_under_bf16_autocast():
+    """fp32 master weights, bf16 autocast (what bf16 training at ZeRO stage 0 runs): the chunked
+    head computes in bf16 and returns fp32 gradients close to autocast's own unfused head."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(24, 16, generator=g).requires_grad_()
+    w = (torch.randn(40, 16, generator=g) * 0.3).requires_grad_()
+    y = torch.randint(0, 40, (24,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tr.linear_cross_entropy(h, w, y, chunk=5) / 24
+    got.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.cross_entropy((h @ w.t()).float(), y)
+    want.backward()
+    assert gh.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gh, h.grad, rtol=3e-2, atol=3e-3)
+    torch.testing.assert_close(gw, w.grad, rtol=3e-2, atol=3e-3)

@@ -398,26 +398,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        # The matmuls run in the autocast dtype when autocast is on (bf16 training with fp32
+        # master weights), else in h's dtype; explicit casts, because ops with out= and
+        # in-place accumulation do not mix with autocast.
+        dev = h.device.type
+        cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            hc, yc = h[s:s + chunk], labels[s:s + chunk]
-            logits = (hc @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            # d(sum of losses)/d(logits) = softmax - onehot, written over the logits
-            dlogits = logits.sub_(lse[:, None]).exp_()
-            dlogits.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))
-            dlogits = dlogits.to(h.dtype)
-            if grad_h is not None:
-                torch.matmul(dlogits, weight, out=grad_h[s:s + chunk])
-            if grad_w is not None:
-                if hc.dtype == torch.float32:
-                    grad_w.addmm_(dlogits.t(), hc)
-                else:  # the matmul in the model's dtype, the sum over chunks in fp32
-                    grad_w.add_(dlogits.t() @ hc)
+        with torch.autocast(dev, enabled=False):
+            w = weight.to(cdtype)
+            for s in range(0, h.shape[0], chunk):
+                hc, yc = h[s:s + chunk].to(cdtype), labels[s:s + chunk]
+                logits = (hc @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+                # d(sum of losses)/d(logits) = softmax - onehot, written over the logits
+                dlogits = logits.sub_(lse[:, None]).exp_()
+                dlogits.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))
+                dlogits = dlogits.to(cdtype)
+                if grad_h is not None:
+                    if grad_h.dtype == cdtype:
+                        torch.matmul(dlogits, w, out=grad_h[s:s + chunk])
+                    else:
+                        grad_h[s:s + chunk] = dlogits @ w
+                if grad_w is not None:
+                    if cdtype == torch.float32:
+                        grad_w.addmm_(dlogits.t(), hc)
+                    else:  # the matmul in the compute dtype, the sum over chunks in fp32
+                        grad_w.add_(dlogits.t() @ hc)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has_grad = (grad_h is not None, grad_w is not None)
         ctx.weight_dtype = weight.dtype
@@ -440,7 +450,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: Optio
         return _LinearCrossEntropy.apply(h, weight, labels, chunk)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], chunk):
-        total += F.cross_entropy((h[s:s + chunk] @ weight.t()).float(), labels[s:s + chunk], reduction="sum")
+        logits = (h[s:s + chunk] @ weight.t()).float()
+        total += F.cross_entropy(logits, labels[s:s + chunk], reduction="sum")
     return total
 
 

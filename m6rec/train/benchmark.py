@@ -405,6 +405,24 @@ def _overhead_worker(spec: dict, out: str) -> None:
             with HostSyncCounter(_device_tensors(m, o) + extra) as c:
                 fn(spec["warmup"] + spec["steps"])
             counts[k] = dict(ops=c.ops, syncs=dict(c.syncs), total=c.total)
+        # bf16 (what GPUs train in): the same count, on its own engine; one step, so the CPU's slow
+        # bf16 kernels cost little
+        bcfg = load_config(None, {"deepspeed": {"zero_stage": stage},
+                                  "data": {"stream": {"seq_len": T, "batch_size": B}},
+                                  "train": {"lr": 1e-4, "grad_clip": 1.0, "precision": "bf16"}})
+        torch.manual_seed(0)
+        bmodel = build_model(margs)
+        bopt = build_optimizer(bcfg, bmodel, on_gpu=False)
+        bclips = clips_on_device(bcfg, 1)
+        bengine, *_ = deepspeed.initialize(model=bmodel, optimizer=bopt,
+                                           config=deepspeed_config(bcfg, 1, False, optimizer_clips=bclips))
+        brunner = TrainStep(bengine, bopt, bcfg, cpu, bclips)
+        bprev = brunner.run(0, 1e-4, [batch], [0.0] * 6)
+        with HostSyncCounter(_device_tensors(bengine.module, bengine.optimizer) + [bprev.host]) as c:
+            brunner.run(1, 1e-4, [batch], [0.0] * 6)
+            bprev.values()
+        counts["engine_bf16"] = dict(ops=c.ops, syncs=dict(c.syncs), total=c.total)
+        del bengine, bopt, bmodel, brunner, bprev
         med = {k: statistics.median(v) for k, v in times.items()}
         # Overheads per round (the three ran back to back, under the same load), then the median.
         engine_over = statistics.median(e - f for e, f in zip(times["engine"], times["fwd_bwd"]))
@@ -416,6 +434,7 @@ def _overhead_worker(spec: dict, out: str) -> None:
             overhead_ratio=engine_over / plain_over if plain_over > 0 else float("inf"),
             engine_vs_plain=med["engine"] / med["plain"],
             host_syncs_per_step=counts["engine"]["total"], host_syncs_by_kind=counts["engine"]["syncs"],
+            host_syncs_per_step_bf16=counts["engine_bf16"]["total"], aten_ops_per_step_bf16=counts["engine_bf16"]["ops"],
             aten_ops_per_step=counts["engine"]["ops"], plain_host_syncs_per_step=counts["plain"]["total"],
             plain_aten_ops_per_step=counts["plain"]["ops"], clips_on_device=clips,
             times_ms={k: [1e3 * x for x in v] for k, v in times.items()}))
@@ -456,13 +475,15 @@ def _overhead_entry(_index: int, spec: dict, out: str) -> None:
 
 def format_overhead_table(rows: list[dict]) -> list[str]:
     out = ["| ZeRO | engine ms | plain loop ms | fwd+bwd ms | engine overhead ms | plain overhead ms | "
-           "overhead_ratio | host syncs / step (engine; plain) | aten ops / step (engine; plain) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "overhead_ratio | host syncs / step (engine; plain) | aten ops / step (engine; plain) | "
+           "engine in bf16: host syncs; aten ops |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["host_syncs_by_kind"].items()))
         stage = f"{r['stage']}" + (f" (runs as {r['ran_as_stage']})" if r["ran_as_stage"] != r["stage"] else "")
         out.append(f"| {stage} | {r['engine_ms']:.1f} | {r['plain_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
                    f"{r['engine_overhead_ms']:.1f} | {r['plain_overhead_ms']:.1f} | {r['overhead_ratio']:.2f} | "
                    f"{r['host_syncs_per_step']}{' (' + kinds + ')' if kinds else ''}; {r['plain_host_syncs_per_step']} | "
-                   f"{r['aten_ops_per_step']}; {r['plain_aten_ops_per_step']} |")
+                   f"{r['aten_ops_per_step']}; {r['plain_aten_ops_per_step']} | "
+                   f"{r['host_syncs_per_step_bf16']}; {r['aten_ops_per_step_bf16']} |")
     return out

@@ -178,6 +178,12 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, *, optimizer_cl
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     clip_here = optimizer_clips and clips_on_device(cfg, world_size)
+    # bf16 without ZeRO: DeepSpeed's bf16 wrapper for stage 0 keeps an fp32 master copy per
+    # parameter and checks each gradient for overflow with a host read (measured: one .item()
+    # per parameter per step).  torch autocast over fp32 weights is the same 16 bytes per
+    # parameter (fp32 weights and gradients + Adam) with none of that; DeepSpeed reduces the
+    # Linear gradients in bf16 under it.
+    autocast = t.precision == "bf16" and effective_zero_stage(cfg, world_size) == 0
     out = {
         "train_micro_batch_size_per_gpu": s.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -185,13 +191,15 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, *, optimizer_cl
         "gradient_clipping": 0.0 if clip_here else t.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # our AdamW subclass (see StepOnDevice)
-        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": not clip_here},
+        "bf16": {"enabled": t.precision == "bf16" and not autocast, "check_grad_overflow": not clip_here},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "steps_per_print": 1 << 30,  # m6rec logs its own metrics
         "wall_clock_breakdown": False,
     }
+    if autocast:
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if z.offload_optimizer and t.optimizer == "adamw":
         out["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW steps the offloaded state, no JIT build
     return out
@@ -822,6 +830,7 @@ def train(cfg: Config, resume: str = "none") -> dict:
                 rng = np.random.default_rng((cfg.train.seed, step, rank, micro))
                 infilled += infill_documents(batch, cfg.train.infill_rate, rng, special)
             micro_batches.append(batch)
+
         def host_flags() -> list[float]:
             stop_file = rank == 0 and (run_dir / STOP_FILE).exists()
             time_save = bool(cfg.train.save_every_minutes) and \
@@ -938,4 +947,6 @@ if __name__ == "__main__":  # print the rendered DeepSpeed JSON of a config
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--gpu", action="store_true", help="render as on GPUs (offload and fp16 allowed)")
     a, rest = p.parse_known_args()
-    print(json.dumps(deepspeed_config(load_config(a.config, rest), a.world_size, a.gpu), indent=2))
+    c = load_config(a.config, rest)
+    print(json.dumps(deepspeed_config(c, a.world_size, a.gpu, optimizer_clips=clips_on_device(c, a.world_size)),
+                     indent=2))
