@@ -391,12 +391,19 @@ def _overhead_worker(spec: dict, out: str) -> None:
         kinds = {"engine": engine_step, "fwd_bwd": fwd_bwd(engine.module), "plain": plain_step,
                  "plain_fwd_bwd": fwd_bwd(plain)}
         times = {k: [] for k in kinds}
-        for i in range(spec["warmup"] + spec["steps"]):
-            for k, fn in kinds.items():
-                t = time.perf_counter()
-                fn(i)
-                if i >= spec["warmup"]:
-                    times[k].append(time.perf_counter() - t)
+        order = list(kinds)
+        gc.disable()  # as timeit does: a collection would land in whichever step allocated last
+        try:
+            for i in range(spec["warmup"] + spec["steps"]):
+                order = order[1:] + order[:1]  # each kind takes each place in the round in turn
+                for k in order:
+                    t = time.perf_counter()
+                    kinds[k](i)
+                    if i >= spec["warmup"]:
+                        times[k].append(time.perf_counter() - t)
+                gc.collect()
+        finally:
+            gc.enable()
         counts = {}
         for k, fn, m, o in (("engine", engine_step, engine.module, engine.optimizer),
                             ("plain", plain_step, plain, plain_opt)):
