@@ -91,7 +91,7 @@ def test_step_on_device_equals_clip_then_adamw_and_skips_on_the_flag():
             p.grad, q.grad = g.clone(), g.clone()
         want_norm = torch.nn.utils.clip_grad_norm_(ref_w, 1.0)
         ref.step()
-        opt.nonfinite = torch.tensor(0.0)
+        opt.shared_loss = torch.tensor(2.5)
         with HostSyncCounter(_device_tensors(torch.nn.ParameterList(w), opt)) as c:
             opt.step()
         assert c.total == 0, c.syncs
@@ -102,12 +102,12 @@ def test_step_on_device_equals_clip_then_adamw_and_skips_on_the_flag():
     moments = [opt.state[p]["exp_avg"].clone() for p in w]
     for p in w:
         p.grad = torch.ones_like(p)
-    opt.nonfinite = torch.tensor(1.0)  # a non-finite loss on some rank
+    opt.shared_loss = torch.tensor(float("nan"))  # a non-finite loss on some rank
     opt.step()
     assert all(torch.equal(p, b) for p, b in zip(w, before))
     assert all(torch.equal(opt.state[p]["exp_avg"], m) for p, m in zip(w, moments))
     assert all(int(opt.state[p]["step"]) == 3 for p in w)
-    opt.nonfinite = torch.tensor(0.0)
+    opt.shared_loss = torch.tensor(2.5)
     w[0].grad = torch.full_like(w[0], float("inf"))  # a non-finite gradient skips by itself
     opt.step()
     assert all(torch.equal(p, b) for p, b in zip(w, before)) and int(opt.state[w[0]]["step"]) == 3

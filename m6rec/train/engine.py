@@ -247,31 +247,31 @@ class StepOnDevice(skippable(torch.optim.AdamW)):
     * the global gradient norm, from the whole gradients DeepSpeed hands it at
       stage 0 (a device scalar);
     * clipping to ``clip_norm`` by ``min(1, clip / (norm + 1e-6))``, a device scalar;
-    * ``found_inf`` -- non-finite norm, or ``nonfinite`` (the trainer's flag for a
-      non-finite loss on any rank) -- which the fused kernel reads to leave every
+    * ``found_inf`` -- non-finite norm, or a non-finite ``shared_loss`` (the loss sum
+      all-reduced by the trainer: some rank's loss was NaN/inf) -- which the fused kernel reads to leave every
       parameter, moment and step count untouched, as PyTorch's GradScaler uses it.
 
     ``grad_norm`` keeps the norm (a device tensor) for the log line.  ZeRO 1-3 step
     one group's partition (or sub-group) per call, so the global norm is not known
     here: DeepSpeed clips (``measure_norm`` and ``clip_norm`` off) and only
-    ``nonfinite`` is applied."""
+    ``shared_loss`` is applied."""
 
     clip_norm: float = 0.0
     measure_norm: bool = False
-    nonfinite: Optional[torch.Tensor] = None  # 0-d float on the device, set by the trainer before each step
+    shared_loss: Optional[torch.Tensor] = None  # the all-reduced loss sum (device), set by the trainer
     grad_norm: Optional[torch.Tensor] = None
 
     def step(self, closure=None):
         if self.skip_update:
             return None
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        bad = self.nonfinite
+        bad = None if self.shared_loss is None else ~torch.isfinite(self.shared_loss)
         if grads and (self.clip_norm > 0 or self.measure_norm):
             norms = torch._foreach_norm(grads)
-            norm = torch.stack(norms).float().square().sum().sqrt()
+            norm = torch.linalg.vector_norm(torch.stack(norms).float())
             self.grad_norm = norm
-            norm_bad = (~torch.isfinite(norm)).float()
-            bad = norm_bad if bad is None else torch.maximum(bad, norm_bad)
+            norm_bad = ~torch.isfinite(norm)
+            bad = norm_bad if bad is None else bad | norm_bad
             if self.clip_norm > 0:
                 scale = (self.clip_norm / (norm + 1e-6)).clamp(max=1.0)
                 torch._foreach_mul_(grads, scale.to(grads[0].dtype))
@@ -533,15 +533,15 @@ def _global_grad_norm(engine) -> Optional[torch.Tensor]:
 class StepStats:
     """What one step tells every rank, all-reduced on the device and read only when needed.
 
-    ``vector`` holds ``[non-finite flag, loss sum, tokens, signal, stop file, time
-    to save, skipped samples, corrupt shards, infilled documents]`` summed over
-    ranks.  On CUDA a non-blocking copy to pinned memory is queued behind it, so
+    ``vector`` holds ``[loss sum, tokens, signal, stop file, time to save, skipped
+    samples, corrupt shards, infilled documents]`` summed over ranks; the loss sum is
+    non-finite exactly when some rank's loss (or, where the trainer measures it,
+    gradient norm) was.  On CUDA a non-blocking copy to pinned memory is queued behind it, so
     :meth:`values` waits for this step's work only, not for the steps queued
     since: the trainer reads a step's numbers one step late and keeps the device
     busy (or at once, on log and save steps)."""
 
-    FIELDS = ("nonfinite", "loss_sum", "tokens", "signalled", "stop_file", "time_save", "skipped", "corrupt",
-              "infilled")
+    FIELDS = ("loss_sum", "tokens", "signalled", "stop_file", "time_save", "skipped", "corrupt", "infilled")
 
     def __init__(self, vector: torch.Tensor, local_losses: list, keys: list, lr: float):
         self.local_losses, self.keys, self.lr = local_losses, keys, lr
@@ -560,6 +560,7 @@ class StepStats:
             if self.event is not None:
                 self.event.synchronize()
             self._values = dict(zip(self.FIELDS, self.host.tolist()))  # the step's one host read
+            self._values["nonfinite"] = not math.isfinite(self._values["loss_sum"])
         return self._values
 
 
@@ -606,28 +607,30 @@ class TrainStep:
             if step + 1 in self.nan_steps:
                 loss = loss * float("nan")  # test hook (M6REC_FAULT=nan_loss@N)
             self.engine.backward(loss)
-            losses.append(loss.detach().float())
+            losses.append(loss.detach())
             if micro < self.accum - 1:
                 self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-        local = torch.stack(losses)
-        bad = (~torch.isfinite(local)).any()
+        # Few ops on purpose: a NaN/inf loss on any rank makes the all-reduced sum non-finite,
+        # which is all the skip needs to know.
+        loss_sum = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         if self.stage0_norm:  # a non-finite whole gradient skips too (ZeRO 1-3 check their own)
             norm = _global_grad_norm(self.engine)
-            bad = bad | ~torch.isfinite(norm) if norm is not None else bad
+            if norm is not None:
+                loss_sum = loss_sum + norm * 0.0
         host_part = torch.tensor([tokens, *(host() if callable(host) else host)], dtype=torch.float64)
         if self.device.type == "cuda":
             host_part = host_part.pin_memory().to(self.device, non_blocking=True)
-        vector = torch.cat([bad.double().reshape(1), local.nan_to_num(0.0).sum().double().reshape(1), host_part])
+        vector = torch.cat([loss_sum.reshape(1).double(), host_part])
         if self.world > 1:
             dist.all_reduce(vector)
         if self.on_device:
-            self.optimizer.nonfinite = (vector[0] > 0).float()
+            self.optimizer.shared_loss = vector[0]
         else:
-            self.optimizer.skip_update = bool(vector[0] > 0)  # a host read: see the class docstring
+            self.optimizer.skip_update = not bool(vector[0].isfinite())  # a host read: see the class docstring
         self.engine.step()  # the boundary: clip + optimizer step (skipped if non-finite)
         self.optimizer.skip_update = False
         if self.on_device:
-            self.optimizer.nonfinite = None
+            self.optimizer.shared_loss = None
         return StepStats(vector, losses, keys, lr)
 
     def grad_norm(self) -> Optional[float]:
