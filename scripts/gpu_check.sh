@@ -8,7 +8,7 @@
 #   2. prepare ml-1m-partial (from M6REC_DATA_ROOT, default ../shared/data) for the base preset
 #   3. the base preset through the deepspeed launcher at batch 16 (20 steps, checkpoint at 20) and 64
 #   4. resume the batch-16 run to step 30 (--resume auto), export it to HF, evaluate it on cuda (500 users)
-#   5. $OUT/gpu_check.json and gpu_check.md: one table
+#   5. $OUT/gpu_check.json and gpu_check.md: one table; $OUT/logs.txt: every stage's log tail (5 files in all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -16,7 +16,7 @@ WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
 PY=${PYTHON:-python3}
 DATA_ROOT=${M6REC_DATA_ROOT:-../shared/data}
 mkdir -p "$OUT" "$WORK"
-: > "$OUT/stages.txt"
+: > "$OUT/stages.txt"; : > "$OUT/logs.txt"
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
 
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
@@ -26,7 +26,7 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
 else
   TINY=(); PRESET=configs/pretrain/base.yaml; DATA=(--data.root "$DATA_ROOT/ml-1m-partial" --data.workers 8)
   SHAPE=(); LAUNCH=(deepspeed --num_gpus 1 launch/train.py); DEVICE=cuda; S=(20 10 30); EVAL_USERS=500
-  T_BENCH=170; T_PREP=60; T_TRAIN=75
+  T_BENCH=170; T_PREP=50; T_TRAIN=70  # with export 40 and eval 60: under 9 minutes at worst
 fi
 STEPS=${S[0]}; SAVE=${S[1]}; RESUME_TO=${S[2]}
 RUNARGS=(--config "$PRESET" --data.output "$WORK/data" "${SHAPE[@]}" --train.log_every 5 --train.eval_every 0)
@@ -34,11 +34,13 @@ RUNARGS=(--config "$PRESET" --data.output "$WORK/data" "${SHAPE[@]}" --train.log
 stage() {  # stage NAME SECONDS CMD...: run under a timeout, log to $OUT/NAME.log, record the exit status
   local name=$1 secs=$2; shift 2
   local t0=$SECONDS
-  echo "=== $name (timeout ${secs}s): $*"
-  timeout --kill-after=10 "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name (timeout ${secs}s)"
+  timeout --kill-after=10 "$secs" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$OUT/stages.txt"
-  [ $rc = 0 ] || tail -5 "$OUT/$name.log"
+  # one log file comes back (a lent machine returns at most 8): each stage's last 150 lines
+  { echo "=== $name rc=$rc: $*"; tail -150 "$WORK/$name.log"; } >> "$OUT/logs.txt"
+  [ $rc = 0 ] || tail -5 "$WORK/$name.log"
   return 0
 }
 
@@ -50,8 +52,8 @@ stage base_b64 "$T_TRAIN" "${LAUNCH[@]}" "${RUNARGS[@]}" --train.run_dir "$WORK/
   --train.steps "$STEPS" --train.save_every 0
 stage resume "$T_TRAIN" "${LAUNCH[@]}" "${RUNARGS[@]}" --train.run_dir "$WORK/b16" --data.stream.batch_size 16 \
   --train.steps "$RESUME_TO" --train.save_every "$SAVE" --resume auto
-stage export 60 "$PY" -m m6rec.cli export --ckpt "$WORK/b16/checkpoints" --to hf "$WORK/hf"
-stage eval 90 "$PY" -m m6rec.cli eval --ckpt "$WORK/b16" --split valid --max-users "$EVAL_USERS" --device "$DEVICE" \
+stage export 40 "$PY" -m m6rec.cli export --ckpt "$WORK/b16/checkpoints" --to hf "$WORK/hf"
+stage eval 60 "$PY" -m m6rec.cli eval --ckpt "$WORK/b16" --split valid --max-users "$EVAL_USERS" --device "$DEVICE" \
   --out "$WORK/eval.json"
 
 "$PY" - "$OUT" "$WORK" <<'EOF'
@@ -80,7 +82,7 @@ for name in ("b16", "b64"):
 res["base_preset"] = runs
 ev = work / "eval.json"
 res["eval"] = json.loads(ev.read_text()) if ev.is_file() else None
-lines = list(res.get("bench", {}).get("table", ["(bench gpu did not finish: see bench.log)"]))
+lines = list(res.get("bench", {}).get("table", ["(bench gpu did not finish: see logs.txt)"]))
 lines += ["", "| base preset (engine, real data) | ms/step | tokens/s | MFU (engine's own figure) |", "|---|---|---|---|"]
 for name, r in runs.items():
     if "tokens_per_s" in r:

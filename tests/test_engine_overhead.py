@@ -158,12 +158,8 @@ def test_engine_step_reads_the_device_once(monkeypatch):
                              "train": {"grad_clip": 1.0}})
     torch.manual_seed(0)
     model = build_model(ModelArgs(**{**OVERHEAD_MODEL, "n_layers": 4}))
-    opt = E.build_optimizer(cfg, model, on_gpu=False)
-    clips = E.clips_on_device(cfg, 1)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
-                                      config=E.deepspeed_config(cfg, 1, False, optimizer_clips=clips))
-    assert engine.zero_optimization_stage() == 0 and clips
-    runner = E.TrainStep(engine, opt, cfg, torch.device("cpu"), clips)
+    engine, opt, runner, ds_config = E.build_engine(cfg, model, 1, torch.device("cpu"))
+    assert engine.zero_optimization_stage() == 0 and ds_config["gradient_clipping"] == 0  # StepOnDevice clips
     batch = _batch(512, 2, 64, seed=0)
     prev = runner.run(0, 1e-3, [batch], [0.0] * 6)
     with HostSyncCounter(_device_tensors(engine.module, engine.optimizer) + [prev.host]) as c:
@@ -173,3 +169,33 @@ def test_engine_step_reads_the_device_once(monkeypatch):
     assert v["nonfinite"] == 0 and v["tokens"] == 128 and v["loss_sum"] > 0
     assert now.values()["loss_sum"] < v["loss_sum"]  # the same batch again: it learned
     assert runner.grad_norm() > 0
+
+
+def test_bf16_without_zero_trains_under_autocast_with_fp32_weights(monkeypatch):
+    """bf16 at stage 0 (one rank): fp32 weights, bf16 matmuls under torch autocast, one host read."""
+    import deepspeed
+    import torch.distributed as dist
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(E._free_port())).items():
+        monkeypatch.setenv(k, v)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    cfg = load_config(None, {"deepspeed": {"zero_stage": 2}, "data": {"stream": {"seq_len": 64, "batch_size": 2}},
+                             "train": {"grad_clip": 1.0, "precision": "bf16"}})
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(**{**OVERHEAD_MODEL, "n_layers": 2}))
+    engine, opt, runner, ds_config = E.build_engine(cfg, model, 1, torch.device("cpu"))
+    assert ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds_config["bf16"]["enabled"]
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters() if "patch_embed" not in n}
+    batch = _batch(512, 2, 64, seed=0)
+    prev = runner.run(0, 1e-3, [batch], [0.0] * 6)
+    with HostSyncCounter(_device_tensors(engine.module, engine.optimizer) + [prev.host]) as c:
+        now = runner.run(1, 1e-3, [batch], [0.0] * 6)
+        v = prev.values()
+    assert c.total == 1, c.syncs
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+    # every weight that had a gradient moved (no posters in this batch: the patch embedding has none)
+    assert all(not torch.equal(p, before[n]) for n, p in engine.module.named_parameters() if n in before)
+    assert not v["nonfinite"] and not now.values()["nonfinite"] and 5.0 < v["loss_sum"] < 7.5  # ~ln(512)

@@ -36,3 +36,6 @@ def test_gpu_check_script_runs_every_stage(tmp_path):
     assert res["base_preset"]["b64"]["tokens_per_s"] > 0
     assert res["eval"] and (work / "hf" / "config.json").is_file()
     assert "| m6rec engine, ZeRO 0 |" in (out / "gpu_check.md").read_text()
+    # a lent machine returns at most 8 files from $OUT
+    assert sorted(p.name for p in out.iterdir()) == ["bench_gpu.json", "gpu_check.json", "gpu_check.md", "logs.txt",
+                                                      "stages.txt"]

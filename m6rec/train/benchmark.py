@@ -339,7 +339,7 @@ def _overhead_worker(spec: dict, out: str) -> None:
     from m6rec.config import load_config
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
-    from m6rec.train.engine import TrainStep, build_optimizer, clips_on_device, deepspeed_config, prepare_inputs
+    from m6rec.train.engine import build_engine, prepare_inputs
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
@@ -354,11 +354,7 @@ def _overhead_worker(spec: dict, out: str) -> None:
                                  "train": {"lr": 1e-4, "grad_clip": 1.0}})
         torch.manual_seed(0)
         model = build_model(margs)
-        opt = build_optimizer(cfg, model, on_gpu=False)
-        clips = clips_on_device(cfg, 1)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
-                                          config=deepspeed_config(cfg, 1, False, optimizer_clips=clips))
-        runner = TrainStep(engine, opt, cfg, cpu, clips)
+        engine, opt, runner, ds_config = build_engine(cfg, model, 1, cpu)
         torch.manual_seed(0)
         plain = build_model(margs)
         plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
@@ -419,11 +415,7 @@ def _overhead_worker(spec: dict, out: str) -> None:
                                   "train": {"lr": 1e-4, "grad_clip": 1.0, "precision": "bf16"}})
         torch.manual_seed(0)
         bmodel = build_model(margs)
-        bopt = build_optimizer(bcfg, bmodel, on_gpu=False)
-        bclips = clips_on_device(bcfg, 1)
-        bengine, *_ = deepspeed.initialize(model=bmodel, optimizer=bopt,
-                                           config=deepspeed_config(bcfg, 1, False, optimizer_clips=bclips))
-        brunner = TrainStep(bengine, bopt, bcfg, cpu, bclips)
+        bengine, bopt, brunner, _ = build_engine(bcfg, bmodel, 1, cpu)
         bprev = brunner.run(0, 1e-4, [batch], [0.0] * 6)
         with HostSyncCounter(_device_tensors(bengine.module, bengine.optimizer) + [bprev.host]) as c:
             brunner.run(1, 1e-4, [batch], [0.0] * 6)
@@ -443,7 +435,7 @@ def _overhead_worker(spec: dict, out: str) -> None:
             host_syncs_per_step=counts["engine"]["total"], host_syncs_by_kind=counts["engine"]["syncs"],
             host_syncs_per_step_bf16=counts["engine_bf16"]["total"], aten_ops_per_step_bf16=counts["engine_bf16"]["ops"],
             aten_ops_per_step=counts["engine"]["ops"], plain_host_syncs_per_step=counts["plain"]["total"],
-            plain_aten_ops_per_step=counts["plain"]["ops"], clips_on_device=clips,
+            plain_aten_ops_per_step=counts["plain"]["ops"], clips_on_device=ds_config["gradient_clipping"] == 0,
             times_ms={k: [1e3 * x for x in v] for k, v in times.items()}))
         del engine, opt, model, plain, plain_opt, runner
         prev[0] = None

@@ -677,6 +677,20 @@ class _Trace:
             self.file.close()
 
 
+def build_engine(cfg: Config, model: torch.nn.Module, world: int, device: torch.device):
+    """What ``m6rec train`` builds around a model -- the optimizer, the DeepSpeed engine and
+    the :class:`TrainStep` -- also used as is by the benchmarks.  Returns
+    ``(engine, optimizer, step, deepspeed_config)``."""
+    import deepspeed
+
+    on_gpu = device.type == "cuda"
+    optimizer = build_optimizer(cfg, model, on_gpu)
+    clips = isinstance(optimizer, StepOnDevice) and clips_on_device(cfg, world)
+    ds_config = deepspeed_config(cfg, world, on_gpu, optimizer_clips=clips)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer, TrainStep(engine, optimizer, cfg, device, clips), ds_config
+
+
 # ---------------------------------------------------------------------------
 # Resume
 # ---------------------------------------------------------------------------
@@ -718,8 +732,6 @@ def _resume(engine, ckpt_dir: Path, resume: str, cfg: Config, world: int, loader
 # ---------------------------------------------------------------------------
 def train(cfg: Config, resume: str = "none") -> dict:
     """Run training; returns a summary (last step, why it stopped, ...)."""
-    import deepspeed
-
     from m6rec.data.stream import StreamLoader
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
@@ -747,12 +759,9 @@ def train(cfg: Config, resume: str = "none") -> dict:
 
     model = build_model(cfg, device=device)
     margs = ModelArgs.from_config(cfg)
-    optimizer = build_optimizer(cfg, model, on_gpu)
-    clips = isinstance(optimizer, StepOnDevice) and clips_on_device(cfg, world)
-    ds_config = deepspeed_config(cfg, world, on_gpu, optimizer_clips=clips)
+    engine, optimizer, runner, ds_config = build_engine(cfg, model, world, device)
     if rank == 0:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     train_loader = StreamLoader.from_config(cfg.data, "train", train=True, rank=rank, world_size=world,
                                             pin_memory=on_gpu)
     val_loader = StreamLoader.from_config(cfg.data, "valid", train=False, rank=rank, world_size=world,
@@ -773,7 +782,6 @@ def train(cfg: Config, resume: str = "none") -> dict:
         log.info("one rank: deepspeed.zero_stage %d would partition nothing, running as ZeRO stage 0",
                  cfg.deepspeed.zero_stage)
     special = manifest["special_tokens"]
-    runner = TrainStep(engine, optimizer, cfg, device, clips)
     meta = {"world_size": world, "zero_stage": stage, "precision": cfg.train.precision,
             "model_args": margs.to_dict(), "tokenizer": str(Path(cfg.data.output) / "tokenizer.json")}
     last_save_time, last_saved = time.time(), step

@@ -69,8 +69,7 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
     from m6rec.model.args import ModelArgs
     from m6rec.model.info import flops_per_token
     from m6rec.model.transformer import apply_compile, build_model
-    from m6rec.train.engine import (TrainStep, build_optimizer, clips_on_device, deepspeed_config,
-                                    effective_zero_stage, init_distributed, prepare_inputs)
+    from m6rec.train.engine import build_engine, effective_zero_stage, init_distributed, prepare_inputs
     from m6rec.train.metrics import peak_flops
 
     t0 = time.perf_counter()
@@ -154,11 +153,7 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
             torch.manual_seed(0)
             engine_args = ModelArgs.from_dict({**margs.to_dict(), "compile": cuda})  # GPU presets compile
             model = build_model(engine_args, device=device)
-            opt = build_optimizer(cfg, model, on_gpu=cuda)
-            clips = clips_on_device(cfg, world)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
-                                              config=deepspeed_config(cfg, world, cuda, optimizer_clips=clips))
-            runner = TrainStep(engine, opt, cfg, device, clips)
+            engine, opt, runner, _ = build_engine(cfg, model, world, device)
             pending = [None]
             i = [0]
 
