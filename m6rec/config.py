@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration key, type or value is wrong; the message names it."""
+
+
+SELECT_BY_RE = re.compile(r"^(hr@[1-9]\d*|ndcg@[1-9]\d*|mrr)$")  # train.select_by
 
 
 # --------------------------------------------------------------------------
@@ -101,7 +105,12 @@ class DataConfig:
     # ml-1m-partial, 86% with "full" at seq_len 1024) and train on short and long
     # histories alike.  Validation and test windows always get the full history.
     context: Literal["full", "random"] = "random"
-    seed: int = 0  # seeds "random" context lengths and the item-token order
+    seed: int = 0  # seeds "random" context lengths, the item-token order and the held-out cold items
+    # Cold-item protocol: this fraction of the catalog (seeded by data.seed) is held out of training
+    # entirely -- in no training window, not counted by popularity -- while its interactions stay
+    # valid/test targets and stay in valid/test histories.  The items are listed in the manifest
+    # (held_out_items); `m6rec eval` reports hr/ndcg on targets that are such items.  0 = off.
+    cold_items: float = 0.0
     text: TextConfig = field(default_factory=TextConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     images: ImageConfig = field(default_factory=ImageConfig)
@@ -135,6 +144,13 @@ class ModelConfig:
     ffn_multiple_of: int = 256  # rounding of the default SwiGLU width (ffn_hidden: null)
     # auto: FlexAttention on CUDA, per-document fused SDPA ("varlen") elsewhere (m6rec/model/masks.py)
     attn_impl: Literal["auto", "sdpa", "flex", "varlen"] = "auto"
+    # Dropout, applied in training mode only (model.train()); 0.0 = off (the default, as before).
+    # embed: after the token embedding; attention: on the attention weights (SDPA's dropout_p --
+    # FlexAttention has none: on CUDA with attn_impl auto/flex a nonzero value switches attention to
+    # "varlen"); resid: on each block's attention and feed-forward outputs before they join the residual.
+    embed_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
 
 
 @dataclass
@@ -173,6 +189,12 @@ class TrainConfig:
     infill_rate: float = 0.0  # fraction of samples trained with the M6 text-infilling objective
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; None = known GPU table / measured on CPU
     seed: int = 1234
+    # Checkpoint selection by a validation ranking metric ("hr@10", "ndcg@10", "mrr"; null = off):
+    # at every eval step the model ranks the full catalog for a seeded subset of validation users
+    # (select_users; 0 = all), the value is logged as val_<metric>, a checkpoint is written when it
+    # improves, and RUN_DIR/best.json names the best tag (kept through keep_last pruning).
+    select_by: Optional[str] = None
+    select_users: int = 1000
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -424,6 +446,19 @@ def _check(cfg: Config) -> None:
             f"config key 'data.filters.min_user_interactions': bad value {d.filters.min_user_interactions!r}; "
             "allowed: >= 3 (leave-one-out needs a training item, a validation and a test target)"
         )
+    if not 0.0 <= d.cold_items < 1.0:
+        raise ConfigError(f"config key 'data.cold_items': bad value {d.cold_items!r}; allowed: 0 <= fraction < 1")
+    m = cfg.model
+    for key in ("embed_dropout", "attn_dropout", "resid_dropout"):
+        v = getattr(m, key)
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"config key 'model.{key}': bad value {v!r}; allowed: 0 <= p < 1")
+    t = cfg.train
+    if t.select_by is not None and not SELECT_BY_RE.match(t.select_by):
+        raise ConfigError(f"config key 'train.select_by': bad value {t.select_by!r}; allowed: hr@K, ndcg@K, mrr "
+                          "or null")
+    if t.select_users < 0:
+        raise ConfigError(f"config key 'train.select_users': bad value {t.select_users!r}; allowed: >= 0 (0 = all)")
     if d.filters.kcore < 0:
         raise ConfigError(f"config key 'data.filters.kcore': bad value {d.filters.kcore!r}; allowed: >= 0")
 

@@ -616,3 +616,39 @@ def test_chunked_linear_cross_entropy_under_bf16_autocast():
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(gh, h.grad, rtol=3e-2, atol=3e-3)
     torch.testing.assert_close(gw, w.grad, rtol=3e-2, atol=3e-3)
+
+
+# ---------------------------------------------------------------------------
+# Dropout (model.embed_dropout / attn_dropout / resid_dropout): training mode only
+@pytest.mark.parametrize("impl", ["sdpa", "varlen"])
+@pytest.mark.parametrize("which", ["embed_dropout", "attn_dropout", "resid_dropout"])
+def test_dropout_is_off_in_eval_and_changes_training_outputs(which, impl):
+    batch = pack(docs3(), T=40)
+    plain = tiny_model(seed=3, attn_impl=impl)
+    drop = tiny_model(seed=3, attn_impl=impl, **{which: 0.3})
+    drop.load_state_dict(plain.state_dict())
+    # eval mode: exactly the model without dropout, and deterministic
+    want = plain(**batch, return_logits=True)
+    got = drop(**batch, return_logits=True)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    # training mode: outputs change and differ between two passes; gradients still flow
+    drop.train()
+    torch.manual_seed(0)
+    a = drop(**batch, return_logits=True)
+    torch.manual_seed(1)
+    b = drop(**batch, return_logits=True)
+    assert not torch.allclose(a.logits, want.logits) and not torch.allclose(a.logits, b.logits)
+    a.loss.backward()
+    assert all(p.grad is not None for n, p in drop.named_parameters() if not n.startswith("patch_embed"))
+    # training mode without dropout: the same numbers as eval mode
+    plain.train()
+    torch.testing.assert_close(plain(**batch, return_logits=True).logits, want.logits)
+
+
+def test_attention_dropout_avoids_flex_in_training():
+    m = tiny_model(attn_impl="flex", attn_dropout=0.1)
+    doc = torch.zeros(1, 8, dtype=torch.long)
+    assert m.attention_mask(8, doc, None, torch.device("cpu")).kind == "flex"  # eval: unchanged
+    m.train()
+    assert m.attention_mask(8, doc, None, torch.device("cpu")).kind == "varlen"

@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,18 @@ class Prepared:
     catalog: T.Catalog
     images: dict[str, bytes]  # item_id -> resized JPEG bytes
     report: dict
+    held_out: frozenset = frozenset()  # data.cold_items: items in no training window
+
+
+def held_out_items(item_ids, fraction: float, seed: int) -> list[str]:
+    """The ``data.cold_items`` fraction of the catalog, drawn with ``data.seed`` (sorted ids, so the
+    draw depends on the catalog and the seed only), sorted."""
+    ids = sorted(str(i) for i in item_ids)
+    n = int(round(fraction * len(ids)))
+    if n == 0:
+        return []
+    rng = np.random.default_rng([seed, 0xC01D])
+    return sorted(ids[i] for i in rng.choice(len(ids), size=n, replace=False))
 
 
 def _load_images(items: pd.DataFrame, size: int) -> tuple[dict[str, bytes], list[str]]:
@@ -97,8 +109,13 @@ def build(cfg: DataConfig) -> Prepared:
     report["malformed_examples"] = raw.malformed[:100]
     report["images_found"] = len(images)
     report["images_failed"] = failed
+    held_out = held_out_items(items["item_id"], cfg.cold_items, cfg.seed)
+    if held_out:
+        train_rows = timeline["split"] == "train"
+        report["held_out_items"] = len(held_out)
+        report["held_out_train_interactions"] = int((train_rows & timeline["item_id"].isin(held_out)).sum())
     report["seconds_load_clean_split"] = round(time.time() - t0, 2)
-    return Prepared(cfg, timeline, items, catalog, images, report)
+    return Prepared(cfg, timeline, items, catalog, images, report, frozenset(held_out))
 
 
 def _user_arrays(timeline: pd.DataFrame):
@@ -115,13 +132,29 @@ def _user_arrays(timeline: pd.DataFrame):
 
 def _iter_samples(prep: Prepared, user_filter=None):
     c = prep.cfg
+    held = np.array(sorted(prep.held_out), dtype=object) if prep.held_out else None
     for uid, items, ts, ratings, splits in _user_arrays(prep.timeline):
         if user_filter is not None and not user_filter(uid):
             continue
         # Seeded per user, so parts and workers draw the same windows wherever the user lands.
         rng = np.random.default_rng([c.seed, zlib.crc32(uid.encode())]) if c.context == "random" else None
-        for w in T.make_windows(uid, splits, c.max_items, c.stride, c.min_context_items, rng):
+        for w in _windows(c, uid, items, splits, rng, held):
             yield w, items, ts, T.window_segments(w, items, ts, ratings, prep.catalog, c.text)
+
+
+def _windows(c: DataConfig, uid, items: np.ndarray, splits: np.ndarray, rng, held) -> list:
+    """The user's windows.  With held-out (cold) items (``held``), training windows are made over the
+    training rows of the other items only (rows mapped back to the timeline), so a held-out item is in
+    no training window, as context or target; valid/test windows keep the full history."""
+    cold = np.isin(items, held) & (splits == "train") if held is not None else None
+    if cold is None or not cold.any():
+        return T.make_windows(uid, splits, c.max_items, c.stride, c.min_context_items, rng)
+    keep = np.flatnonzero(~cold)
+    train = [replace(w, rows=keep[w.rows])
+             for w in T.make_windows(uid, splits[keep], c.max_items, c.stride, c.min_context_items, rng)
+             if w.split == "train"]
+    return train + [w for w in T.make_windows(uid, splits, c.max_items, c.stride, c.min_context_items, None)
+                    if w.split != "train"]
 
 
 def get_tokenizer(prep: Prepared):
@@ -289,6 +322,7 @@ def write_dataset_files(prep: Prepared, tok, root: Path) -> None:
     items.to_parquet(tmp, index=False)
     os.replace(tmp, root / "items.parquet")
     _write_json(root / "prepare_report.json", prep.report)
+    _write_json(root / "held_out_items.json", sorted(prep.held_out))  # merge() puts it in the manifest
 
 
 def merge(cfg: DataConfig, num_parts: int) -> dict:
@@ -334,6 +368,9 @@ def merge(cfg: DataConfig, num_parts: int) -> dict:
             "patches": (c.images.size // c.images.patch_size) ** 2,
         },
         "item_repr": c.text.item_repr,
+        # data.cold_items: items held out of every training window (valid/test targets and histories only)
+        "held_out_items": json.loads((root / "held_out_items.json").read_text())
+        if (root / "held_out_items.json").is_file() else [],
         "splits": splits,
         "config": to_dict(c),
     }

@@ -210,7 +210,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, enable_gqa: bool) ->
 
 
 @torch.compiler.disable
-def _varlen(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, enable_gqa: bool) -> Tensor:
+def _varlen(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, enable_gqa: bool, dropout_p: float = 0.0) -> Tensor:
     """One SDPA call per document span.  ``unbind`` / ``split`` / ``cat`` /
     ``stack`` (not indexing) keep the backward free of zero-filled full-size gradients."""
     rows = []
@@ -220,21 +220,27 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, enable_gqa: bo
         for qs, ks, vs, (L, ctx) in zip(qb.split(lengths, 1), kb.split(lengths, 1), vb.split(lengths, 1), row):
             m = mask.span_mask(L, ctx, q.dtype)
             if m is None:
-                o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, enable_gqa=enable_gqa)
+                o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, dropout_p=dropout_p,
+                                                   enable_gqa=enable_gqa)
             else:
-                o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=m, enable_gqa=enable_gqa)
+                o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=m, dropout_p=dropout_p,
+                                                   enable_gqa=enable_gqa)
             outs.append(o[0])
         rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
     return torch.stack(rows)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-    """Fused attention of ``q [B, H, T, Q]`` over ``k, v [B, H_kv, T, Q]``."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float = 0.0) -> Tensor:
+    """Fused attention of ``q [B, H, T, Q]`` over ``k, v [B, H_kv, T, Q]``.  ``dropout_p``: SDPA's
+    dropout on the attention weights (the caller passes 0 outside training); FlexAttention has
+    none, so a "flex" mask with ``dropout_p`` > 0 is an error (the model builds "varlen" then)."""
     gqa = q.shape[1] != k.shape[1]
     if mask.kind == "causal":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
     if mask.kind == "dense":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, dropout_p=dropout_p, enable_gqa=gqa)
     if mask.kind == "varlen":
-        return _varlen(q, k, v, mask, gqa)
+        return _varlen(q, k, v, mask, gqa, dropout_p)
+    if dropout_p:
+        raise ValueError("attention dropout needs an SDPA mask (causal, dense or varlen), not FlexAttention")
     return _flex(q, k, v, mask.block_mask, gqa)

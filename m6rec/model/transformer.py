@@ -88,6 +88,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.wqkv = nn.Linear(args.dim, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.attn_dropout  # on the attention weights, training mode only
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
                 kv: Optional[LayerKV] = None) -> Tensor:
@@ -102,7 +103,10 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if kv is not None:
             k, v = kv.extend(k, v)
-        out = attend(q, k, v, mask)  # [B, H, T, Q]
+        if self.dropout and self.training:
+            out = attend(q, k, v, mask, self.dropout)
+        else:
+            out = attend(q, k, v, mask)  # [B, H, T, Q]
         return self.wo(out.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
 
@@ -126,9 +130,14 @@ class Block(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
+        self.resid_dropout = args.resid_dropout  # on each branch's output, training mode only
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
                 kv: Optional[LayerKV] = None) -> Tensor:
+        if self.resid_dropout and self.training:
+            p = self.resid_dropout
+            x = x + F.dropout(self.attention(self.attention_norm(x), cos, sin, mask, kv), p, True)
+            return x + F.dropout(self.feed_forward(self.ffn_norm(x)), p, True)
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -240,6 +249,8 @@ class M6Transformer(nn.Module):
         mask = attention_mask or self.attention_mask(T, document_ids, prefix_mask, input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
         x = self.embed(input_ids, image_patches, image_positions)
+        if self.args.embed_dropout and self.training:
+            x = F.dropout(x, self.args.embed_dropout, True)
         ckpt = self.args.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if ckpt:
@@ -253,9 +264,13 @@ class M6Transformer(nn.Module):
                        host_prefix_mask: Optional[Tensor] = None) -> AttentionMask:
         """The mask every layer applies to a batch, built once.  ``host_*``: CPU copies of the
         same tensors, from which kernels that need the document spans on the host ("varlen")
-        read them without a device-to-host copy."""
+        read them without a device-to-host copy.  FlexAttention has no dropout: in training mode with
+        ``attn_dropout`` > 0, "auto" and "flex" run as "varlen" (per-document SDPA)."""
+        impl = self.args.attn_impl
+        if self.args.attn_dropout and self.training and impl in ("auto", "flex"):
+            impl = "varlen"
         return build_attention_mask(seq_len, document_ids=document_ids, prefix_mask=prefix_mask,
-                                    attention=self.args.attention, impl=self.args.attn_impl, device=device,
+                                    attention=self.args.attention, impl=impl, device=device,
                                     host_document_ids=host_document_ids, host_prefix_mask=host_prefix_mask)
 
     # --- LM head ----------------------------------------------------------------

@@ -175,7 +175,8 @@ def eval_main(cfg, args) -> int:
     meta = {
         "task": args.task, "split": args.split, "users": len(queries), "dataset": str(data.dataset_dir),
         "zero_shot": zero_shot, "catalog_size": len(data.catalog), "ks": ks, "max_users": args.max_users,
-        "seed": args.seed, "cold_items": len(cold), "models": models_meta,
+        "seed": args.seed, "cold_items": len(cold),
+        "held_out_items": len(data.held_out), "models": models_meta,
         "protocol": ("held-out targets of the saved split rated >= 4 (positive) or <= 2 (negative); AUC and log loss"
                      if args.task == "ranking" else
                      "saved leave-one-out split (splits.parquet); full ranking over the catalog; the user's "
@@ -241,7 +242,8 @@ def recommend_main(cfg, args) -> int:
 def add_eval_arguments(p) -> None:
     p.add_argument("--ckpt", required=True, action="append",
                    help="a run directory (newest complete checkpoint); repeat to put several models in one table")
-    p.add_argument("--tag", default=None, help="a checkpoint tag like step00001000 (with one --ckpt)")
+    p.add_argument("--tag", default=None, help="a checkpoint tag like step00001000, or best (RUN_DIR/best.json of train.select_by) "
+                        "(with one --ckpt)")
     p.add_argument("--task", default="next_item",
                    help="next_item (generative: item-token softmax or trie beam search), retrieval (two-tower, "
                         "a run of `m6rec finetune`), ranking (P(yes) of held-out targets: AUC, log loss)")

@@ -39,6 +39,9 @@ class EvalData:
     dataset_dir: Path
     items: pd.DataFrame  # item_id, title, text, genres, ...
     splits: pd.DataFrame
+    # data.cold_items: items held out of training (manifest "held_out_items"); their training-split rows
+    # trained nothing, so train_counts() leaves them out (popularity does not see them either)
+    held_out: frozenset = frozenset()
 
     @classmethod
     def load(cls, dataset_dir: str | Path) -> "EvalData":
@@ -46,7 +49,10 @@ class EvalData:
         for f in ("splits.parquet", "items.parquet"):
             if not (d / f).is_file():
                 raise FileNotFoundError(f"{d / f} missing: is {d} a dataset written by `m6rec prepare`?")
-        return cls(d, pd.read_parquet(d / "items.parquet"), pd.read_parquet(d / "splits.parquet"))
+        held = []
+        if (d / "manifest.json").is_file():
+            held = json.loads((d / "manifest.json").read_text()).get("held_out_items", [])
+        return cls(d, pd.read_parquet(d / "items.parquet"), pd.read_parquet(d / "splits.parquet"), frozenset(held))
 
     @property
     def catalog(self) -> list[str]:
@@ -71,7 +77,10 @@ class EvalData:
         return [Query(u, histories.get(u, []), targets[u], split) for u in users]
 
     def train_counts(self) -> dict:
-        return self.splits[self.splits["split"] == "train"].groupby("item_id").size().to_dict()
+        train = self.splits[self.splits["split"] == "train"]
+        if self.held_out:
+            train = train[~train["item_id"].isin(self.held_out)]
+        return train.groupby("item_id").size().to_dict()
 
     def genres(self) -> dict:
         return {i: set(g) if g is not None else set() for i, g in zip(self.items["item_id"], self.items["genres"])}
@@ -133,7 +142,7 @@ def evaluate(model: Recommender, data: EvalData, queries: Sequence[Query], ks: S
         assert not (set(r) & set(q.history)), f"{model.name} recommended history items to user {q.user_id}"
     report = M.ranking_report(rankings, [q.target for q in queries], ks, len(data.catalog),
                               genres=data.genres(), head=M.head_items(data.train_counts()),
-                              cold=cold_items(data) if cold is None else cold)
+                              cold=cold_items(data) if cold is None else cold, held_out=data.held_out or None)
     report["model"] = model.name
     return report
 
@@ -146,7 +155,8 @@ def markdown_table(rows: list[dict], ks: Sequence[int]) -> str:
         return "\n".join(lines)
     cols = ["model"] + [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
     extra = [c for c in rows[0] if c.startswith(("coverage", "diversity", "hr@10_head", "hr@10_tail", "hr@10_cold",
-                                                 "ndcg@10_cold"))] if rows else []
+                                                 "ndcg@10_cold", "hr@10_heldout", "ndcg@10_heldout",
+                                                 "hr@10_rest", "ndcg@10_rest"))] if rows else []
     cols += extra
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

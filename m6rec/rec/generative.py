@@ -79,6 +79,14 @@ def resolve_checkpoint(run_dir: str | Path, tag: Optional[str] = None) -> tuple[
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir if run_dir.name == "checkpoints" else run_dir / "checkpoints"
+    if tag == "best":  # the tag train.select_by chose (RUN_DIR/best.json)
+        from m6rec.rec.select import BEST_FILE, read_best
+
+        best = read_best(ckpt_dir.parent)
+        if best is None:
+            raise ConfigError(f"--tag best: {ckpt_dir.parent / BEST_FILE} missing (written by a run with "
+                              "train.select_by)")
+        tag = best["tag"]
     if tag is None:
         tag = ckpt.latest_complete(ckpt_dir)
         if tag is None:

@@ -92,7 +92,8 @@ def log_loss(labels: Iterable[int], probs: Iterable[float], eps: float = 1e-7) -
 
 
 def ranking_report(rankings: Sequence[Sequence], targets: Sequence, ks: Sequence[int], catalog_size: int,
-                   genres: dict | None = None, head: set | None = None, cold: set | None = None) -> dict:
+                   genres: dict | None = None, head: set | None = None, cold: set | None = None,
+                   held_out: set | None = None) -> dict:
     """Every ranking metric of one model in one dict (the table row)."""
     ranks = target_ranks(rankings, targets)
     out: dict = {"users": len(targets)}
@@ -114,4 +115,11 @@ def ranking_report(rankings: Sequence[Sequence], targets: Sequence, ks: Sequence
         out[f"hr@{kc}_cold"] = hit_rate(ranks[is_cold], kc)
         out[f"ndcg@{kc}_cold"] = ndcg(ranks[is_cold], kc)
         out["cold_targets"] = int(is_cold.sum())
+    if held_out:  # data.cold_items: targets that are items held out of training, and the rest
+        is_held = np.array([t in held_out for t in targets], dtype=bool)
+        out[f"hr@{kc}_heldout"] = hit_rate(ranks[is_held], kc)
+        out[f"ndcg@{kc}_heldout"] = ndcg(ranks[is_held], kc)
+        out[f"hr@{kc}_rest"] = hit_rate(ranks[~is_held], kc)
+        out[f"ndcg@{kc}_rest"] = ndcg(ranks[~is_held], kc)
+        out["heldout_targets"] = int(is_held.sum())
     return out

@@ -134,8 +134,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int,
-         meta: Optional[dict] = None) -> str:
-    """Collective: every rank must call it (DeepSpeed writes per-rank shards)."""
+         meta: Optional[dict] = None, protect: Optional[str] = None) -> str:
+    """Collective: every rank must call it (DeepSpeed writes per-rank shards).  ``protect``: a
+    complete tag that pruning keeps beyond ``keep_last`` (the best tag of ``train.select_by``)."""
     tag = tag_for(step)
     ckpt_dir = Path(ckpt_dir)
     rank = _rank()
@@ -161,13 +162,14 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")
         _fsync_dir(ckpt_dir)
-        _prune(ckpt_dir, keep_last, keep=tag)
+        _prune(ckpt_dir, keep_last, keep=tag, protect=protect)
     _barrier()
     return tag
 
 
-def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    complete = complete_tags(ckpt_dir)
+def _prune(ckpt_dir: Path, keep_last: int, keep: str, protect: Optional[str] = None) -> None:
+    """Remove complete tags beyond the newest ``keep_last`` (never ``protect``) and incomplete debris."""
+    complete = [t for t in complete_tags(ckpt_dir) if t != protect]
     doomed = complete[:-keep_last] if keep_last > 0 else []
     # Incomplete tags older than the newest complete one are debris of crashed saves.
     doomed += [p.name for p in ckpt_dir.iterdir()

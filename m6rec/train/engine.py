@@ -767,6 +767,11 @@ def train(cfg: Config, resume: str = "none") -> dict:
     val_loader = StreamLoader.from_config(cfg.data, "valid", train=False, rank=rank, world_size=world,
                                           pin_memory=on_gpu)
     client = _resume(engine, ckpt_dir, resume, cfg, world, train_loader)
+    selector = None  # train.select_by: the validation ranking metric and the best tag (m6rec/rec/select.py)
+    if cfg.train.select_by:
+        from m6rec.rec.select import Selector
+
+        selector = Selector(cfg, run_dir, rank, world, effective_zero_stage(cfg, world), resumed=bool(client))
     step, tokens_seen = client.get("step", 0), client.get("tokens_seen", 0)
     nonfinite_total = client.get("nonfinite_steps", 0)
     start_step = step
@@ -805,8 +810,11 @@ def train(cfg: Config, resume: str = "none") -> dict:
         state = {"step": step, "tokens_seen": tokens_seen, "stream": train_loader.state_dict(),
                  "nonfinite_steps": nonfinite_total, "reason": reason, "world_size": world}
         with timer.paused():
-            ckpt.save(engine, ckpt_dir, step, state, {"rng": ckpt.rng_state()}, cfg.train.keep_last, meta)
+            tag = ckpt.save(engine, ckpt_dir, step, state, {"rng": ckpt.rng_state()}, cfg.train.keep_last, meta,
+                            protect=selector.best_tag if selector else None)
         last_save_time, last_saved = time.time(), step
+        if selector is not None:
+            selector.saved(step, tag)
 
     def settle(upto: Optional[int] = None) -> None:
         """Read the numbers of the queued steps up to ``upto`` (default: all) -- the host
@@ -904,6 +912,9 @@ def train(cfg: Config, resume: str = "none") -> dict:
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
             with timer.paused():
                 row["val_loss"] = evaluate(engine, val_loader, device, cfg.train.eval_batches)
+                if selector is not None:  # a checkpoint at every improvement of the validation ranking
+                    row.update(selector.evaluate(engine.module, step))
+                    save_due |= selector.improved
         if row:
             metrics.log(step, row)
 
@@ -929,7 +940,8 @@ def train(cfg: Config, resume: str = "none") -> dict:
     trace.close()
     summary = {"step": step, "stopped_by": stopped_by, "tokens_seen": tokens_seen, "start_step": start_step,
                "nonfinite_steps": nonfinite_total, "last_checkpoint": ckpt.latest_complete(ckpt_dir),
-               "world_size": world, "zero_stage": stage, "peak_flops": peak, "peak_source": peak_source}
+               "world_size": world, "zero_stage": stage, "peak_flops": peak, "peak_source": peak_source,
+               "best": selector.best if selector else None}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
