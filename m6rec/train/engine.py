@@ -919,6 +919,8 @@ def train(cfg: Config, resume: str = "none") -> dict:
             metrics.log(step, row)
 
         # Saves wait for a step with a finite loss: no checkpoint right after a skipped update.
+        if save_due or want_stop:
+            settle()  # (a save decided after the read above, e.g. a better validation ranking)
         if (save_due or want_stop or step == cfg.train.steps) and not consecutive_nonfinite:
             save_now("preempted" if want_stop else "scheduled" if step < cfg.train.steps else "final")
             save_due = False
