@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -415,7 +416,10 @@ def prepare(cfg: DataConfig, workers: int = 1) -> dict:
     else:
         _PREP = prep
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # rayon's pool does not survive fork
-        with mp.get_context("fork").Pool(workers) as pool:
+        # initializer: default SIGTERM in the workers, whatever handler the parent installed
+        # (Pool.terminate ends its workers with SIGTERM)
+        with mp.get_context("fork").Pool(workers, initializer=signal.signal,
+                                         initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
             parts = pool.map(_worker, [(p, workers) for p in range(workers)])
         _PREP = None
     manifest = merge(cfg, len(parts))

@@ -356,13 +356,21 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopFlag:
+    """SIGTERM/SIGUSR1 only set a flag while training; :meth:`restore` puts the previous
+    handlers back, so a process that called :func:`train` (a test, a notebook) can still be
+    terminated afterwards -- and so can the processes it forks (a multiprocessing pool's
+    ``terminate`` sends SIGTERM)."""
+
     def __init__(self):
         self.signal: Optional[int] = None
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
 
     def _handler(self, signum, frame):
         self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -732,13 +740,20 @@ def _resume(engine, ckpt_dir: Path, resume: str, cfg: Config, world: int, loader
 # ---------------------------------------------------------------------------
 def train(cfg: Config, resume: str = "none") -> dict:
     """Run training; returns a summary (last step, why it stopped, ...)."""
+    stop = StopFlag()  # first: a signal during start-up still ends in a clean stop after one step
+    try:
+        return _train(cfg, resume, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: Config, resume: str, stop: StopFlag) -> dict:
     from m6rec.data.stream import StreamLoader
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
     from m6rec.model.info import flops_per_token
     from m6rec.train.metrics import MetricsLogger, StepTimer, memory_stats, peak_flops, progress
 
-    stop = StopFlag()  # first: a signal during start-up still ends in a clean stop after one step
     rank, world, device = init_distributed()
     on_gpu = device.type == "cuda"
     run_dir = Path(cfg.train.run_dir)
