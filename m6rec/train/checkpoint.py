@@ -241,6 +241,15 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> tuple[Path, float]:
     if r.returncode != 0:
         raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {ckpt_dir / tag} (exit {r.returncode}):\n"
                            f"{(r.stdout + r.stderr)[-3000:]}")
+    # The converter copies the source's model-states file (ZeRO 1/2: mp_rank_00_model_states.pt,
+    # ZeRO 3: zero_pp_rank_0_mp_rank_00_model_states.pt), and a universal load looks for the name of
+    # the *loading* stage; DeepSpeed reads only metadata from it (the weights come from zero/), so
+    # the other stage's name is added as a link.
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    have = [n for n in names if (tmp / n).is_file()]
+    for n in names:
+        if have and not (tmp / n).exists():
+            os.link(tmp / have[0], tmp / n)
     _fsync_tree(tmp)
     if int(tag[4:]) in fault_steps("kill_in_convert"):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -293,9 +302,16 @@ def load_plain_into_zero(engine, optimizer_sd: dict, module_sd: dict, params: li
     own per-parameter API (``deepspeed.utils.safe_set_full_fp32_param`` /
     ``safe_set_full_optimizer_state``), which writes each rank's partition.  ``params``:
     the parameters in the optimizer's original order (the index of the saved state)."""
+    import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     names = {id(p): n for n, p in engine.module.named_parameters()}
+    every = list(engine.module.parameters())
+    # The module's (low-precision) weights: ZeRO 3 gathers and re-partitions them around the copy.
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(every, modifier_rank=0,
+                                                             enabled=hasattr(every[0], "ds_id")):
+        for n, p in engine.module.named_parameters():
+            p.data.copy_(module_sd[n].to(p.device, p.dtype))
     saved = optimizer_sd["state"]
     opt = engine.optimizer
     base = opt.optimizer  # the torch optimizer ZeRO steps its flat fp32 partitions with
