@@ -245,6 +245,10 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> tuple[Path, float]:
     # ZeRO 3: zero_pp_rank_0_mp_rank_00_model_states.pt), and a universal load looks for the name of
     # the *loading* stage; DeepSpeed reads only metadata from it (the weights come from zero/), so
     # the other stage's name is added as a link.
+    # ds_to_universal also points <parent>/latest_universal at its output (the temporary name):
+    # m6rec names the tag when it loads, so the pointer is dropped rather than left stale.
+    (ckpt_dir / "latest_universal").unlink(missing_ok=True)
+    _both_stages_global_state(tmp / "zero" / "optimizer_state.pt")
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     have = [n for n in names if (tmp / n).is_file()]
     for n in names:
@@ -258,11 +262,43 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> tuple[Path, float]:
     return out, time.perf_counter() - t0
 
 
+def _both_stages_global_state(path: Path) -> None:
+    """ds_to_universal (DeepSpeed 0.19.8) writes ``zero/optimizer_state.pt`` in the layout of the
+    *source* stage, and each loader reads its own: ZeRO 3's reads the step from
+    ``optimizer_state_dict.state[0].step`` and the hyper-parameters from
+    ``optimizer_state_dict.param_groups``; ZeRO 1/2's reads ``param_groups`` and
+    ``ds_version`` at the top.  The same values are added under the other stage's keys, so a
+    ZeRO 1/2 checkpoint resumes at stage 3 and back (the per-parameter files are the same)."""
+    from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    changed = False
+    if OPTIMIZER_STATE_DICT not in sd:  # from ZeRO 1/2
+        step = None
+        for f in sorted(path.parent.glob("*/step.pt")):
+            step = torch.load(f, map_location="cpu", weights_only=False)
+            break
+        sd[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, PARAM_GROUPS: sd[PARAM_GROUPS]}
+        changed = True
+    if PARAM_GROUPS not in sd:
+        sd[PARAM_GROUPS] = sd[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
+        changed = True
+    if DS_VERSION not in sd:  # from ZeRO 3
+        import deepspeed
+
+        sd[DS_VERSION] = deepspeed.__version__
+        changed = True
+    if changed:
+        torch.save(sd, path)
+
+
 def client_state_of(ckpt_dir: Path, tag: str) -> dict:
     """The client state (m6rec's step, stream position, ...) DeepSpeed stored with a tag."""
-    path = Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt"
-    sd = torch.load(path, map_location="cpu", weights_only=False)
-    return sd
+    folder = Path(ckpt_dir) / tag
+    path = folder / "mp_rank_00_model_states.pt"  # ZeRO 0-2; ZeRO 3 names it per data-parallel rank
+    if not path.is_file():
+        path = folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_universal_into_plain(engine, optimizer: torch.optim.Optimizer, folder: Path) -> None:
