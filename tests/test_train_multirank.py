@@ -525,9 +525,10 @@ def test_resume_two_ranks_then_one_then_two(runs, tmp_path):
     assert worst < LOSS_RTOL
 
 
-def test_resume_zero2_then_zero3_then_zero1_and_kill_in_conversion(runs, tmp_path):
-    """2 ranks: ZeRO 2 -> ZeRO 3 -> ZeRO 1 through DeepSpeed's universal checkpoint; a SIGKILL in the
-    first conversion leaves the original checkpoint usable; a fresh optimizer (exported weights) jumps."""
+def test_resume_zero2_then_zero3_and_kill_in_conversion(runs, tmp_path):
+    """2 ranks: ZeRO 2 -> ZeRO 3 through DeepSpeed's universal checkpoint; a SIGKILL in the conversion
+    leaves the original checkpoint usable; ZeRO 3 -> 1 is refused (DeepSpeed 0.19.8 cannot load it), the
+    run goes on at ZeRO 3; a fresh optimizer (exported weights) jumps."""
     ref = runs.get("zero2")
     run_dir = _from_checkpoint(runs, "elastic_z", ref, "step00000003")
     ck = run_dir / "checkpoints"
@@ -548,9 +549,12 @@ def test_resume_zero2_then_zero3_then_zero1_and_kill_in_conversion(runs, tmp_pat
     saved6 = tmp_path / "ck6"
     shutil.copytree(ck / "step00000006", saved6 / "step00000006")  # before ZeRO 1's final save prunes nothing
 
-    one = Run("elastic_z1", run_dir, "deepspeed", runs.args("--deepspeed.zero_stage", "1", *TWO_RANKS,
-                                                           "--resume", "auto"), _env(runs.root)).ok()
-    assert one.summary()["start_step"] == 6 and one.summary()["step"] == STEPS and one.summary()["zero_stage"] == 1
+    refused = Run("elastic_z1", run_dir, "deepspeed", runs.args("--deepspeed.zero_stage", "1", *TWO_RANKS,
+                                                               "--resume", "auto"), _env(runs.root))
+    assert refused.wait() != 0
+    assert "DeepSpeed 0.19.8's universal checkpoint of a stage-3 run loads only at stage 3" in refused.tail(200)
+    one = Run("elastic_z", run_dir, "torchrun", z3, _env(runs.root)).ok()
+    assert one.summary()["start_step"] == 6 and one.summary()["step"] == STEPS and one.summary()["zero_stage"] == 3
 
     class Saved:
         run_dir = tmp_path / "saved6"
@@ -559,7 +563,7 @@ def test_resume_zero2_then_zero3_then_zero1_and_kill_in_conversion(runs, tmp_pat
     shutil.move(str(saved6), str(tmp_path / "saved6" / "checkpoints"))
     d2 = _resumed_weights_equal_saved(run_dir, Saved, "step00000006", tmp_path)
     worst = _check_continuation(ref, [(one, 2, [4, 5, 6, 7, 8])])
-    print(f"ZeRO 2->3->1: {conv[0].split(': ', 1)[-1]}\n  {loaded[0].split(': ', 1)[-1]}\n  weights after resume "
+    print(f"ZeRO 2->3: {conv[0].split(': ', 1)[-1]}\n  {loaded[0].split(': ', 1)[-1]}\n  weights after resume "
           f"differ from the saved by <= {max(d1, d2):.2e}; worst relative step-loss difference vs the "
           f"uninterrupted run {worst:.2e}")
     assert max(d1, d2) <= 1e-6 and worst < LOSS_RTOL

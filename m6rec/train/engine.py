@@ -712,6 +712,14 @@ def _resume_plan(ckpt_dir: Path, resume: str, cfg: Config, world: int, margs) ->
         mode = "same"
     elif saved_stage == 0:
         mode = "plain" if stage == 0 else "from_plain"
+    elif saved_stage == 3 and stage != 3:
+        # ds_to_universal (DeepSpeed 0.19.8) writes a ZeRO 3 checkpoint's per-parameter files as flat
+        # tensors, and the ZeRO 1/2 universal loader reads {param: tensor} with the shape: no load.
+        raise ConfigError(f"checkpoint {ckpt_dir / tag} was written at ZeRO stage 3 and this run has stage {stage} "
+                          f"on {world} rank(s): DeepSpeed 0.19.8's universal checkpoint of a stage-3 run loads "
+                          f"only at stage 3 (any number of ranks). Resume with deepspeed.zero_stage 3, or start a "
+                          f"new run from its weights (m6rec export --ckpt {ckpt_dir / tag} --to hf OUT, then "
+                          f"--model.init_from hf:OUT); see docs/training.md#changing-the-number-of-ranks")
     else:
         mode = "universal" if stage > 0 else "to_plain"
     return {"tag": tag, "meta": meta, "mode": mode, "saved_world": saved_world, "saved_stage": saved_stage,
