@@ -754,10 +754,16 @@ def _resume(engine, optimizer, ckpt_dir: Path, plan: Optional[dict], loader) -> 
     else:
         saved = ckpt.client_state_of(ckpt_dir, tag)
         if mode == "universal":
+            # DeepSpeed's ZeRO 3 universal loader copies the first saved group's hyper-parameters to
+            # every group (weight decay onto the no-decay group): this run's own are put back after.
+            base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+            hyper = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in base.param_groups]
             path, _ = engine.load_checkpoint(str(ckpt_dir), tag=ckpt.universal_dir(ckpt_dir, tag).name,
                                              load_optimizer_states=True, load_lr_scheduler_states=True)
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load {ckpt.universal_dir(ckpt_dir, tag)}")
+            for g, h in zip(base.param_groups, hyper):
+                g.update(h)
         elif mode == "to_plain":
             ckpt.load_universal_into_plain(engine, optimizer, ckpt.universal_dir(ckpt_dir, tag))
         else:  # from_plain
