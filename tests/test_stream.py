@@ -317,9 +317,73 @@ def test_inline_resume_from_every_step_and_fingerprint(ds):
             b_.load_state_dict(state)
             tail = [batch_digest(x) for x in b_] if stop < len(ref) else []
             assert head + tail == ref, (rank, stop)
-    other = StreamLoader(root, "train", cfg(num_workers=1), rank=0, world_size=1)
-    with pytest.raises(StreamStateError, match=r"world_size: saved 2, this run 1.*num_workers: saved 2, this run 1"):
+    other = StreamLoader(root, "train", cfg(num_workers=1, seed=8), rank=0, world_size=1)
+    with pytest.raises(StreamStateError, match=r"seed: saved 7, this run 8"):
         other.load_state_dict(state)
+
+
+def _keys(b) -> list[str]:
+    return [k for row in b["sample_keys"] for k in row]
+
+
+def _take(root, world, workers, state, n_steps=None):
+    """Every rank's batches from ``state`` (None: epoch start) for n_steps (None: to the epoch's end);
+    returns (per-rank batch lists, the state after, the loaders)."""
+    loaders = [StreamLoader(root, "train", cfg(num_workers=workers), rank=r, world_size=world, inline_workers=True)
+               for r in range(world)]
+    out = []
+    for ld in loaders:
+        if state is not None:
+            ld.load_state_dict(json.loads(json.dumps(state)))
+        got = []
+        if n_steps != 0:
+            for b in ld:
+                got.append(b)
+                if n_steps is not None and len(got) == n_steps:
+                    break
+        out.append(got)
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in loaders]
+    assert all(st == states[0] for st in states)  # identical on every rank
+    return out, states[0], loaders
+
+
+def _global_order(per_rank) -> list[list[str]]:
+    """Batches in the order global steps consume them: step i's batches of rank 0, 1, ..."""
+    return [_keys(per_rank[r][i]) for i in range(len(per_rank[0])) for r in range(len(per_rank))]
+
+
+@pytest.mark.parametrize("chain", [[(1, 2), (2, 2)], [(3, 1), (1, 3)], [(1, 1), (2, 1)]])
+def test_resume_on_another_number_of_ranks_and_workers(ds, chain):
+    """2 ranks x 2 workers stop mid-epoch; the epoch goes on with other numbers of ranks/workers
+    (and again others): exactly the undelivered batches of the 2x2 plan, in its global order, every
+    rank the same number of steps; the next epoch is this topology's own plan."""
+    root, _ = ds
+    ref, _, _ = _take(root, 2, 2, None)  # the uninterrupted epoch 0 on 2 x 2
+    order = _global_order(ref)
+    s1 = 3
+    head, state, _ = _take(root, 2, 2, None, s1)
+    delivered = _global_order(head)
+    assert delivered == order[: len(delivered)]
+    for i, (world, workers) in enumerate(chain):
+        last = i == len(chain) - 1
+        got, state, loaders = _take(root, world, workers, state, None if last else 2)
+        assert len({len(g) for g in got}) == 1  # equal steps on every rank
+        part = _global_order(got)
+        assert part == order[len(delivered): len(delivered) + len(part)]
+        delivered += part
+    # The whole epoch: the 2 x 2 plan's batches once each, in order, less a tail shorter than one per rank.
+    assert len(order) - len(delivered) < chain[-1][0]
+    keys = [k for b in delivered for k in b]
+    assert len(keys) == len(set(keys))
+    # The next epoch is planned for the last topology, as if it had run from the start.
+    world, workers = chain[-1]
+    assert all(ld.epoch == 1 and ld.step_in_epoch == 0 for ld in loaders)
+    nxt = [[_keys(b) for b in ld] for ld in loaders]
+    fresh = [StreamLoader(root, "train", cfg(num_workers=workers), rank=r, world_size=world, inline_workers=True)
+             for r in range(world)]
+    for f in fresh:
+        f.set_epoch(1)
+    assert nxt == [[_keys(b) for b in f] for f in fresh]
 
 
 def _run_ranks(root: Path, tmp: Path, tag: str, extra: list[str], world: int = 2) -> list[dict]:

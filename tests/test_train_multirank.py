@@ -291,13 +291,16 @@ def test_bitwise_resume_after_sigkill(runs):
     assert len(keys) == len(set(keys))
 
 
-def test_world_size_change_is_refused(runs):
+def test_model_shape_change_is_refused(runs):
+    """Another world size or ZeRO stage resumes (the elastic tests below); another model shape cannot."""
     ref = runs.get("zero2")
     run_dir = runs.root / "one_rank_resume"
     shutil.copytree(ref.run_dir / "checkpoints", run_dir / "checkpoints")
-    run = runs.start("one_rank_resume", "plain", ["--deepspeed.zero_stage", "2", "--resume", "auto"])
+    run = runs.start("one_rank_resume", "plain", ["--deepspeed.zero_stage", "2", "--model.n_layers", "3",
+                                                  "--resume", "auto"])
     assert run.wait() == 2
-    assert "was written by 2 ranks but this run has 1" in run.tail(), run.tail()
+    assert "holds another model shape (n_layers: saved 2, this run 3)" in run.tail(), run.tail()
+    assert not list((run_dir / "checkpoints").glob("*universal*"))  # refused before any conversion
 
 
 # --------------------------------------------------------------------------
@@ -441,3 +444,104 @@ def test_nonfinite_loss_skips_updates_then_stops(runs):
     assert latest(run.run_dir) == "step00000003"
     assert sorted(p.name for p in (run.run_dir / "checkpoints").glob("step*")) == ["step00000001", "step00000003"]
     assert jsonl(run.run_dir)[-1]["nonfinite_steps"] == 3
+
+
+# --------------------------------------------------------------------------
+# Elastic resume: another number of ranks, another ZeRO stage
+# --------------------------------------------------------------------------
+def _from_checkpoint(runs, name: str, src: Run, tag: str) -> Path:
+    """A new run directory holding only ``src``'s checkpoint ``tag`` (as if the job stopped there)."""
+    run_dir = runs.root / name
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src.run_dir / "checkpoints" / tag, run_dir / "checkpoints" / tag)
+    (run_dir / "checkpoints" / "latest").write_text(tag)
+    return run_dir
+
+
+def _resumed_weights_equal_saved(run_dir: Path, src: Run, tag: str, tmp: Path) -> float:
+    """Worst |difference| of the weights right after a resume and the saved checkpoint's fp32 weights."""
+    from safetensors.torch import load_file
+
+    from m6rec.train.export import export
+
+    saved = load_file(export(src.run_dir / "checkpoints" / tag, "fp32", tmp / f"{tag}.safetensors"))
+    live = load_file(run_dir / "trace" / f"resumed_{tag}.safetensors")
+    assert sorted(saved) == sorted(live)
+    return max(float((saved[k] - live[k]).abs().max()) for k in saved)
+
+
+def _step_keys(trace_by_rank: list[list[dict]], step: int) -> list:
+    """Sample keys of a step over all ranks and micro-batches, sorted (the step's multiset)."""
+    return sorted(k for t in trace_by_rank for r in t if r["step"] == step for mb in r["keys"] for row in mb
+                  for k in row)
+
+
+def _check_continuation(ref: Run, parts: list[tuple[Run, int, list[int]]]) -> float:
+    """Each part (run, world size, its steps) stepped the reference's very samples with its losses."""
+    ref_tr = [ref.trace(0), ref.trace(1)]
+    worst = 0.0
+    ref_loss = {r["step"]: float.fromhex(r["loss"]) for r in ref_tr[0]}
+    all_keys = _step_keys(ref_tr, 1) + _step_keys(ref_tr, 2) + _step_keys(ref_tr, 3)
+    for run, world, steps in parts:
+        tr = [run.trace(r) for r in range(world)]
+        loss = {r["step"]: float.fromhex(r["loss"]) for r in tr[0]}
+        for s in steps:
+            assert _step_keys(tr, s) == _step_keys(ref_tr, s), (run.name, s)
+            all_keys += _step_keys(tr, s)
+            worst = max(worst, abs(loss[s] - ref_loss[s]) / ref_loss[s])
+    # The whole run: the uninterrupted run's multiset of samples, none twice.
+    ref_all = sorted(k for s in range(1, STEPS + 1) for k in _step_keys(ref_tr, s))
+    assert sorted(all_keys) == ref_all and len(set(all_keys)) == len(all_keys)
+    return worst
+
+
+def test_resume_two_ranks_then_one_then_two(runs, tmp_path):
+    """ZeRO 2 on 2 ranks -> 1 rank (runs as stage 0; same global batch) -> 2 ranks ZeRO 2."""
+    ref = runs.get("zero2")
+    run_dir = _from_checkpoint(runs, "elastic_21", ref, "step00000003")
+    one = Run("elastic_21", run_dir, "plain", runs.args("--deepspeed.zero_stage", "2", *ONE_RANK_SAME_BATCH,
+                                                      "--resume", "auto"), _env(runs.root, M6REC_FAULT="stop_at@6")).ok()
+    assert one.summary()["start_step"] == 3 and one.summary()["step"] == 6 and latest(run_dir) == "step00000006"
+    assert "converted to DeepSpeed's universal layout in" in one.tail(400)
+    d1 = _resumed_weights_equal_saved(run_dir, ref, "step00000003", tmp_path)
+    one_tr = read_trace(run_dir, 0)  # before the 2-rank part appends to rank0.jsonl
+    two = Run("elastic_12", run_dir, "deepspeed", runs.args("--deepspeed.zero_stage", "2", *TWO_RANKS,
+                                                           "--resume", "auto"), _env(runs.root)).ok()
+    assert two.summary()["start_step"] == 6 and two.summary()["step"] == STEPS
+    d2 = _resumed_weights_equal_saved(run_dir, one, "step00000006", tmp_path)
+
+    class Part:  # the 1-rank part's trace as it was before the 2-rank part appended to it
+        name = "elastic_21"
+
+        @staticmethod
+        def trace(rank):
+            return [r for r in one_tr if r["step"] <= 6] if rank == 0 else []
+
+    assert all(len(r["keys"]) == 2 for r in one_tr if 4 <= r["step"] <= 6)  # 2 micro-batches = 2 ranks' batches
+    worst = _check_continuation(ref, [(Part, 1, [4, 5, 6]), (two, 2, [7, 8])])
+    print(f"2->1->2: weights after resume differ from the saved by <= {max(d1, d2):.2e}; worst relative step-loss "
+          f"difference vs the uninterrupted 2-rank run {worst:.2e}")
+    assert max(d1, d2) <= 1e-6
+    assert worst < LOSS_RTOL
+
+
+def test_zero_layout_change_is_refused_and_a_killed_conversion_keeps_the_checkpoint(runs):
+    """ZeRO 2 -> ZeRO 3 on 2 ranks is refused (not yet verified: see engine._resume_plan); a SIGKILL
+    while converting for a 1-rank resume leaves the original checkpoint usable, and the next try
+    converts and resumes."""
+    ref = runs.get("zero2")
+    run_dir = _from_checkpoint(runs, "elastic_z", ref, "step00000003")
+    ck = run_dir / "checkpoints"
+    refused = Run("elastic_z", run_dir, "torchrun", runs.args("--deepspeed.zero_stage", "3", *TWO_RANKS,
+                                                             "--resume", "auto"), _env(runs.root))
+    assert refused.wait() != 0
+    assert "Resuming from one ZeRO layout into another is not supported yet" in refused.tail(200)
+    assert not list(ck.glob("*universal*")) and not list(ck.glob(".*universal*"))
+    one = runs.args("--deepspeed.zero_stage", "2", *ONE_RANK_SAME_BATCH, "--resume", "auto")
+    killed = Run("elastic_z", run_dir, "plain", one, _env(runs.root, M6REC_FAULT="kill_in_convert@3"))
+    assert killed.wait() != 0
+    assert not (ck / "step00000003_universal").exists() and (ck / ".step00000003_universal.tmp").is_dir()
+    assert latest(run_dir) == "step00000003" and (ck / "step00000003" / "COMPLETE").is_file()
+    again = Run("elastic_z", run_dir, "plain", one, _env(runs.root, M6REC_FAULT="stop_at@4")).ok()
+    assert again.summary()["start_step"] == 3 and again.summary()["step"] == 4
+    assert (ck / "step00000003_universal").is_dir() and not (ck / ".step00000003_universal.tmp").exists()

@@ -244,6 +244,55 @@ class _EpochPlan:
     steps_per_worker: int  # K
 
 
+@dataclass
+class Continuation:
+    """The rest of an epoch begun on another number of (rank, worker) slots.
+
+    The *origin* topology (``origin_world`` ranks x ``origin_workers`` workers)
+    planned the epoch; its **global order** lists the batches as the origin's
+    global steps consume them: position ``i * origin_world + r`` is origin rank
+    ``r``'s batch ``i`` (rank ``r``'s batch ``i`` comes from its worker role
+    ``i mod W`` at that slot's position ``i // W``).  ``start`` batches of that
+    order were delivered.  On ``world`` ranks, rank ``r`` takes positions
+    ``start + j * world + r`` for ``j < (total - start) // world``: every rank
+    the same number of steps, every global step a contiguous run of the order
+    -- with the same global batch the very batches the origin would have
+    stepped; the last ``(total - start) mod world`` batches (fewer than one
+    per rank) are left out.  A further change of topology keeps the origin
+    and moves ``start``: the remainder is always a suffix of one order."""
+
+    epoch: int
+    origin_world: int
+    origin_workers: int
+    origin_k: int  # the origin's batches per worker (K)
+    start: int
+
+    @property
+    def origin_slots(self) -> int:
+        return self.origin_world * self.origin_workers
+
+    @property
+    def total(self) -> int:
+        return self.origin_k * self.origin_workers * self.origin_world
+
+    def steps_per_rank(self, world: int) -> int:
+        return (self.total - self.start) // world
+
+    def origin_batch(self, g: int) -> tuple[int, int]:
+        """(origin slot, batch position in that slot) of global position ``g``."""
+        i, r = divmod(g, self.origin_world)
+        return r * self.origin_workers + i % self.origin_workers, i // self.origin_workers
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "origin_world_size": self.origin_world,
+                "origin_num_workers": self.origin_workers, "origin_k": self.origin_k, "start": self.start}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Continuation":
+        return cls(int(d["epoch"]), int(d["origin_world_size"]), int(d["origin_num_workers"]), int(d["origin_k"]),
+                   int(d["start"]))
+
+
 class PackedStream(IterableDataset):
     """One rank's view of a split: yields ready batches from a DataLoader worker.
 
@@ -320,13 +369,17 @@ class PackedStream(IterableDataset):
             )
         self.epoch = 0
         self.start_step = 0
-        self._plans: dict[int, _EpochPlan] = {}
+        self.continuation: Optional[Continuation] = None
+        self._plans: dict = {}
 
     # ---- planning -------------------------------------------------------
-    def plan(self, epoch: int) -> _EpochPlan:
-        """The epoch's slot assignment, rows per block and K, from the manifest alone."""
-        if epoch not in self._plans:
-            n_slots = self.world_size * self.W
+    def plan(self, epoch: int, n_slots: Optional[int] = None) -> _EpochPlan:
+        """The epoch's slot assignment, rows per block and K, from the manifest alone
+        (``n_slots``: for another number of (rank, worker) slots, e.g. the one a
+        checkpoint was written with; default this stream's)."""
+        n_slots = self.world_size * self.W if n_slots is None else n_slots
+        key = epoch if n_slots == self.world_size * self.W else (epoch, n_slots)
+        if key not in self._plans:
             assigned = assign_shards(self.shard_tokens, n_slots, self.seed, epoch, self.shuffle)
             blocks = [[a[i : i + self.shuffle_shards] for i in range(0, len(a), self.shuffle_shards)] for a in assigned]
             block_rows = [[self._rows_in_block(b) for b in slot] for slot in blocks]
@@ -344,8 +397,8 @@ class PackedStream(IterableDataset):
                 k = max(-(-t // B) for t in totals) if totals else 0
             if len(self._plans) > 2:  # keep a couple: the current epoch and the one asked about
                 self._plans.pop(next(iter(self._plans)))
-            self._plans[epoch] = _EpochPlan(blocks, block_rows, k)
-        return self._plans[epoch]
+            self._plans[key] = _EpochPlan(blocks, block_rows, k)
+        return self._plans[key]
 
     def _rows_in_block(self, shard_ids: list[int]) -> int:
         lens = np.concatenate([self.packed_lengths[s] for s in shard_ids])
@@ -366,6 +419,9 @@ class PackedStream(IterableDataset):
         return rows
 
     def steps_per_epoch(self, epoch: int) -> int:
+        c = self.continuation
+        if c is not None and c.epoch == epoch:
+            return c.steps_per_rank(self.world_size)
         return self.plan(epoch).steps_per_worker * self.W
 
     def dropped_samples(self, epoch: int) -> tuple[int, int]:
@@ -470,10 +526,28 @@ class PackedStream(IterableDataset):
         """
         pos = self.start_step + worker_id
         role, first = pos % self.W, pos // self.W
+        c = self.continuation
+        if c is not None and c.epoch == self.epoch:
+            return self._continued_batches(c, role, first)
         return self._slot_batches(self.epoch, self.rank * self.W + role, first)
 
-    def _slot_batches(self, epoch: int, slot: int, first: int) -> Iterator[dict]:
-        plan = self.plan(epoch)
+    def _continued_batches(self, c: "Continuation", role: int, first: int) -> Iterator[dict]:
+        """This rank's batches ``j = first*W + role, (first+1)*W + role, ...`` of an epoch
+        continued on another topology: batch ``j`` of rank ``r`` is batch
+        ``c.start + j*world_size + r`` of the origin's global order (see :class:`Continuation`)."""
+        plan = self.plan(c.epoch, c.origin_slots)
+        n = c.steps_per_rank(self.world_size)
+        readers: dict[int, Iterator[dict]] = {}
+        nxt: dict[int, int] = {}
+        for j in range(first * self.W + role, n, self.W):
+            slot, pos = c.origin_batch(c.start + j * self.world_size + self.rank)
+            if nxt.get(slot) != pos:  # a slot's batches come in order: one reader per slot, re-made on a jump
+                readers[slot] = self._slot_batches(c.epoch, slot, pos, plan)
+            nxt[slot] = pos + 1
+            yield next(readers[slot])
+
+    def _slot_batches(self, epoch: int, slot: int, first: int, plan: Optional[_EpochPlan] = None) -> Iterator[dict]:
+        plan = plan or self.plan(epoch)
         B = self.batch_size
         starts = np.concatenate([[0], np.cumsum(plan.block_rows[slot], dtype=np.int64)])
         total = int(starts[-1])
@@ -656,17 +730,49 @@ class StreamLoader:
         }
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "fingerprint": self.fingerprint}
+        out = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "fingerprint": self.fingerprint}
+        c = self.dataset.continuation
+        if c is not None and c.epoch == self.epoch:
+            out["continuation"] = c.to_dict()
+        return out
+
+    TOPOLOGY = ("world_size", "num_workers")
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a position.  Saved by the same number of ranks and workers: the same
+        plan goes on (bitwise the stream an uninterrupted run reads).  By another
+        number: the interrupted epoch goes on as a :class:`Continuation` -- exactly
+        the batches not yet delivered, in the order the saving run would have
+        stepped them -- and the next epoch is planned for this topology."""
         saved, now = state.get("fingerprint", {}), self.fingerprint
-        diff = [f"{k}: saved {saved.get(k)!r}, this run {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        diff = [f"{k}: saved {saved.get(k)!r}, this run {now[k]!r}" for k in now
+                if saved.get(k) != now[k] and k not in self.TOPOLOGY]
         if diff:
             raise StreamStateError(
                 "the stream state cannot resume this stream exactly (the batch order depends on these): "
                 + "; ".join(diff)
             )
         epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        d = self.dataset
+        saved_world, saved_w = int(saved.get("world_size", d.world_size)), int(saved.get("num_workers", d.W))
+        cont = state.get("continuation")
+        if cont is not None or (saved_world, saved_w) != (d.world_size, d.W):
+            if cont is not None:
+                c = Continuation.from_dict(cont)
+            else:
+                c = Continuation(epoch, saved_world, saved_w, d.plan(epoch, saved_world * saved_w).steps_per_worker, 0)
+            if not 0 <= step <= c.steps_per_rank(saved_world):
+                raise StreamStateError(f"step_in_epoch {step} outside the continued epoch {epoch} of "
+                                       f"{c.steps_per_rank(saved_world)} steps on {saved_world} ranks")
+            c.start += step * saved_world  # global positions delivered so far
+            if (c.origin_world, c.origin_workers) == (d.world_size, d.W) and c.start % d.world_size == 0:
+                d.continuation, step = None, c.start // d.world_size  # back on the origin's own plan
+            else:
+                d.continuation, step = c, 0
+            self.epoch, self.step_in_epoch = epoch, step
+            if step >= self.dataset.steps_per_epoch(epoch):  # nothing left of it
+                self.epoch, self.step_in_epoch = epoch + 1, 0
+            return
         if not 0 <= step <= self.dataset.steps_per_epoch(epoch):
             raise StreamStateError(f"step_in_epoch {step} outside epoch {epoch} of {self.dataset.steps_per_epoch(epoch)} steps")
         self.epoch, self.step_in_epoch = epoch, step

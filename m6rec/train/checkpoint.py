@@ -22,7 +22,15 @@ Fault hooks for tests (``M6REC_FAULT``, ``;``-separated ``name@step[,step...]``;
 
 * ``crash_in_save@N``: the process exits (code 17) in the save at step N,
   after writing its shards, before the save is complete;
-* ``nan_loss@N,M``: the loss of steps N and M is made non-finite (engine).
+* ``nan_loss@N,M``: the loss of steps N and M is made non-finite (engine);
+* ``kill_in_convert@N``: rank 0 SIGKILLs itself while converting checkpoint N to
+  DeepSpeed's universal layout, after the converter wrote its output, before the rename;
+* ``stop_at@N``: the run stops after step N as if ``RUN_DIR/STOP`` appeared (checkpoint, exit 0).
+
+A checkpoint resumed on another number of ranks or ZeRO stage is converted once
+(:func:`convert_to_universal`) into ``<tag>_universal/`` beside it: written to
+``.<tag>_universal.tmp`` and renamed, so only a finished conversion carries the
+name; pruning a tag removes its conversion.
 """
 from __future__ import annotations
 
@@ -31,6 +39,10 @@ import os
 import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -178,6 +190,7 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: str, protect: Optional[str] = N
         if tag != keep:
             (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+            shutil.rmtree(universal_dir(ckpt_dir, tag), ignore_errors=True)
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, Optional[dict]]:
@@ -200,3 +213,167 @@ def saved_world_size(ckpt_dir: Path, tag: str) -> int:
 def describe(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     files = sorted(p.name for p in (Path(ckpt_dir) / tag).iterdir())
     return {"tag": tag, "files": files, **read_meta(ckpt_dir, tag)}
+
+
+# ---------------------------------------------------------------------------
+# Another number of ranks / ZeRO stage: DeepSpeed's universal checkpoint
+# ---------------------------------------------------------------------------
+def universal_dir(ckpt_dir: Path, tag: str) -> Path:
+    return Path(ckpt_dir) / f"{tag}_universal"
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str) -> tuple[Path, float]:
+    """DeepSpeed's ``ds_to_universal`` of a complete ZeRO 1-3 tag, once (rank 0 only).
+
+    Returns (the universal folder, seconds spent; 0.0 when it already existed).  The
+    converter writes into a temporary folder that is renamed when it finished, so a
+    kill at any moment leaves the original tag untouched and no folder by the final
+    name; a later attempt removes the leftover and converts again."""
+    ckpt_dir = Path(ckpt_dir)
+    out = universal_dir(ckpt_dir, tag)
+    if out.is_dir():
+        return out, 0.0
+    tmp = ckpt_dir / f".{tag}_universal.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {ckpt_dir / tag} (exit {r.returncode}):\n"
+                           f"{(r.stdout + r.stderr)[-3000:]}")
+    # The converter copies the source's model-states file (ZeRO 1/2: mp_rank_00_model_states.pt,
+    # ZeRO 3: zero_pp_rank_0_mp_rank_00_model_states.pt), and a universal load looks for the name of
+    # the *loading* stage; DeepSpeed reads only metadata from it (the weights come from zero/), so
+    # the other stage's name is added as a link.
+    # ds_to_universal also points <parent>/latest_universal at its output (the temporary name):
+    # m6rec names the tag when it loads, so the pointer is dropped rather than left stale.
+    (ckpt_dir / "latest_universal").unlink(missing_ok=True)
+    _both_stages_global_state(tmp / "zero" / "optimizer_state.pt")
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    have = [n for n in names if (tmp / n).is_file()]
+    for n in names:
+        if have and not (tmp / n).exists():
+            os.link(tmp / have[0], tmp / n)
+    _fsync_tree(tmp)
+    if int(tag[4:]) in fault_steps("kill_in_convert"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.replace(tmp, out)
+    _fsync_dir(ckpt_dir)
+    return out, time.perf_counter() - t0
+
+
+def _both_stages_global_state(path: Path) -> None:
+    """ds_to_universal (DeepSpeed 0.19.8) writes ``zero/optimizer_state.pt`` in the layout of the
+    *source* stage, and each loader reads its own: ZeRO 3's reads the step from
+    ``optimizer_state_dict.state[0].step`` and the hyper-parameters from
+    ``optimizer_state_dict.param_groups``; ZeRO 1/2's reads ``param_groups`` and
+    ``ds_version`` at the top.  The same values are added under the other stage's keys, so a
+    ZeRO 1/2 checkpoint resumes at stage 3 and back (the per-parameter files are the same)."""
+    from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    changed = False
+    if OPTIMIZER_STATE_DICT not in sd:  # from ZeRO 1/2
+        step = None
+        for f in sorted(path.parent.glob("*/step.pt")):
+            step = torch.load(f, map_location="cpu", weights_only=False)
+            break
+        sd[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, PARAM_GROUPS: sd[PARAM_GROUPS]}
+        changed = True
+    if PARAM_GROUPS not in sd:
+        sd[PARAM_GROUPS] = sd[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
+        changed = True
+    if DS_VERSION not in sd:  # from ZeRO 3
+        import deepspeed
+
+        sd[DS_VERSION] = deepspeed.__version__
+        changed = True
+    if changed:
+        torch.save(sd, path)
+
+
+def client_state_of(ckpt_dir: Path, tag: str) -> dict:
+    """The client state (m6rec's step, stream position, ...) DeepSpeed stored with a tag."""
+    folder = Path(ckpt_dir) / tag
+    path = folder / "mp_rank_00_model_states.pt"  # ZeRO 0-2; ZeRO 3 names it per data-parallel rank
+    if not path.is_file():
+        path = folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_universal_into_plain(engine, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """A universal checkpoint into an engine without ZeRO (one rank runs as stage 0).
+
+    DeepSpeed's universal loader needs a ZeRO optimizer (it restores through the
+    optimizer's parameter fragments and loads no module weights otherwise).  Without
+    ZeRO nothing is partitioned: every parameter's full fp32 value and its Adam
+    moments, as the universal layout holds them (``zero/<name>/{fp32,exp_avg,
+    exp_avg_sq,step}.pt``), go straight into the module and the torch optimizer."""
+    from deepspeed.checkpoint.constants import PARAM
+
+    zero = Path(folder) / "zero"
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state = {}
+    with torch.no_grad():
+        for name, p in engine.module.named_parameters():
+            d = zero / name
+            if not d.is_dir():
+                raise FileNotFoundError(f"universal checkpoint {folder} has no parameter {name}")
+            def get(what):
+                v = torch.load(d / f"{what}.pt", map_location="cpu", weights_only=False)
+                return v[PARAM] if isinstance(v, dict) else v
+            p.copy_(get("fp32").view_as(p))
+            step = get("step")
+            step = float(step.item() if torch.is_tensor(step) else step)
+            state[index[id(p)]] = {"step": torch.tensor(step, dtype=torch.float32),
+                                   "exp_avg": get("exp_avg").view_as(p).float(),
+                                   "exp_avg_sq": get("exp_avg_sq").view_as(p).float()}
+    sd = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def load_plain_into_zero(engine, optimizer_sd: dict, module_sd: dict, params: list) -> None:
+    """A checkpoint written without ZeRO (full weights and the torch optimizer's full
+    state in DeepSpeed's model-states file) into a ZeRO 1-3 engine, through DeepSpeed's
+    own per-parameter API (``deepspeed.utils.safe_set_full_fp32_param`` /
+    ``safe_set_full_optimizer_state``), which writes each rank's partition.  ``params``:
+    the parameters in the optimizer's original order (the index of the saved state)."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    every = list(engine.module.parameters())
+    # The module's (low-precision) weights: ZeRO 3 gathers and re-partitions them around the copy.
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(every, modifier_rank=0,
+                                                             enabled=hasattr(every[0], "ds_id")):
+        for n, p in engine.module.named_parameters():
+            p.data.copy_(module_sd[n].to(p.device, p.dtype))
+    saved = optimizer_sd["state"]
+    opt = engine.optimizer
+    base = opt.optimizer  # the torch optimizer ZeRO steps its flat fp32 partitions with
+    if hasattr(opt, "single_partition_of_fp32_groups"):
+        # ZeRO 1/2 create the Adam state at the first step and only then link each parameter's
+        # fragment of it (_lazy_init_hp_params_optimizer_state): create it here as that step would.
+        for hp in opt.single_partition_of_fp32_groups:
+            if "exp_avg" not in base.state.get(hp, {}):
+                base.state[hp] = {"step": torch.zeros((), dtype=torch.float32, device=hp.device),
+                                  "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
+        opt._lazy_init_hp_params_optimizer_state()
+    steps = set()
+    for i, p in enumerate(params):
+        st = saved[i]
+        safe_set_full_fp32_param(p, module_sd[names[id(p)]].float().to(p.device))
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, st[key].float().to(p.device), key)
+        steps.add(float(st["step"]))
+    # torch's AdamW counts steps per parameter and skips one that got no gradient (e.g. the image
+    # projection in a text-only stretch); ZeRO keeps one count per flat group: the largest.
+    step = max(steps)
+    for st in base.state.values():
+        if "step" in st:
+            st["step"] = torch.full_like(st["step"], step) if torch.is_tensor(st["step"]) else step
+    for group in getattr(base, "param_groups", []):
+        if "step" in group:
+            group["step"] = int(step)
