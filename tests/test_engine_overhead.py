@@ -199,3 +199,18 @@ def test_bf16_without_zero_trains_under_autocast_with_fp32_weights(monkeypatch):
     # every weight that had a gradient moved (no posters in this batch: the patch embedding has none)
     assert all(not torch.equal(p, before[n]) for n, p in engine.module.named_parameters() if n in before)
     assert not v["nonfinite"] and not now.values()["nonfinite"] and 5.0 < v["loss_sum"] < 7.5  # ~ln(512)
+
+
+@pytest.mark.slow
+def test_overhead_bench_runs_and_counts_one_read_per_step():
+    """`m6rec bench train --only overhead` end to end, shortened (timings are not asserted: a
+    benchmark's numbers live in docs/training.md, not in tests)."""
+    from m6rec.train.benchmark import bench_overhead
+
+    r = bench_overhead(warmup=1, steps=2)
+    assert [x["stage"] for x in r["results"]] == [0, 1, 2, 3]
+    for x in r["results"]:
+        assert x["host_syncs_per_step"] == 1 and x["host_syncs_per_step_bf16"] == 1, x
+        assert x["ran_as_stage"] == 0 and x["engine_overhead_ms"] > 0 and x["plain_overhead_ms"] > 0
+        assert x["aten_ops_per_step"] < 1.02 * x["plain_aten_ops_per_step"]
+    assert len(r["table"]) == 6

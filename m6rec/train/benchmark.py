@@ -26,6 +26,7 @@ preset at 256 tokens x 2 rows per rank, 2 warm-up + 6 timed steps.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -308,6 +309,39 @@ class HostSyncCounter:
         return sum(self.syncs.values())
 
 
+class _InsideModel:
+    """Seconds a step spends inside the model's own ``forward`` and inside autograd's
+    ``backward``: the model's work, whoever calls it (DeepSpeed's wrappers stay outside)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._depth = 0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t
+                self._depth -= 1
+        return timed
+
+    @contextlib.contextmanager
+    def timing_backward(self):
+        import torch
+
+        orig = torch.autograd.backward  # Tensor.backward calls it by attribute: DeepSpeed's too
+        torch.autograd.backward = self.wrap(orig)
+        try:
+            yield
+        finally:
+            torch.autograd.backward = orig
+
+
 def _device_tensors(model, optimizer) -> list:
     """Parameters (ZeRO 3: their partitions), gradients and optimizer state: device tensors."""
     out = []
@@ -382,24 +416,36 @@ def _overhead_worker(spec: dict, out: str) -> None:
                     p.grad = None
             return run
 
-        # Each loop's baseline is forward + backward of its own model object (the engine's is
-        # engine.module called directly), so the model's own variation cancels out.
+        # Forward + backward alone, of each loop's own model object (the engine's: engine.module
+        # called directly).  The overheads themselves are taken inside each step (below).
         kinds = {"engine": engine_step, "fwd_bwd": fwd_bwd(engine.module), "plain": plain_step,
                  "plain_fwd_bwd": fwd_bwd(plain)}
         times = {k: [] for k in kinds}
+        over = {"engine": [], "plain": []}  # per step: its time minus the time inside the model's
+        # forward and autograd's backward during it -- what the loop adds, free of the model's noise
+        inside = _InsideModel()
+        for m in (engine.module, plain):
+            m.forward = inside.wrap(m.forward)
         order = list(kinds)
         gc.disable()  # as timeit does: a collection would land in whichever step allocated last
         try:
-            for i in range(spec["warmup"] + spec["steps"]):
-                order = order[1:] + order[:1]  # each kind takes each place in the round in turn
-                for k in order:
-                    t = time.perf_counter()
-                    kinds[k](i)
-                    if i >= spec["warmup"]:
-                        times[k].append(time.perf_counter() - t)
-                gc.collect()
+            with inside.timing_backward():
+                for i in range(spec["warmup"] + spec["steps"]):
+                    order = order[1:] + order[:1]  # each kind takes each place in the round in turn
+                    for k in order:
+                        inside.seconds = 0.0
+                        t = time.perf_counter()
+                        kinds[k](i)
+                        dt = time.perf_counter() - t
+                        if i >= spec["warmup"]:
+                            times[k].append(dt)
+                            if k in over:
+                                over[k].append(dt - inside.seconds)
+                    gc.collect()
         finally:
             gc.enable()
+            for m in (engine.module, plain):
+                del m.forward
         counts = {}
         for k, fn, m, o in (("engine", engine_step, engine.module, engine.optimizer),
                             ("plain", plain_step, plain, plain_opt)):
@@ -423,9 +469,7 @@ def _overhead_worker(spec: dict, out: str) -> None:
         counts["engine_bf16"] = dict(ops=c.ops, syncs=dict(c.syncs), total=c.total)
         del bengine, bopt, bmodel, brunner, bprev
         med = {k: statistics.median(v) for k, v in times.items()}
-        # Overheads per round (the three ran back to back, under the same load), then the median.
-        engine_over = statistics.median(e - f for e, f in zip(times["engine"], times["fwd_bwd"]))
-        plain_over = statistics.median(p - f for p, f in zip(times["plain"], times["plain_fwd_bwd"]))
+        engine_over, plain_over = statistics.median(over["engine"]), statistics.median(over["plain"])
         results.append(dict(
             stage=stage, ran_as_stage=engine.zero_optimization_stage(),
             engine_ms=1e3 * med["engine"], plain_ms=1e3 * med["plain"], fwd_bwd_ms=1e3 * med["fwd_bwd"],
@@ -447,8 +491,9 @@ def _overhead_worker(spec: dict, out: str) -> None:
 
 
 def bench_overhead(warmup: int = 8, steps: int = 30, threads: int = 1) -> dict[str, Any]:
-    """The overhead table: per ZeRO stage, engine vs plain loop vs forward+backward (ms, median),
-    ``overhead_ratio`` = (engine - fwd_bwd) / (plain - fwd_bwd), aten ops and host syncs per step."""
+    """The overhead table: per ZeRO stage, engine vs plain loop vs forward+backward (ms, median);
+    ``overhead_ratio`` = median over steps of (engine step - time inside the model's forward and
+    backward during it) / the same for the plain loop; aten ops and host syncs per step."""
     import torch.multiprocessing as mp
 
     from m6rec.model.args import ModelArgs
