@@ -4,15 +4,17 @@ One entry, :func:`train`, runs unchanged under the ``deepspeed`` launcher,
 ``torchrun``, ``accelerate launch``, ``srun`` and as a single plain process
 (:func:`init_distributed` reads whichever environment is there).
 
-The loop, per optimizer step::
+The loop, per optimizer step (:class:`TrainStep`)::
 
     lr = schedule(step)                        a pure function of the step: nothing to save
-    for each micro-batch:  forward → backward → engine.step()   (the last one is the boundary)
-    before the boundary:   one all-reduce decides for every rank: skip a non-finite update?
-                           stop (SIGTERM/SIGUSR1/RUN_DIR/STOP)? save (minutes elapsed)?
-                           plus the step's loss and token count
+    for each micro-batch:  prepare_inputs (labels, label positions, counts, mask spans from the
+                           loader's CPU copy) -> forward -> backward (-> engine.step() between)
+    one all-reduce of one vector: loss sum, tokens, signal (SIGTERM/SIGUSR1/RUN_DIR/STOP),
+                           time to save, data counters -- every rank takes the same branches
+    engine.step()          the boundary: the optimizer skips a non-finite update on the device
+    read the PREVIOUS step's vector (the step's one host sync; log/save/stop steps also read this one)
     every log_every:       one metrics line (console, JSONL, W&B)
-    every eval_every:      validation loss over the validation split
+    every eval_every:      validation loss (and train.select_by's ranking metric)
     every save_every, save_every_minutes, on a stop, at the end: checkpoint
 
 Decisions every rank must share are taken together through that one
@@ -20,11 +22,12 @@ all-reduce, so no rank can wait in a collective the others never enter.
 
 A non-finite loss on any rank skips the whole optimizer step on every rank:
 each micro-batch still runs forward and backward (DeepSpeed's accumulation
-and ZeRO's gradient hooks stay in lockstep), and the optimizer's ``step`` is
-suppressed (:func:`skippable`); ZeRO 1-3 in fp32 also see the non-finite
-gradient norm and skip on their own.  No checkpoint is written while the
-latest step was non-finite, and after ``train.max_nonfinite`` in a row the
-run stops with :class:`NonFiniteLossError`.
+and ZeRO's gradient hooks stay in lockstep), and the optimizer leaves every
+weight, moment and step count untouched (:class:`StepOnDevice` on the device;
+:func:`skippable` with a host flag for DeepSpeed's JIT optimizers); ZeRO 1-3
+also see the non-finite gradient norm and skip on their own.  No checkpoint
+is written while the latest step was non-finite, and after
+``train.max_nonfinite`` in a row the run stops with :class:`NonFiniteLossError`.
 """
 from __future__ import annotations
 
