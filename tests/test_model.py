@@ -237,7 +237,8 @@ def test_whole_model_matches_slow_attention(monkeypatch):
     with torch.no_grad():
         fused = m(**batch, return_logits=True).logits
 
-    def slow(q, k, v, mask):
+    def slow(q, k, v, mask, dropout_p=0.0):  # attend's signature; no dropout in this model
+        assert dropout_p == 0.0
         T = q.shape[2]
         allowed = mask.dense if mask.kind == "dense" else torch.ones(T, T, dtype=torch.bool).tril()
         return slow_attention(q, k, v, allowed)

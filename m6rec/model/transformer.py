@@ -103,10 +103,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if kv is not None:
             k, v = kv.extend(k, v)
-        if self.dropout and self.training:
-            out = attend(q, k, v, mask, self.dropout)
-        else:
-            out = attend(q, k, v, mask)  # [B, H, T, Q]
+        out = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # [B, H, T, Q]
         return self.wo(out.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
 
@@ -134,12 +131,12 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
                 kv: Optional[LayerKV] = None) -> Tensor:
-        if self.resid_dropout and self.training:
-            p = self.resid_dropout
-            x = x + F.dropout(self.attention(self.attention_norm(x), cos, sin, mask, kv), p, True)
-            return x + F.dropout(self.feed_forward(self.ffn_norm(x)), p, True)
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self._branch(self.attention(self.attention_norm(x), cos, sin, mask, kv))
+        return x + self._branch(self.feed_forward(self.ffn_norm(x)))
+
+    def _branch(self, y: Tensor) -> Tensor:
+        """Residual dropout on a branch's output (no op at all outside training or at 0)."""
+        return F.dropout(y, self.resid_dropout, True) if self.resid_dropout and self.training else y
 
 
 class PatchEmbed(nn.Module):
@@ -246,7 +243,8 @@ class M6Transformer(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        mask = attention_mask or self.attention_mask(T, document_ids, prefix_mask, input_ids.device)
+        mask = attention_mask if attention_mask is not None else \
+            self.attention_mask(T, document_ids, prefix_mask, input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
         x = self.embed(input_ids, image_patches, image_positions)
         if self.args.embed_dropout and self.training:
@@ -311,9 +309,7 @@ class M6Transformer(nn.Module):
             out.logits = F.linear(h, self.head_weight)
         if labels is not None:
             if label_index is None:
-                if self.args.attention == "prefix" and prefix_mask is not None:
-                    labels = self._drop_visible_labels(labels, document_ids, prefix_mask)
-                label_index = (labels.flatten() != IGNORE_INDEX).nonzero().flatten()
+                labels, label_index = self.label_positions(labels, document_ids, prefix_mask)
             n = label_index.numel()
             out.n_tokens = torch.full((), n, dtype=torch.long, device=h.device)
             if n:

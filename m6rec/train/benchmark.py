@@ -40,6 +40,16 @@ STAGES = (0, 1, 2, 3)
 WORLDS = (1, 2)
 
 
+def bench_config(stage: int, seq_len: int, rows: int, **train):
+    """The config a benchmark engine is built from: ZeRO ``stage``, ``rows`` x ``seq_len`` per
+    rank, gradient clipping at 1.0 (as the presets), ``train`` overrides."""
+    from m6rec.config import load_config
+
+    return load_config(None, {"deepspeed": {"zero_stage": stage}, "data": {"stream": {"seq_len": seq_len,
+                                                                                    "batch_size": rows}},
+                              "train": {"grad_clip": 1.0, **train}})
+
+
 def _batch(vocab: int, rows: int, seq_len: int, seed: int):
     import torch
 
@@ -77,7 +87,6 @@ def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from m6rec.config import load_config
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
     from m6rec.model.info import flops_per_token
@@ -91,8 +100,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
     peak = measure_matmul_flops(torch.float32, "cpu", seconds=1.0) if world == 1 else None
     results = []
     for stage in STAGES:
-        cfg = load_config(None, {"deepspeed": {"zero_stage": stage}, "data": {"stream": {"seq_len": T, "batch_size": B}},
-                                 "train": {"lr": 1e-4, "grad_clip": 1.0}})
+        cfg = bench_config(stage, T, B, lr=1e-4)
         torch.manual_seed(0)
         model = build_model(margs)
         n_params = model.num_params()
@@ -370,7 +378,6 @@ def _overhead_worker(spec: dict, out: str) -> None:
     torch.set_num_threads(spec["threads"])
     import deepspeed
 
-    from m6rec.config import load_config
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
     from m6rec.train.engine import build_engine, prepare_inputs
@@ -384,8 +391,7 @@ def _overhead_worker(spec: dict, out: str) -> None:
     cpu = torch.device("cpu")
     results = []
     for stage in STAGES:
-        cfg = load_config(None, {"deepspeed": {"zero_stage": stage}, "data": {"stream": {"seq_len": T, "batch_size": B}},
-                                 "train": {"lr": 1e-4, "grad_clip": 1.0}})
+        cfg = bench_config(stage, T, B, lr=1e-4)
         torch.manual_seed(0)
         model = build_model(margs)
         engine, opt, runner, ds_config = build_engine(cfg, model, 1, cpu)
@@ -456,9 +462,7 @@ def _overhead_worker(spec: dict, out: str) -> None:
             counts[k] = dict(ops=c.ops, syncs=dict(c.syncs), total=c.total)
         # bf16 (what GPUs train in): the same count, on its own engine; one step, so the CPU's slow
         # bf16 kernels cost little
-        bcfg = load_config(None, {"deepspeed": {"zero_stage": stage},
-                                  "data": {"stream": {"seq_len": T, "batch_size": B}},
-                                  "train": {"lr": 1e-4, "grad_clip": 1.0, "precision": "bf16"}})
+        bcfg = bench_config(stage, T, B, lr=1e-4, precision="bf16")
         torch.manual_seed(0)
         bmodel = build_model(margs)
         bengine, bopt, brunner, _ = build_engine(bcfg, bmodel, 1, cpu)

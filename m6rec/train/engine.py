@@ -270,8 +270,7 @@ class StepOnDevice(skippable(torch.optim.AdamW)):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         bad = None if self.shared_loss is None else ~torch.isfinite(self.shared_loss)
         if grads and (self.clip_norm > 0 or self.measure_norm):
-            norms = torch._foreach_norm(grads)
-            norm = torch.linalg.vector_norm(torch.stack(norms).float())
+            norm = grad_norm(grads)
             self.grad_norm = norm
             norm_bad = ~torch.isfinite(norm)
             bad = norm_bad if bad is None else bad | norm_bad
@@ -531,14 +530,9 @@ def evaluate(engine, loader, device, max_batches: int) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def _global_grad_norm(engine) -> Optional[torch.Tensor]:
-    """ZeRO and the fp16/bf16 wrappers report it after the step; plain stage 0 with a
-    DeepSpeed JIT optimizer does not, so it is computed (on the device) from the
-    already averaged gradients before.  StepOnDevice measures it itself."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    return torch.stack(torch._foreach_norm(grads)).float().square().sum().sqrt()
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads`` as a device scalar (fp32), read nowhere."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
 class StepStats:
@@ -554,8 +548,9 @@ class StepStats:
 
     FIELDS = ("loss_sum", "tokens", "signalled", "stop_file", "time_save", "skipped", "corrupt", "infilled")
 
-    def __init__(self, vector: torch.Tensor, local_losses: list, keys: list, lr: float):
+    def __init__(self, vector: torch.Tensor, local_losses: list, keys: list, lr: float, tokens: int):
         self.local_losses, self.keys, self.lr = local_losses, keys, lr
+        self.tokens = tokens  # this rank's real tokens, counted on the host
         self.event = None
         if vector.is_cuda:
             self.host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
@@ -580,12 +575,11 @@ class TrainStep:
 
     For each micro-batch: :func:`prepare_inputs`, forward, backward (and DeepSpeed's
     non-boundary ``step``).  Then one all-reduce of the step's shared numbers
-    (:class:`StepStats`: the non-finite flag and loss sum from the device, the host's
-    flags beside them), and the boundary ``engine.step()``.  With
-    :class:`StepOnDevice` the optimizer reads the all-reduced non-finite flag on the
-    device and skips the update there; DeepSpeed's JIT optimizers can only skip on a
-    host flag, so with them the flag is read before the boundary (one host sync
-    more per step)."""
+    (:class:`StepStats`: the loss sum from the device, the host's numbers beside it),
+    and the boundary ``engine.step()``.  With :class:`StepOnDevice` the optimizer
+    reads the all-reduced loss sum on the device and skips the update there when it
+    is not finite; DeepSpeed's JIT optimizers can only skip on a host flag, so with
+    them it is read before the boundary (one host sync more per step)."""
 
     def __init__(self, engine, optimizer, cfg: Config, device: torch.device, clips: bool):
         self.engine, self.optimizer, self.device = engine, optimizer, device
@@ -595,8 +589,10 @@ class TrainStep:
             optimizer.clip_norm = cfg.train.grad_clip if clips else 0.0
             optimizer.measure_norm = clips
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.stage0_norm = effective_zero_stage(cfg, self.world) == 0 and not clips
-        if self.world == 1 and effective_zero_stage(cfg, 1) == 0:
+        stage = effective_zero_stage(cfg, self.world)
+        self.stage0_norm = stage == 0 and not clips  # the trainer measures the norm (JIT optimizers)
+        self.last_norm: Optional[torch.Tensor] = None
+        if self.world == 1 and stage == 0:
             # one rank: DeepSpeed's gradient all-reduce would flatten every gradient into
             # buckets and copy it back, to average over one rank
             engine.enable_backward_allreduce = False
@@ -625,9 +621,10 @@ class TrainStep:
         # which is all the skip needs to know.
         loss_sum = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         if self.stage0_norm:  # a non-finite whole gradient skips too (ZeRO 1-3 check their own)
-            norm = _global_grad_norm(self.engine)
-            if norm is not None:
-                loss_sum = loss_sum + norm * 0.0
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            if grads:
+                self.last_norm = grad_norm(grads)
+                loss_sum = loss_sum + self.last_norm * 0.0
         host_part = torch.tensor([tokens, *(host() if callable(host) else host)], dtype=torch.float64)
         if self.device.type == "cuda":
             host_part = host_part.pin_memory().to(self.device, non_blocking=True)
@@ -642,12 +639,14 @@ class TrainStep:
         self.optimizer.skip_update = False
         if self.on_device:
             self.optimizer.shared_loss = None
-        return StepStats(vector, losses, keys, lr)
+        return StepStats(vector, losses, keys, lr, tokens)
 
     def grad_norm(self) -> Optional[float]:
         """The last step's gradient norm before clipping (a host read: log steps only)."""
-        norm = self.optimizer.grad_norm if self.on_device and self.optimizer.measure_norm else \
-            self.engine.get_global_grad_norm()
+        if self.on_device and self.optimizer.measure_norm:
+            norm = self.optimizer.grad_norm
+        else:  # stage 0 without StepOnDevice: measured here; ZeRO: DeepSpeed's own
+            norm = self.last_norm if self.stage0_norm else self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
 
@@ -985,7 +984,7 @@ def _train(cfg: Config, resume: str, stop: StopFlag) -> dict:
             log.info("first step %.1f s (includes compiling the %d blocks: model.compile)", time.perf_counter() - t_first,
                      margs.n_layers)
             compile_note = False
-        timer.step_done(sum(int(np.count_nonzero(b["document_ids"].numpy() >= 0)) for b in micro_batches))
+        timer.step_done(queued.tokens)
         bar.update(1)
         signalled, stop_file_seen = bool(shared["signalled"]), bool(shared["stop_file"])
         want_stop = signalled or stop_file_seen or step in stop_at

@@ -65,6 +65,7 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
     import torch.distributed as dist
 
     from m6rec.bench import _llama_twin, measure_matmul_peak
+    from m6rec.train.benchmark import bench_config
     from m6rec.config import load_config
     from m6rec.model.args import ModelArgs
     from m6rec.model.info import flops_per_token
@@ -146,9 +147,7 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
 
     # --- the engine: what m6rec train runs, on the same packed prefix rows ----------------
     for stage in stages:
-        cfg = load_config(None, {"deepspeed": {"zero_stage": stage},
-                                 "data": {"stream": {"seq_len": T, "batch_size": B}},
-                                 "train": {"precision": precision, "grad_clip": 1.0}})
+        cfg = bench_config(stage, T, B, precision=precision)
         try:
             torch.manual_seed(0)
             engine_args = ModelArgs.from_dict({**margs.to_dict(), "compile": cuda})  # GPU presets compile
