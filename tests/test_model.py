@@ -468,7 +468,7 @@ def test_host_label_index_and_mask_give_the_same_loss_and_grads():
     ref.backward()
     ref_grads = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-    labels, index = m.label_positions(batch["labels"], batch["document_ids"], batch["prefix_mask"])
+    labels, index, _, _ = m.label_positions(batch["labels"], batch["document_ids"], batch["prefix_mask"])
     mask = m.attention_mask(40, batch["document_ids"], batch["prefix_mask"], torch.device("cpu"),
                             host_document_ids=batch["document_ids"], host_prefix_mask=batch["prefix_mask"])
     assert mask.kind == "varlen"

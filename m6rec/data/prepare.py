@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from m6rec.config import ConfigError, DataConfig, to_dict
 from m6rec.data import text as T
+from m6rec.data import vectors
 from m6rec.data.sources import clean, load_source
 from m6rec.data.split import leave_one_out, save_split
 from m6rec.data.tokenizer import (
@@ -161,13 +162,13 @@ def _windows(c: DataConfig, uid, items: np.ndarray, splits: np.ndarray, rng, hel
 def get_tokenizer(prep: Prepared):
     """Train the BPE on catalog, profiles and training windows (never valid/test text)."""
     c = prep.cfg
-    item_tokens = []
-    if c.text.item_repr in ("token", "both"):
+    item_tokens = [T.VECTOR] if c.text.item_repr == "vector" else []
+    if c.text.item_repr in ("token", "both", "vector_token"):
         # Item tokens get ids in a seeded random order: an id must carry no hint of
         # when an item appears in anyone's history (P5's leakage).
         ids = prep.items["item_id"].to_numpy()
         order = np.random.default_rng(c.seed).permutation(len(ids))
-        item_tokens = [T.item_token(ids[i]) for i in order]
+        item_tokens += [T.item_token(ids[i]) for i in order]
     if c.tokenizer.path:
         tok = load_tokenizer(c.tokenizer.path)
         missing = [t for t in item_tokens if tok.token_to_id(t) is None]
@@ -247,6 +248,7 @@ def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progr
     bar = tqdm(total=len(mine), desc=f"prepare {c.name} part {part}/{num_parts}", unit="user", disable=not progress,
                mininterval=0.5 if sys.stderr.isatty() else 30)  # logs get a line per 30 s, not per user
     last_user = None
+    catalog_index = {iid: n for n, iid in enumerate(prep.items["item_id"])}  # rows of items.parquet
     for w, items, ts, segs in _iter_samples(prep, mine.__contains__):
         if w.user_id != last_user:
             bar.update(1)
@@ -255,6 +257,7 @@ def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progr
         key = w.key
         window_items = [str(items[r]) for r in w.rows]
         imgs = [s.image_item for s in segs if s.image_item is not None]
+        vecs = [s.vector_item for s in segs if s.vector_item is not None]
         meta = {
             "user_id": w.user_id,
             "split": w.split,
@@ -266,6 +269,8 @@ def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progr
             "images": imgs,
             "num_tokens": int(len(ids)),
         }
+        if vecs:
+            meta["vectors"] = vecs
         sample = {
             "__key__": key,
             "txt": T.segments_text(segs).encode("utf-8"),
@@ -275,6 +280,8 @@ def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progr
         }
         for iid in imgs:
             sample[T.image_member(iid)] = prep.images[iid]
+        if vecs:  # the catalog row of each vector slot, in slot order: the stream looks the vector up there
+            sample["vec.npy"] = _npy(np.array([catalog_index[i] for i in vecs], dtype=np.int32))
         sets[w.split].write(sample, len(ids))
     bar.close()
     manifest = {
@@ -377,9 +384,15 @@ def merge(cfg: DataConfig, num_parts: int) -> dict:
     }
     if splits["train"]["samples"] == 0:
         raise ConfigError(f"dataset '{c.name}' has no training samples after filtering; loosen data.filters")
+    out = Path(c.output)
+    if c.text.item_repr in T.VECTOR_MODES:
+        # encoded once here; an earlier preparation's cache is reused when texts and encoder are the same
+        if (out / vectors.BANK_FILE).is_file() and not (root / vectors.BANK_FILE).exists():
+            shutil.copy2(out / vectors.BANK_FILE, root / vectors.BANK_FILE)
+        vectors.ensure_bank(root, c.text.item_encoder)
+        manifest["item_vectors"] = vectors.bank_info(root)
     _write_json(root / "manifest.json", manifest)
     shutil.rmtree(root / "parts")
-    out = Path(c.output)
     old = out.with_name(out.name + ".old")
     if old.exists():
         shutil.rmtree(old)

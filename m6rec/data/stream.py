@@ -55,7 +55,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from m6rec.config import DataConfig, ImageConfig, StreamConfig
-from m6rec.data.text import image_member
+from m6rec.data.text import MASK_VECTOR, image_member
 
 IGNORE_INDEX = -100  # labels value cross_entropy ignores
 
@@ -235,6 +235,8 @@ class _Sample:
     mask: np.ndarray  # 1-D uint8
     image_starts: np.ndarray  # int64 [n_img]: first slot token of each image
     images: np.ndarray  # uint8 [n_img, size, size, 3], already resized
+    vector_pos: np.ndarray = None  # int64 [n_vec]: the vector slot tokens (item_repr vector*)
+    vector_items: np.ndarray = None  # int64 [n_vec]: their catalog rows (items.parquet order)
 
 
 @dataclass
@@ -346,6 +348,8 @@ class PackedStream(IterableDataset):
         self.image_size = int(img.get("size", image_size))
         self.patch_size = int(img.get("patch_size", patch_size))
         self.P = (self.image_size // self.patch_size) ** 2
+        # item_repr vector*: slots index the catalog's cached vectors (rows of items.parquet)
+        self.n_catalog = int((manifest.get("item_vectors") or {}).get("items", 0))
 
         entries = manifest["splits"][split]["shards"]
         self.urls = [e["url"] for e in entries]
@@ -490,7 +494,19 @@ class PackedStream(IterableDataset):
             with Image.open(io.BytesIO(data)) as im:
                 im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
                 images[k] = np.asarray(im, dtype=np.uint8)
-        return _Sample(key, ids, mask, slots[:, 0].astype(np.int64), images)
+        vector_pos = np.flatnonzero(mask & MASK_VECTOR).astype(np.int64)
+        vector_items = np.zeros(0, dtype=np.int64)
+        if len(vector_pos) or "vec.npy" in s:
+            if "vec.npy" not in s:
+                raise ValueError(f"sample {key} has {len(vector_pos)} vector slots and no vec.npy member")
+            vector_items = np.load(io.BytesIO(s["vec.npy"]), allow_pickle=False).astype(np.int64)
+            if vector_items.shape != vector_pos.shape:
+                raise ValueError(f"sample {key}: vec.npy holds {vector_items.shape} catalog rows for "
+                                 f"{len(vector_pos)} vector slots")
+            if len(vector_items) and (vector_items.min() < 0 or vector_items.max() >= self.n_catalog):
+                raise ValueError(f"sample {key}: a catalog row in vec.npy is outside the catalog of "
+                                 f"{self.n_catalog} items")
+        return _Sample(key, ids, mask, slots[:, 0].astype(np.int64), images, vector_pos, vector_items)
 
     def _read_block(self, shard_ids: list[int], stats: dict) -> list[Optional[_Sample]]:
         samples: list[Optional[_Sample]] = []
@@ -573,6 +589,7 @@ class PackedStream(IterableDataset):
         doc = np.full((B, T), -1, dtype=np.int64)
         prefix = np.zeros((B, T), dtype=bool)
         images, where, keys = [], [], [[] for _ in range(B)]
+        vec_where, vec_items = [], []
         for b, docs in enumerate(rows):
             o = 0
             for d, s in enumerate(docs):
@@ -592,6 +609,9 @@ class PackedStream(IterableDataset):
                     if st + P <= n:  # a slot cut by truncation loses its image
                         images.append(s.images[k])
                         where.append((b, o + int(st)))
+                keep = s.vector_pos < n  # slots cut off by truncation are dropped with their tokens
+                vec_where.extend((b, o + int(t)) for t in s.vector_pos[keep])
+                vec_items.extend(int(i) for i in s.vector_items[keep])
                 o += n
                 keys[b].append(s.key)
         g = self.image_size // p
@@ -608,6 +628,8 @@ class PackedStream(IterableDataset):
             "prefix_mask": torch.from_numpy(prefix),
             "image_patches": patches,
             "image_positions": torch.tensor(where, dtype=torch.int64).reshape(-1, 2),
+            "item_positions": torch.tensor(vec_where, dtype=torch.int64).reshape(-1, 2),
+            "item_catalog_rows": torch.tensor(vec_items, dtype=torch.int64),
             "sample_keys": keys,
             "is_padding": not any(rows),
             "stream_stats": {**stats, "corrupt_urls": list(stats["corrupt_urls"])},

@@ -25,9 +25,12 @@ from m6rec.config import DataConfig, TextConfig
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CONTEXT, PREDICT, ITEM, IMAGE = "<|context|>", "<|predict|>", "<|item|>", "<|image|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, CONTEXT, PREDICT, ITEM, IMAGE]
+# The slot of an item's text vector (item_repr "vector"); added to a tokenizer only in that mode.
+VECTOR = "<|vector|>"
+VECTOR_MODES = ("vector", "vector_token")
 
 # Mask bits stored per token in the shards (docs/architecture.md).
-MASK_CONTEXT, MASK_LOSS, MASK_IMAGE = 1, 2, 4
+MASK_CONTEXT, MASK_LOSS, MASK_IMAGE, MASK_VECTOR = 1, 2, 4, 8
 
 
 def item_token(item_id: str) -> str:
@@ -117,6 +120,7 @@ class Segment:
     target: bool  # in the region to predict (loss); False = context
     special: bool = False  # a special token, looked up directly
     image_item: str | None = None  # an image slot for this item
+    vector_item: str | None = None  # this token carries the item's text vector (item_repr vector*)
 
 
 @dataclass
@@ -194,6 +198,11 @@ def window_segments(
         segs.append(Segment(ITEM, target, True))
         if cfg.item_repr in ("token", "both"):
             segs.append(Segment(item_token(iid), target, True))
+        elif cfg.item_repr in VECTOR_MODES:
+            # one position per item after <|item|>, as an item token is: the model adds the item's text
+            # vector there and, at <|item|>, scores every catalog item's vector
+            slot = VECTOR if cfg.item_repr == "vector" else item_token(iid)
+            segs.append(Segment(slot, target, True, vector_item=str(iid)))
         if cfg.images and iid in catalog.item_image:
             segs.append(Segment(IMAGE, target, True, image_item=iid))
         if cfg.item_repr in ("text", "both"):

@@ -15,6 +15,7 @@ from m6rec.data.text import (
     MASK_CONTEXT,
     MASK_IMAGE,
     MASK_LOSS,
+    MASK_VECTOR,
     SPECIAL_TOKENS,
     Segment,
 )
@@ -107,6 +108,9 @@ class SegmentEncoder:
             if s.image_item is not None:
                 # Image slots carry no loss: nothing sensible predicts a patch placeholder.
                 bits = (0 if s.target else MASK_CONTEXT) | MASK_IMAGE
+            elif s.vector_item is not None:
+                # a vector slot keeps its loss bit: the token before it is trained to score the catalog
+                bits |= MASK_VECTOR
             ids.extend(part)
             mask.extend([bits] * len(part))
         return np.asarray(ids, dtype=self.dtype), np.asarray(mask, dtype=np.uint8)

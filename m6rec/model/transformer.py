@@ -158,6 +158,37 @@ class PatchEmbed(nn.Module):
         return self.proj(patches.to(self.proj.weight.dtype) * 2 - 1) + pos
 
 
+class ItemProjection(nn.Module):
+    """Cached item text vectors ``[N, d_v]`` (unit norm, from a frozen sentence encoder) into the
+    model's width: the item's input embedding at its slot and its output embedding in the catalog
+    softmax (tied, as token embeddings are).  The only item parameters of the vector mode: they act
+    on text vectors, never on item ids, so any catalog's vectors go through them."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dv, d = args.item_vector_dim, args.dim
+        self.kind = args.item_proj
+        if self.kind == "mlp":
+            self.w1 = nn.Linear(dv, 4 * d, bias=True)
+            self.w2 = nn.Linear(4 * d, d, bias=False)
+        else:
+            self.w1 = nn.Linear(dv, d, bias=False)
+            self.w2 = None
+
+    def reset_parameters(self, init_std: float) -> None:
+        # unit-norm inputs: pre-activations of std ~1, outputs at the token embeddings' scale
+        if self.w2 is None:
+            nn.init.normal_(self.w1.weight, std=init_std)
+            return
+        nn.init.normal_(self.w1.weight, std=1.0)
+        nn.init.zeros_(self.w1.bias)
+        nn.init.normal_(self.w2.weight, std=init_std / math.sqrt(0.425 * self.w2.in_features))  # E[gelu(z)^2]
+
+    def forward(self, v: Tensor) -> Tensor:
+        v = v.to(self.w1.weight.dtype)
+        return self.w1(v) if self.w2 is None else self.w2(F.gelu(self.w1(v)))
+
+
 # ---------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------
@@ -170,6 +201,10 @@ class M6Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.item_proj = ItemProjection(args) if args.item_vector_dim else None
+        # The catalog of the vector mode: data, not parameters (not saved; set_item_catalog).
+        self.register_buffer("item_bank", torch.zeros(0, max(args.item_vector_dim, 1)), persistent=False)
+        self.register_buffer("item_token_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         self.init_weights()
 
     # --- initialisation -----------------------------------------------------
@@ -197,12 +232,39 @@ class M6Transformer(nn.Module):
         nn.init.normal_(self.patch_embed.proj.weight, std=std * math.sqrt(3 / a.patch_dim))
         nn.init.normal_(self.patch_embed.row_pos, std=std)
         nn.init.normal_(self.patch_embed.col_pos, std=std)
+        if self.item_proj is not None:
+            self.item_proj.reset_parameters(std)
 
     # --- helpers --------------------------------------------------------------
     @property
     def head_weight(self) -> Tensor:
         """``[V, D]``: the LM head (the token embedding when tied)."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def set_item_catalog(self, vectors: Tensor, token_ids: Optional[Tensor] = None) -> None:
+        """The catalog the vector mode reads and scores: ``vectors [N, d_v]`` (row ``i`` = catalog row
+        ``i``, as the batch's ``item_catalog_rows`` count them) and, for item_repr ``vector_token``,
+        each item's item-token id (``-1``: none, e.g. an item of another catalog)."""
+        if self.item_proj is None:
+            raise ValueError("this model has no item projection (model.item_vector_dim is 0)")
+        if vectors.ndim != 2 or vectors.shape[1] != self.args.item_vector_dim:
+            raise ValueError(f"item vectors of shape {tuple(vectors.shape)}: this model reads "
+                             f"{self.args.item_vector_dim}-wide vectors")
+        dev = self.tok_embeddings.weight.device
+        self.item_bank = vectors.detach().to(dev, torch.float32)
+        self.item_token_ids = (token_ids.to(dev, torch.long) if token_ids is not None
+                               else torch.zeros(0, dtype=torch.long, device=dev))
+
+    def catalog_embeddings(self) -> Tensor:
+        """``[N, D]``: every catalog item's output embedding -- its projected text vector, plus its
+        item-token embedding where it has one (vector_token)."""
+        if self.item_proj is None or not self.item_bank.shape[0]:
+            raise ValueError("no item catalog: call set_item_catalog first (item_repr vector modes)")
+        e = self.item_proj(self.item_bank)
+        if self.item_token_ids.numel():
+            ids = self.item_token_ids
+            e = e + self.tok_embeddings(ids.clamp(min=0)).to(e.dtype) * (ids >= 0)[:, None].to(e.dtype)
+        return e
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, counted once (tied weights once).  ``non_embedding``
@@ -216,9 +278,14 @@ class M6Transformer(nn.Module):
         return total
 
     def embed(self, input_ids: Tensor, image_patches: Optional[Tensor] = None,
-              image_positions: Optional[Tensor] = None) -> Tensor:
-        """Token embeddings with each image's patch embeddings written over its slot tokens."""
+              image_positions: Optional[Tensor] = None, item_positions: Optional[Tensor] = None,
+              item_catalog_rows: Optional[Tensor] = None) -> Tensor:
+        """Token embeddings with each image's patch embeddings written over its slot tokens, and each
+        item vector slot's projected text vector added to its token's embedding."""
         x = self.tok_embeddings(input_ids)
+        if item_positions is not None and item_positions.numel():
+            v = self.item_proj(self.item_bank.index_select(0, item_catalog_rows)).to(x.dtype)
+            x = x.index_put((item_positions[:, 0], item_positions[:, 1]), v, accumulate=True)
         if image_patches is not None and image_patches.numel():
             n, P = image_patches.shape[:2]
             emb = self.patch_embed(image_patches).to(x.dtype)  # [N, P, D]
@@ -236,6 +303,8 @@ class M6Transformer(nn.Module):
         image_patches: Optional[Tensor] = None,
         image_positions: Optional[Tensor] = None,
         attention_mask: Optional[AttentionMask] = None,
+        item_positions: Optional[Tensor] = None,
+        item_catalog_rows: Optional[Tensor] = None,
     ) -> Tensor:
         """The final-normed hidden states ``[B, T, D]``.  ``attention_mask``: one built
         beforehand from the same batch (:meth:`attention_mask`), e.g. by the trainer from the
@@ -246,7 +315,7 @@ class M6Transformer(nn.Module):
         mask = attention_mask if attention_mask is not None else \
             self.attention_mask(T, document_ids, prefix_mask, input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
-        x = self.embed(input_ids, image_patches, image_positions)
+        x = self.embed(input_ids, image_patches, image_positions, item_positions, item_catalog_rows)
         if self.args.embed_dropout and self.training:
             x = F.dropout(x, self.args.embed_dropout, True)
         ckpt = self.args.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -282,9 +351,13 @@ class M6Transformer(nn.Module):
         image_patches: Optional[Tensor] = None,
         image_positions: Optional[Tensor] = None,
         sample_keys: Optional[list] = None,  # part of the batch contract; unused
+        item_positions: Optional[Tensor] = None,
+        item_catalog_rows: Optional[Tensor] = None,
         *,
         attention_mask: Optional[AttentionMask] = None,
         label_index: Optional[Tensor] = None,
+        item_label_index: Optional[Tensor] = None,
+        item_targets: Optional[Tensor] = None,
         return_logits: Optional[bool] = None,
         return_hidden: bool = False,
     ) -> ModelOutput:
@@ -299,9 +372,15 @@ class M6Transformer(nn.Module):
         tokens, computed by the caller on the host (the trainer does it from
         the loader's CPU copy with :func:`label_positions`); ``labels`` must
         then already be final.  Without it they are found here, which reads
-        their number back from the device (a host sync)."""
+        their number back from the device (a host sync).
+
+        Item vector slots (``item_positions``, ``item_catalog_rows``; item_repr vector*): a label
+        whose token is such a slot is an *item* label: the position before the slot scores every
+        catalog item (:meth:`catalog_embeddings`, the full catalog softmax) instead of the
+        vocabulary.  ``item_label_index`` / ``item_targets`` (from :meth:`label_positions`) are
+        those positions and their catalog rows; the loss is the mean over token and item labels."""
         h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions,
-                               attention_mask)
+                               attention_mask, item_positions, item_catalog_rows)
         out = ModelOutput(hidden=h if return_hidden else None)
         if return_logits is None:
             return_logits = labels is None
@@ -309,24 +388,44 @@ class M6Transformer(nn.Module):
             out.logits = F.linear(h, self.head_weight)
         if labels is not None:
             if label_index is None:
-                labels, label_index = self.label_positions(labels, document_ids, prefix_mask)
-            n = label_index.numel()
+                labels, label_index, item_label_index, item_targets = self.label_positions(
+                    labels, document_ids, prefix_mask, item_positions, item_catalog_rows)
+            n_items = item_label_index.numel() if item_label_index is not None else 0
+            n = label_index.numel() + n_items
             out.n_tokens = torch.full((), n, dtype=torch.long, device=h.device)
-            if n:
-                hs = h.flatten(0, 1).index_select(0, label_index)
+            flat = h.flatten(0, 1)
+            total = h.sum().float() * 0.0  # a zero that keeps the graph when nothing is labelled
+            if label_index.numel():
+                hs = flat.index_select(0, label_index)
                 ys = labels.flatten().index_select(0, label_index)
-                out.loss = linear_cross_entropy(hs, self.head_weight, ys) / n
-            else:  # nothing to predict: a zero that keeps the graph
-                out.loss = h.sum().float() * 0.0
+                total = total + linear_cross_entropy(hs, self.head_weight, ys)
+            if n_items:
+                total = total + linear_cross_entropy(flat.index_select(0, item_label_index),
+                                                     self.catalog_embeddings(), item_targets)
+            out.loss = total / max(n, 1)
         return out
 
-    def label_positions(self, labels: Tensor, document_ids: Optional[Tensor],
-                        prefix_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """``(final labels, label_index)`` for :meth:`forward`, computed where the tensors are
-        (the trainer calls it on the loader's CPU copy, so the count costs no device sync)."""
+    def label_positions(self, labels: Tensor, document_ids: Optional[Tensor], prefix_mask: Optional[Tensor],
+                        item_positions: Optional[Tensor] = None, item_catalog_rows: Optional[Tensor] = None,
+                        ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``(final labels, label_index, item_label_index, item_targets)`` for :meth:`forward`,
+        computed where the tensors are (the trainer calls it on the loader's CPU copy, so the
+        counts cost no device sync).  Labels whose token is an item vector slot move from the
+        token loss to the item loss (the last two; None without vector slots)."""
         if self.args.attention == "prefix" and prefix_mask is not None:
             labels = self._drop_visible_labels(labels, document_ids, prefix_mask)
-        return labels, (labels.flatten() != IGNORE_INDEX).nonzero().flatten()
+        item_label_index = item_targets = None
+        if item_positions is not None and item_positions.numel():
+            T = labels.shape[1]
+            rows, cols = item_positions[:, 0], item_positions[:, 1]
+            before = rows * T + cols - 1  # the position that predicts the slot
+            flat = labels.flatten()
+            labelled = (cols > 0) & (flat.index_select(0, before.clamp(min=0)) != IGNORE_INDEX)
+            item_label_index, item_targets = before[labelled], item_catalog_rows[labelled]
+            flat = flat.clone()
+            flat[item_label_index] = IGNORE_INDEX
+            labels = flat.view_as(labels)
+        return labels, (labels.flatten() != IGNORE_INDEX).nonzero().flatten(), item_label_index, item_targets
 
     @staticmethod
     def _drop_visible_labels(labels: Tensor, document_ids: Optional[Tensor], prefix_mask: Tensor) -> Tensor:
@@ -371,21 +470,24 @@ class M6Transformer(nn.Module):
         return emb, torch.stack([ids // n_doc, ids % n_doc], dim=1)
 
     def encode(self, input_ids: Tensor, position_ids=None, document_ids=None, prefix_mask=None,
-               image_patches=None, image_positions=None, *, pool: str = "mean",
-               normalize: bool = True) -> tuple[Tensor, Tensor]:
+               image_patches=None, image_positions=None, item_positions=None, item_catalog_rows=None, *,
+               pool: str = "mean", normalize: bool = True) -> tuple[Tensor, Tensor]:
         """Pooled (L2-normalised) embeddings of each document: ``(emb [N, D], index [N, 2])``."""
-        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions)
+        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions,
+                               None, item_positions, item_catalog_rows)
         emb, index = self.pool(h, document_ids, pool)
         return (F.normalize(emb.float(), dim=-1).to(emb.dtype) if normalize else emb), index
 
     # --- yes/no scorer (ranking) ----------------------------------------------
     def score_yes_no(self, input_ids: Tensor, yes_id: int, no_id: int, position_ids=None, document_ids=None,
-                     prefix_mask=None, image_patches=None, image_positions=None) -> tuple[Tensor, Tensor]:
+                     prefix_mask=None, image_patches=None, image_positions=None, item_positions=None,
+                     item_catalog_rows=None) -> tuple[Tensor, Tensor]:
         """Log-odds ``log p(yes) - log p(no)`` of the token after each document's
         last token (e.g. after "... Would the user enjoy X? Answer:"): the
         LM's own next-token distribution restricted to the two answers.
         Returns ``(scores [N] fp32, index [N, 2])``."""
-        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions)
+        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions,
+                               None, item_positions, item_catalog_rows)
         last, index = self.pool(h, document_ids, "last")
         w = self.head_weight
         return (last.float() @ (w[yes_id] - w[no_id]).float()), index

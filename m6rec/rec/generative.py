@@ -169,6 +169,8 @@ class Prompt:
     exclude: set  # catalog items never to recommend (the user's history)
     user_id: str = ""
     context_items: list = field(default_factory=list)  # the items written in the prompt
+    vector_items: list = field(default_factory=list)  # item of each text-vector slot (item_repr vector*)
+    vector_starts: list = field(default_factory=list)  # its token position
 
 
 _TARGET = "\x00target"  # placeholder row for the item to predict (cut off before it is written)
@@ -283,8 +285,13 @@ class ContextBuilder:
         starts = np.flatnonzero(mask & T.MASK_IMAGE)[:: self.P].tolist() if self.P else []
         imgs = [s.image_item for s in segs if s.image_item is not None]
         assert len(starts) == len(imgs)
+        vecs = [s.vector_item for s in segs if s.vector_item is not None]
+        unknown = [i for i in vecs if i not in self.item_index]
+        if unknown:
+            raise ConfigError(f"items as text vectors: {unknown[0]!r} is not an item of {self.dataset_dir} (only "
+                              "catalog items have cached vectors; free-text titles must match catalog titles)")
         return Prompt(ids.astype(np.int64), (mask & T.MASK_CONTEXT) != 0, imgs, starts, exclude, user_id,
-                      [str(i) for i in items[start:]])
+                      [str(i) for i in items[start:]], vecs, np.flatnonzero(mask & T.MASK_VECTOR).tolist())
 
     def _item_segments(self, item_id: str) -> list:
         """``item_id`` as a one-item window: ``<|bos|><|context|><|predict|><|item|>``, its item
@@ -418,13 +425,16 @@ def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device)
     ids = np.full((B, L), pad_id, dtype=np.int64)
     doc = np.full((B, L), -1, dtype=np.int64)
     prefix = np.zeros((B, L), dtype=bool)
-    patches, where = [], []
+    patches, where, vec_where, vec_rows = [], [], [], []
     for b, p in enumerate(prompts):
         n = len(p.ids)
         ids[b, :n], doc[b, :n], prefix[b, :n] = p.ids, 0, p.prefix
         for item, st in zip(p.image_items, p.image_starts):
             patches.append(ctx.pixels(item))
             where.append((b, st))
+        for item, st in zip(p.vector_items, p.vector_starts):
+            vec_where.append((b, st))
+            vec_rows.append(ctx.item_index[item])
     P, pd_ = ctx.P, 3 * ctx.patch_size ** 2
     t = torch.from_numpy
     return {
@@ -434,6 +444,8 @@ def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device)
         "prefix_mask": t(prefix).to(device),
         "image_patches": (t(np.stack(patches)) if patches else torch.zeros(0, P, pd_)).to(device),
         "image_positions": torch.tensor(where, dtype=torch.int64).reshape(-1, 2).to(device),
+        "item_positions": torch.tensor(vec_where, dtype=torch.int64).reshape(-1, 2).to(device),
+        "item_catalog_rows": torch.tensor(vec_rows, dtype=torch.int64).to(device),
         "lengths": torch.tensor([len(p.ids) for p in prompts], device=device),
     }
 
@@ -515,14 +527,17 @@ class GenerativeRecommender:
                  name: Optional[str] = None, length_norm: float = 1.0):
         repr_ = contexts.text_cfg.item_repr
         if mode == "auto":
-            mode = "token" if repr_ in ("token", "both") else "text"
+            mode = "vector" if repr_ in T.VECTOR_MODES else "token" if repr_ in ("token", "both") else "text"
+        if (mode == "vector") != (repr_ in T.VECTOR_MODES):
+            raise ConfigError(f"mode {mode!r} does not fit data.text.item_repr {repr_!r} (items as text vectors are "
+                              "ranked with mode 'vector', and only they)")
         if mode == "token" and repr_ == "text":
             raise ConfigError("mode 'token' needs a dataset prepared with data.text.item_repr token or both")
         if mode == "text" and repr_ != "text":
             raise ConfigError(f"mode 'text' needs data.text.item_repr 'text' (this run's data has {repr_!r}: "
                               "its item text follows an item token); use mode 'token'")
-        if mode not in ("text", "token"):
-            raise ConfigError(f"mode must be auto, text or token, got {mode!r}")
+        if mode not in ("text", "token", "vector"):
+            raise ConfigError(f"mode must be auto, text, token or vector, got {mode!r}")
         self.model, self.ctx, self.mode = model, contexts, mode
         self.beam, self.batch_size, self.length_norm = beam, batch_size, float(length_norm)
         self.device = next(model.parameters()).device
@@ -533,7 +548,12 @@ class GenerativeRecommender:
         where = ", ".join(x for x in (Path(ck["run_dir"]).name if ck.get("run_dir") else "", ck.get("tag") or "") if x)
         self.name = name or f"m6rec-{mode}" + (f" ({where})" if where else "")
         self.stats: dict = {}
-        if mode == "token":
+        if mode == "vector":
+            from m6rec.data.vectors import attach_catalog
+
+            # the catalog of the dataset ranked (its own vectors: zero-shot on another catalog works alike)
+            attach_catalog(model, contexts.dataset_dir, contexts.text_cfg)
+        elif mode == "token":
             ids = [tok.token_to_id(T.item_token(i)) for i in contexts.catalog_ids]
             missing = [i for i, t in zip(contexts.catalog_ids, ids) if t is None]
             if missing:
@@ -577,8 +597,12 @@ class GenerativeRecommender:
             from tqdm import tqdm
 
             bar = tqdm(total=len(prompts), desc=f"rank {self.name}", unit="user")
+        if self.mode == "vector":
+            with torch.no_grad():  # the catalog's output embeddings, once per call (the model may have trained)
+                self.catalog_emb = self.model.catalog_embeddings().float()
+        rank = {"token": self._rank_token, "text": self._rank_text, "vector": self._rank_vector}[self.mode]
         for idx, group in batches_by_length(prompts, self.batch_size):
-            res = self._rank_token(group, k) if self.mode == "token" else self._rank_text(group, k)
+            res = rank(group, k)
             for i, r in zip(idx, res):
                 out[i] = r
             if bar is not None:
@@ -591,15 +615,24 @@ class GenerativeRecommender:
                       "prompt_tokens_mean": float(np.mean([len(p.ids) for p in prompts])) if prompts else 0.0}
         return out
 
-    # -- item tokens -----------------------------------------------------------
-    @torch.no_grad()
+    # -- item tokens, item text vectors: one softmax over the catalog -------------
     def _rank_token(self, prompts: list[Prompt], k: int) -> list:
+        return self._rank_catalog_softmax(prompts, k, self.model.head_weight[self.item_token_ids])
+
+    def _rank_vector(self, prompts: list[Prompt], k: int) -> list:
+        """Items as text vectors: every catalog item's output embedding is its projected cached text
+        vector (computed once per :meth:`rank_prompts`)."""
+        return self._rank_catalog_softmax(prompts, k, self.catalog_emb)
+
+    @torch.no_grad()
+    def _rank_catalog_softmax(self, prompts: list[Prompt], k: int, item_weight: torch.Tensor) -> list:
+        """One forward pass per user; the hidden state at the final ``<|item|>`` against each catalog
+        item's output embedding (row ``i`` = catalog item ``i``), softmaxed over the catalog."""
         b = collate(prompts, self.ctx, self.pad_id, self.device)
         lengths = b.pop("lengths")
         h = self.model.hidden_states(**b)
         last = h[torch.arange(len(prompts), device=h.device), lengths - 1]
-        logits = last.float() @ self.model.head_weight[self.item_token_ids].float().T
-        scores = torch.log_softmax(logits, dim=-1).cpu().numpy()  # softmax over the catalog
+        scores = torch.log_softmax(last.float() @ item_weight.float().T, dim=-1).cpu().numpy()
         out = []
         for p, s in zip(prompts, scores):
             top = top_k_excluding(s, self.catalog, p.exclude, k)

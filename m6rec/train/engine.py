@@ -458,11 +458,15 @@ def prepare_inputs(model, batch: dict, device: torch.device) -> tuple[dict, int]
     from pinned memory without blocking; on CUDA the FlexAttention block mask is
     then built once for the batch from the device copies (shared by every layer,
     and by the recomputation of activation checkpointing)."""
-    labels, label_index = model.label_positions(batch["labels"], batch.get("document_ids"), batch.get("prefix_mask"))
+    labels, label_index, item_label_index, item_targets = model.label_positions(
+        batch["labels"], batch.get("document_ids"), batch.get("prefix_mask"), batch.get("item_positions"),
+        batch.get("item_catalog_rows"))
     n_tokens = int(np.count_nonzero(batch["document_ids"].numpy() >= 0)) if "document_ids" in batch \
         else batch["input_ids"].numel()
     host = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     host.update(labels=labels, label_index=label_index)
+    if item_label_index is not None:
+        host.update(item_label_index=item_label_index, item_targets=item_targets)
     if device.type == "cuda":
         inputs = {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in host.items()}
     else:
@@ -496,9 +500,10 @@ def _warn_truncation(manifest: dict, seq_len: int, rank: int) -> None:
 
 
 def model_config_for(cfg: Config, manifest: dict):
-    """The model config with the vocabulary and image geometry of the prepared data."""
+    """The model config with the vocabulary, image geometry and item-vector width of the prepared data."""
     m = dataclasses.replace(cfg.model, vocab_size=manifest["vocab_size"],
-                            max_seq_len=max(cfg.model.max_seq_len, cfg.data.stream.seq_len))
+                            max_seq_len=max(cfg.model.max_seq_len, cfg.data.stream.seq_len),
+                            item_vector_dim=int((manifest.get("item_vectors") or {}).get("dim", 0)))
     return dataclasses.replace(cfg, model=m, data=dataclasses.replace(
         cfg.data, images=dataclasses.replace(cfg.data.images, size=manifest["image"]["size"],
                                              patch_size=manifest["image"]["patch_size"])))
@@ -708,7 +713,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, world: int, device: torch.
 # Resume
 # ---------------------------------------------------------------------------
 _SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden", "tie_embeddings",
-               "image_size", "patch_size", "image_channels")
+               "image_size", "patch_size", "image_channels", "item_vector_dim", "item_proj")
 
 
 def _resume_plan(ckpt_dir: Path, resume: str, cfg: Config, world: int, margs) -> Optional[dict]:
@@ -864,6 +869,10 @@ def _train(cfg: Config, resume: str, stop: StopFlag) -> dict:
     np.random.seed(cfg.train.seed)
 
     model = build_model(cfg, device=device)
+    if model.item_proj is not None:
+        from m6rec.data.vectors import attach_catalog
+
+        attach_catalog(model, cfg.data.output, cfg.data.text)
     margs = ModelArgs.from_config(cfg)
     plan = _resume_plan(ckpt_dir, resume, cfg, world, margs)
     if plan is not None:

