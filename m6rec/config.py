@@ -145,7 +145,9 @@ class ModelConfig:
     attention: Literal["causal", "prefix"] = "prefix"
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (GPU training; also faster on CPU after a compile)
-    init_from: Optional[str] = None  # "hf:DIR": start from a transformers Llama directory
+    # "hf:DIR": start from a transformers Llama directory; "run:RUN_DIR": from the newest complete
+    # checkpoint of an m6rec run of the same model shape (weights only: a new run, a fresh optimizer)
+    init_from: Optional[str] = None
     init_std: float = 0.02  # normal init std; residual projections get init_std / sqrt(2 * n_layers)
     ffn_multiple_of: int = 256  # rounding of the default SwiGLU width (ffn_hidden: null)
     # auto: FlexAttention on CUDA, per-document fused SDPA ("varlen") elsewhere (m6rec/model/masks.py)

@@ -63,7 +63,8 @@ def _check_source(run, ctx) -> None:
 
 def eval_main(cfg, args) -> int:
     from m6rec.rec import metrics as M
-    from m6rec.rec.evaluate import EvalData, Popularity, cold_items, evaluate, markdown_table, write_outputs
+    from m6rec.rec.evaluate import (EvalData, Popularity, TransferredPopularity, cold_items, evaluate, markdown_table,
+                                    write_outputs)
     from m6rec.rec.generative import contexts_for
 
     if args.task not in TASKS:
@@ -125,6 +126,10 @@ def eval_main(cfg, args) -> int:
               file=sys.stderr)
     else:
         rows.append(evaluate(Popularity(data), data, queries, ks, cold=cold))
+        if zero_shot:  # the second floor: what the source's item prior alone reaches on this catalog
+            source = TransferredPopularity(data, EvalData.load(first.dataset_dir))
+            rows.append(evaluate(source, data, queries, ks, cold=cold))
+            print(f"  {source.name}: {source.matched} of {len(data.catalog)} items matched by title", file=sys.stderr)
     for (kind, run, load_s), ctx in zip(loaded, contexts):
         t1 = time.perf_counter()
         if kind == "ranking":

@@ -120,6 +120,25 @@ class Popularity:
         return [top_k_excluding(self.scores, self.catalog, set(q.history) - {None}, k) for q in queries]
 
 
+class TransferredPopularity(Popularity):
+    """Zero-shot floor: the *source* dataset's training popularity carried to the target catalog by
+    item title (case-insensitive); target items with no title match score 0.  A zero-shot model that
+    only learned the source's item prior reaches this, not more."""
+
+    def __init__(self, data: EvalData, source: EvalData):
+        counts = source.train_counts()
+        by_title: dict[str, int] = {}
+        for i, t in zip(source.items["item_id"], source.items["title"]):
+            key = str(t).strip().casefold()
+            by_title[key] = by_title.get(key, 0) + counts.get(i, 0)
+        self.catalog = np.array(data.catalog, dtype=object)
+        titles = dict(zip(data.items["item_id"], data.items["title"]))
+        self.scores = np.array([by_title.get(str(titles[i]).strip().casefold(), 0) for i in self.catalog],
+                               dtype=np.float64)
+        self.matched = int((self.scores > 0).sum())
+        self.name = f"popularity of {source.dataset_dir.name} by title"
+
+
 def cold_items(data: EvalData, trained_on: Optional[EvalData] = None) -> set:
     """Catalog items of ``data`` the model never saw in training.
 

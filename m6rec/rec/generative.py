@@ -394,15 +394,22 @@ def contexts_for(run_cfg: Config, tokenizer, run_dataset_dir: str | Path, datase
     if dataset and target.resolve() != Path(run_dataset_dir).resolve():
         mine = json.loads((Path(run_dataset_dir) / "manifest.json").read_text())
         theirs = json.loads((target / "manifest.json").read_text())
-        if mine.get("tokenizer_sha256") != theirs.get("tokenizer_sha256"):
+        repr_ = run_cfg.data.text.item_repr
+        if repr_ == "vector_token":
+            raise ConfigError(f"--dataset {target}: this run's items are item tokens + text vectors "
+                              "(item_repr vector_token); item tokens are ids of its own catalog, so it cannot rank "
+                              "another one. Zero-shot needs item_repr vector (or text)")
+        if repr_ != "vector" and mine.get("tokenizer_sha256") != theirs.get("tokenizer_sha256"):
             raise ConfigError(f"--dataset {target}: prepared with another tokenizer than the model's "
                               f"({Path(run_dataset_dir) / 'tokenizer.json'}); prepare it with "
                               f"--data.tokenizer.path {Path(run_dataset_dir) / 'tokenizer.json'}")
         data_cfg = _build(DataConfig, theirs["config"], "data")
-        if data_cfg.text.item_repr != "text":
+        if repr_ != "vector" and data_cfg.text.item_repr != "text":
             raise ConfigError(f"--dataset {target}: zero-shot needs items written as text "
                               f"(data.text.item_repr text), it has {data_cfg.text.item_repr!r}")
-        # the target's source and split, the model's prompt shape (templates, history length)
+        # the target's source and split, the model's prompt shape (templates, history length).  Items as
+        # text vectors need only the target's items.parquet and splits.parquet: its items are encoded by
+        # the run's encoder (cached beside it) and its users written with the run's own tokenizer.
         cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(
             data_cfg, text=run_cfg.data.text, max_items=run_cfg.data.max_items))
     with warnings.catch_warnings():

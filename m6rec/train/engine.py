@@ -499,6 +499,24 @@ def _warn_truncation(manifest: dict, seq_len: int, rank: int) -> None:
                         ": their targets are cut off, so the validation loss may be NaN" if split == "valid" else "")
 
 
+def _init_from_run(model, run_dir: str, rank: int) -> None:
+    """``model.init_from: run:RUN_DIR``: the weights of that run's newest complete checkpoint (fine-tuning
+    a pretrained run on other data, e.g. the zero-shot source on its target)."""
+    from m6rec.train.export import fp32_state_dict
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    tag = ckpt.latest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
+    if tag is None:
+        raise ConfigError(f"model.init_from run:{run_dir}: no complete checkpoint in {ckpt_dir}")
+    try:
+        model.load_state_dict(fp32_state_dict(ckpt_dir, tag), strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"model.init_from run:{run_dir}: its {tag} does not fit this model "
+                          f"(same model settings and vocabulary needed): {str(e).splitlines()[0]}") from None
+    if rank == 0:
+        log.info("model initialised from %s (weights only; a fresh optimizer)", ckpt_dir / tag)
+
+
 def model_config_for(cfg: Config, manifest: dict):
     """The model config with the vocabulary, image geometry and item-vector width of the prepared data."""
     m = dataclasses.replace(cfg.model, vocab_size=manifest["vocab_size"],
@@ -869,6 +887,8 @@ def _train(cfg: Config, resume: str, stop: StopFlag) -> dict:
     np.random.seed(cfg.train.seed)
 
     model = build_model(cfg, device=device)
+    if cfg.model.init_from and cfg.model.init_from.startswith("run:"):
+        _init_from_run(model, cfg.model.init_from[4:], rank)
     if model.item_proj is not None:
         from m6rec.data.vectors import attach_catalog
 
