@@ -241,3 +241,60 @@ def test_stream_rejects_vector_slots_without_rows(shop, tmp_path):
     stream = PackedStream(ds, "train", seq_len=256, batch_size=2, num_workers=1, strict=True, world_size=1, rank=0)
     with pytest.raises(ValueError, match="no vec.npy member"):
         stream._read_shard(0)
+
+
+def test_zero_shot_eval_has_two_floors_and_reads_the_target_catalog(shop, tmp_path, capsys):
+    """`m6rec eval --dataset`: a vector-mode run ranks another prepared dataset (here the item-token
+    one: other tokenizer, other item_repr) with the target's own vectors; the table carries the
+    target's popularity and the source's popularity carried over by title."""
+    from m6rec.cli import main as cli_main
+
+    _, run_dir = shop["vector"]
+    target_cfg, _ = shop["vector_token"]
+    out = tmp_path / "zs.json"
+    assert cli_main(["eval", "--ckpt", str(run_dir), "--dataset", str(target_cfg.data.output), "--split", "test",
+                     "--out", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "popularity" in rows and any(m.startswith("popularity of ds_vector by title") for m in rows)
+    assert json.loads(out.read_text())["meta"]["zero_shot"] is True
+    # vector_token runs hold item ids: no zero-shot
+    with pytest.raises(ConfigError, match="item tokens are ids"):
+        cli_main(["eval", "--ckpt", str(shop["vector_token"][1]), "--dataset", str(shop["vector"][0].data.output),
+                  "--split", "test", "--out", str(tmp_path / "no.json")])
+
+
+def test_transferred_popularity_matches_titles():
+    from m6rec.rec.evaluate import TransferredPopularity
+
+    def data(name, ids, titles, train_items):
+        items = pd.DataFrame({"item_id": ids, "title": titles})
+        splits = pd.DataFrame({"user_id": ["u"] * len(train_items), "item_id": train_items,
+                               "split": ["train"] * len(train_items), "position": range(len(train_items))})
+        return EvalData(Path(name), items, splits)
+
+    source = data("src", ["1", "2", "3"], ["Heat (1995)", "Toy Story (1995)", "Casino (1995)"], ["1", "1", "1", "3"])
+    target = data("dst", ["a", "b", "c", "d"], ["toy story (1995)", "Casino (1995) ", "Heat (1995)", "New (2020)"], [])
+    pop = TransferredPopularity(target, source)
+    assert dict(zip(pop.catalog, pop.scores)) == {"a": 0, "b": 1, "c": 3, "d": 0}
+    assert pop.matched == 2 and pop.name == "popularity of src by title"
+
+
+def test_init_from_run_loads_the_weights(shop, tmp_path):
+    from m6rec.train.engine import train
+
+    cfg, run_dir = shop["vector"]
+    src = load_run(run_dir).model.state_dict()
+    cfg2 = generic_cfg(shop["root"], Path(cfg.data.output), *MODEL, "--train.run_dir", str(tmp_path / "ft"),
+                       "--deepspeed.zero_stage", "0", "--data.text.images", "false", "--train.wandb.mode", "disabled",
+                       "--data.text.item_repr", "vector", "--data.cold_items", "0.2", "--train.steps", "1",
+                       "--train.lr", "1e-12", "--train.warmup_steps", "0", "--train.min_lr", "1e-12",
+                       "--model.init_from", f"run:{run_dir}")
+    train(cfg2)
+    got = load_run(tmp_path / "ft").model.state_dict()
+    for k, v in src.items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)  # one step at lr 1e-12: the source weights
+    bad = generic_cfg(shop["root"], Path(cfg.data.output), *MODEL, "--train.run_dir", str(tmp_path / "bad"),
+                      "--model.init_from", f"run:{tmp_path / 'nothing'}", "--data.text.item_repr", "vector",
+                      "--train.wandb.mode", "disabled", "--data.text.images", "false")
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        train(bad)

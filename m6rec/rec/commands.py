@@ -232,6 +232,7 @@ def recommend_main(cfg, args) -> int:
     (ranked,) = rec.rank_prompts([prompt], args.k)
     dt = time.perf_counter() - t1
     what = ("log p(item) (item-token softmax)" if rec.mode == "token" else
+            "log p(item) (softmax over the catalog's cached text vectors)" if rec.mode == "vector" else
             "cosine(user, item) of the two towers (cached item index)" if rec.mode == "retrieval" else
             f"log p(item text + END) / (tokens + 1) ** {args.length_norm:g}")
     print(f"top {len(ranked)} by {rec.name} (score = {what}):")

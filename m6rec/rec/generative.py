@@ -560,6 +560,7 @@ class GenerativeRecommender:
 
             # the catalog of the dataset ranked (its own vectors: zero-shot on another catalog works alike)
             attach_catalog(model, contexts.dataset_dir, contexts.text_cfg)
+            self.refresh()
         elif mode == "token":
             ids = [tok.token_to_id(T.item_token(i)) for i in contexts.catalog_ids]
             missing = [i for i, t in zip(contexts.catalog_ids, ids) if t is None]
@@ -589,6 +590,14 @@ class GenerativeRecommender:
         return sorted(ends)
 
     # -- public --------------------------------------------------------------
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Vector mode: project the cached item vectors into the catalog's output embeddings, once --
+        a request then costs one forward pass and one ``[D] x [D, N]`` product.  Call again after the
+        model trained (train.select_by does)."""
+        if self.mode == "vector":
+            self.catalog_emb = self.model.catalog_embeddings().float()
+
     def rank(self, queries: Sequence[Query], k: int) -> list[list[str]]:
         return [[i for i, _ in r] for r in self.rank_with_scores(queries, k)]
 
@@ -604,9 +613,6 @@ class GenerativeRecommender:
             from tqdm import tqdm
 
             bar = tqdm(total=len(prompts), desc=f"rank {self.name}", unit="user")
-        if self.mode == "vector":
-            with torch.no_grad():  # the catalog's output embeddings, once per call (the model may have trained)
-                self.catalog_emb = self.model.catalog_embeddings().float()
         rank = {"token": self._rank_token, "text": self._rank_text, "vector": self._rank_vector}[self.mode]
         for idx, group in batches_by_length(prompts, self.batch_size):
             res = rank(group, k)

@@ -94,6 +94,7 @@ class Selector:
             self.rec = GenerativeRecommender(model, self.ctx, batch_size=self.batch_size)
         was_training = model.training
         model.eval()
+        self.rec.refresh()  # the model trained since the last evaluation
         try:
             ranked = self.rec.rank_prompts(self.prompts, self.k) if self.prompts else []
         finally:
