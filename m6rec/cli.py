@@ -22,7 +22,7 @@ COMMANDS = {
     "config": ("m6rec.cli", "show_config", "print the resolved configuration (or one key with --get)"),
     "prepare": ("m6rec.data.prepare", "main", "raw logs -> M6-Rec text -> tokenizer -> WebDataset shards"),
     "model-info": ("m6rec.model.info", "main", "parameters, FLOPs/token and ZeRO memory of a model preset"),
-    "bench": ("m6rec.bench", "main", "benchmarks: data | model | train | gpu"),
+    "bench": ("m6rec.bench", "main", "benchmarks: data | model | train | gpu | recommend"),
     "train": ("m6rec.train.engine", "main", "pretrain with DeepSpeed (one machine; launch/train.py for clusters)"),
     "plot": ("m6rec.train.plot", "main", "draw a run's metrics.jsonl to a PNG"),
     "export": ("m6rec.train.export", "main", "a ZeRO checkpoint -> fp32 safetensors or a Hugging Face Llama directory"),
@@ -84,12 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/metrics.png)")
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("bench", help=COMMANDS["bench"][2])
-    p.add_argument("what", choices=["data", "model", "train", "gpu"])
+    p.add_argument("what", choices=["data", "model", "train", "gpu", "recommend"])
     _add_common(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--only", choices=["scaling", "overhead"], default=None,
                    help="train: only the ZeRO scaling table or only the engine overhead table")
     p.add_argument("--tiny", action="store_true", help="gpu: a tiny fp32 model on the CPU (what CI runs)")
+    p.add_argument("--ckpt", action="append", default=None, help="recommend: a run directory (repeat to compare)")
+    p.add_argument("--users", type=int, default=200, help="recommend: timed requests per run (after 10 warm-up)")
+    p.add_argument("--threads", type=int, default=1, help="recommend: torch threads (0 = torch's default)")
     p = sub.add_parser("export", help=COMMANDS["export"][2])
     p.add_argument("--ckpt", required=True, help="RUN_DIR/checkpoints (the newest complete one) or .../checkpoints/TAG")
     p.add_argument("--to", choices=["fp32", "hf"], default="fp32",
