@@ -119,8 +119,8 @@ def catalog_token_ids(tokenizer, item_ids: Sequence[str]) -> np.ndarray:
     """For item_repr ``vector_token``: each catalog item's item-token id (-1 where the tokenizer has none)."""
     from m6rec.data.text import item_token
 
-    return np.array([tokenizer.token_to_id(item_token(i)) if tokenizer.token_to_id(item_token(i)) is not None
-                     else -1 for i in item_ids], dtype=np.int64)
+    ids = (tokenizer.token_to_id(item_token(i)) for i in item_ids)
+    return np.array([-1 if t is None else t for t in ids], dtype=np.int64)
 
 
 def attach_catalog(model, dataset_dir: str | Path, text_cfg) -> np.ndarray:
