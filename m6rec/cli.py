@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["data", "model", "train", "gpu"])
     _add_common(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--only", choices=["scaling", "overhead"], default=None,
-                   help="train: only the ZeRO scaling table or only the engine overhead table")
+    p.add_argument("--only", choices=["scaling", "overhead", "checkpoint"], default=None,
+                   help="train: only the ZeRO scaling table, the engine overhead table or the checkpoint cost table")
     p.add_argument("--tiny", action="store_true", help="gpu: a tiny fp32 model on the CPU (what CI runs)")
     p = sub.add_parser("export", help=COMMANDS["export"][2])
     p.add_argument("--ckpt", required=True, help="RUN_DIR/checkpoints (the newest complete one) or .../checkpoints/TAG")
