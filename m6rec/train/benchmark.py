@@ -394,6 +394,7 @@ def bench_checkpoint(cfg: Any, args: Any, *, warmup: int = 1, steps: int = 3, sa
     from m6rec.train.engine import _free_port
 
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     margs, T, B = _bench_model(cfg, args)
     every = sorted({100, 1000, int(getattr(getattr(cfg, "train", None), "save_every", 0) or 100)})
     folder = tempfile.mkdtemp(prefix="m6rec-bench-ckpt-")
@@ -411,8 +412,8 @@ def bench_checkpoint(cfg: Any, args: Any, *, warmup: int = 1, steps: int = 3, sa
     return dict(preset=margs.preset, params=rows[0]["params"], model_args=margs.to_dict(),
                 seq_len=T, rows_per_rank=B, world=world, warmup_steps=warmup, timed_steps=steps, saves=saves,
                 threads_per_rank=1, precision="fp32", device="cpu", directory=str(Path(folder).parent),
-                save_every=every, results=rows, table=format_checkpoint_table(rows, every),
-                wall_s=time.perf_counter() - t0)
+                save_every=every, load_avg_start=load_start, load_avg_end=os.getloadavg(), results=rows,
+                table=format_checkpoint_table(rows, every), wall_s=time.perf_counter() - t0)
 
 
 def format_checkpoint_table(rows: list[dict], save_every: list[int]) -> list[str]:
