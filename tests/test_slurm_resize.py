@@ -15,6 +15,7 @@ Both launch forms of the script whose world size follows the allocation: the def
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 from slurm_cluster import SlurmUnavailable, local_slurm
 from test_slurm import job_env, submit, train_args
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
 
@@ -49,6 +50,12 @@ def tiny_data(tmp_path_factory):
     from m6rec.config import load_config
     from m6rec.data.prepare import prepare
 
+    # DeepSpeed JIT-builds its CPU shared-memory comm op (cached in ~/.cache/torch_extensions; minutes
+    # on a busy machine): once here, not by two ranks at once inside the job's wait for training.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
     out = tmp_path_factory.mktemp("data") / "tiny"
     prepare(load_config(ROOT / "configs/pretrain/tiny.yaml", ["--data.output", str(out)]).data)
     return out
@@ -76,7 +83,7 @@ def test_requeued_with_fewer_tasks_resumes_on_the_new_world_size(slurm, tiny_dat
         assert slurm.job_info(job).get("JobState") in ("PENDING", "RUNNING"), out.read_text(errors="replace")[-3000:]
         return metrics.exists() and len(metrics.read_text().splitlines()) >= 3
 
-    _wait_until(started, 300, "training on 2 ranks", out)
+    _wait_until(started, 600, "training on 2 ranks", out)
     slurm.scancel(job, signal="USR1", batch=True)  # preemption: checkpoint, exit 0, requeue
 
     # The requeued job waits for its BeginTime (the cluster's credential lifetime, 10 s): hold
@@ -86,11 +93,11 @@ def test_requeued_with_fewer_tasks_resumes_on_the_new_world_size(slurm, tiny_dat
         assert info.get("JobState") in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"), out.read_text(errors="replace")[-3000:]
         return info.get("JobState") == "PENDING" and info.get("Restarts") == "1"
 
-    _wait_until(requeued, 300, "the requeue", out)
+    _wait_until(requeued, 600, "the requeue", out)
     slurm.run(["scontrol", "hold", job])
     slurm.run(["scontrol", "update", f"JobId={job}", "NumTasks=1", "NumCPUs=1"])
     slurm.release(job)
-    state = slurm.wait(job, timeout=600)
+    state = slurm.wait(job, timeout=900)
     log = out.read_text(errors="replace")
     assert state == "COMPLETED", log[-4000:]
     info = slurm.job_info(job)
