@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["data", "model", "train", "gpu", "recommend"])
     _add_common(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--only", choices=["scaling", "overhead"], default=None,
-                   help="train: only the ZeRO scaling table or only the engine overhead table")
+    p.add_argument("--only", choices=["scaling", "overhead", "checkpoint"], default=None,
+                   help="train: only the ZeRO scaling table, the engine overhead table or the checkpoint cost table")
     p.add_argument("--tiny", action="store_true", help="gpu: a tiny fp32 model on the CPU (what CI runs)")
     p.add_argument("--ckpt", action="append", default=None, help="recommend: a run directory (repeat to compare)")
     p.add_argument("--users", type=int, default=200, help="recommend: timed requests per run (after 10 warm-up)")
