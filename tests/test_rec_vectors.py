@@ -299,3 +299,35 @@ def test_init_from_run_loads_the_weights(shop, tmp_path):
                       "--train.wandb.mode", "disabled", "--data.text.images", "false")
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         train(bad)
+
+
+def test_held_out_items_are_not_negatives_in_training(shop):
+    """data.cold_items: the training softmax runs over the other items only (a held-out item must not
+    even be a negative, or the model learns never to name it); evaluation ranks the whole catalog."""
+    cfg, run_dir = shop["vector"]
+    run = load_run(run_dir)
+    model = run.model
+    ds = Path(cfg.data.output)
+    held = set(json.loads((ds / "manifest.json").read_text())["held_out_items"])
+    ids = pd.read_parquet(ds / "items.parquet")["item_id"].tolist()
+    V.attach_catalog(model, ds, run.cfg.data.text, training=True)
+    rows = model.item_loss_rows.tolist()
+    assert [ids[r] for r in rows] == [i for i in ids if i not in held]
+    loader = StreamLoader.from_config(cfg.data, "train", train=True, rank=0, world_size=1)
+    batch = next(iter(loader))
+    inputs, _ = prepare_inputs(model, batch, torch.device("cpu"))
+    with torch.no_grad():
+        got = model(**inputs)
+        h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["document_ids"],
+                                batch["prefix_mask"], item_positions=batch["item_positions"],
+                                item_catalog_rows=batch["item_catalog_rows"]).flatten(0, 1)
+        cat = model.catalog_embeddings()[rows]
+        pos = {r: n for n, r in enumerate(rows)}
+        targets = torch.tensor([pos[int(t)] for t in inputs["item_targets"]])
+        item_ce = torch.nn.functional.cross_entropy(h[inputs["item_label_index"]] @ cat.T, targets, reduction="sum")
+        tok_ce = torch.nn.functional.cross_entropy(h[inputs["label_index"]] @ model.head_weight.T,
+                                                   inputs["labels"].flatten()[inputs["label_index"]], reduction="sum")
+    torch.testing.assert_close(got.loss, (item_ce + tok_ce) / int(got.n_tokens), rtol=1e-5, atol=1e-6)
+    # ranking: the whole catalog again, held-out items included
+    V.attach_catalog(model, ds, run.cfg.data.text)
+    assert model.item_loss_rows.numel() == 0

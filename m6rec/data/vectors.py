@@ -123,10 +123,13 @@ def catalog_token_ids(tokenizer, item_ids: Sequence[str]) -> np.ndarray:
     return np.array([-1 if t is None else t for t in ids], dtype=np.int64)
 
 
-def attach_catalog(model, dataset_dir: str | Path, text_cfg) -> np.ndarray:
+def attach_catalog(model, dataset_dir: str | Path, text_cfg, training: bool = False) -> np.ndarray:
     """Give ``model`` the catalog of a prepared dataset (its cached vectors, encoded now if missing,
     and for item_repr ``vector_token`` the item-token ids of the dataset's tokenizer); returns the
-    vectors.  Used by training (its own dataset) and evaluation (any dataset: zero-shot)."""
+    vectors.  Used by training (its own dataset) and evaluation (any dataset: zero-shot).
+    ``training``: the loss's softmax leaves out the manifest's held-out items (``data.cold_items``);
+    evaluation ranks the whole catalog."""
+    import json
     import pandas as pd
     import torch
 
@@ -139,5 +142,12 @@ def attach_catalog(model, dataset_dir: str | Path, text_cfg) -> np.ndarray:
         tok = load_tokenizer(dataset_dir / "tokenizer.json")
         ids = pd.read_parquet(dataset_dir / "items.parquet", columns=["item_id"])["item_id"].astype(str).tolist()
         token_ids = torch.from_numpy(catalog_token_ids(tok, ids))
-    model.set_item_catalog(torch.from_numpy(vecs), token_ids)
+    loss_rows = None
+    if training:
+        held = set(json.loads((dataset_dir / "manifest.json").read_text()).get("held_out_items", []))
+        if held:
+            ids = pd.read_parquet(dataset_dir / "items.parquet", columns=["item_id"])["item_id"].astype(str)
+            loss_rows = torch.from_numpy(np.flatnonzero(~ids.isin(held).to_numpy()))
+    model.set_item_catalog(torch.from_numpy(vecs), token_ids, loss_rows)
+    model.item_catalog_source = str(dataset_dir.resolve())
     return vecs

@@ -80,6 +80,8 @@ def decode(
     prefix_mask: Optional[Tensor] = None,
     image_patches: Optional[Tensor] = None,
     image_positions: Optional[Tensor] = None,
+    item_positions: Optional[Tensor] = None,
+    item_catalog_rows: Optional[Tensor] = None,
 ) -> Tensor:
     """Final-normed hidden states ``[N, T, D]`` of ``input_ids [N, T]`` read after ``cache``'s
     ``S`` positions; ``cache`` is extended by these ``T`` tokens.
@@ -108,7 +110,7 @@ def decode(
             [cache.readable[:, None, :].expand(N, T, S), causal.expand(N, T, T)], dim=2)[:, None])
     readable = torch.ones(N, T, dtype=torch.bool, device=device) if document_ids is None else document_ids >= 0
     cos, sin = rope_cos_sin(position_ids, a.head_dim, a.rope_theta)
-    x = model.embed(input_ids, image_patches, image_positions)
+    x = model.embed(input_ids, image_patches, image_positions, item_positions, item_catalog_rows)
     for layer, kv in zip(model.layers, cache.layers):
         x = layer(x, cos, sin, mask, kv)
     cache.readable = readable if S == 0 else torch.cat([cache.readable, readable], dim=1)

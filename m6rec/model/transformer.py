@@ -205,6 +205,9 @@ class M6Transformer(nn.Module):
         # The catalog of the vector mode: data, not parameters (not saved; set_item_catalog).
         self.register_buffer("item_bank", torch.zeros(0, max(args.item_vector_dim, 1)), persistent=False)
         self.register_buffer("item_token_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+        # training softmax over a subset of the catalog (held-out items excluded): rows and row -> position
+        self.register_buffer("item_loss_rows", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("item_loss_position", torch.zeros(0, dtype=torch.long), persistent=False)
         self.init_weights()
 
     # --- initialisation -----------------------------------------------------
@@ -241,10 +244,13 @@ class M6Transformer(nn.Module):
         """``[V, D]``: the LM head (the token embedding when tied)."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def set_item_catalog(self, vectors: Tensor, token_ids: Optional[Tensor] = None) -> None:
+    def set_item_catalog(self, vectors: Tensor, token_ids: Optional[Tensor] = None,
+                         loss_rows: Optional[Tensor] = None) -> None:
         """The catalog the vector mode reads and scores: ``vectors [N, d_v]`` (row ``i`` = catalog row
         ``i``, as the batch's ``item_catalog_rows`` count them) and, for item_repr ``vector_token``,
-        each item's item-token id (``-1``: none, e.g. an item of another catalog)."""
+        each item's item-token id (``-1``: none, e.g. an item of another catalog).  ``loss_rows``: the
+        rows the training loss's softmax runs over (default all): items held out of training
+        (``data.cold_items``) must not even be negatives, or the model learns never to name them."""
         if self.item_proj is None:
             raise ValueError("this model has no item projection (model.item_vector_dim is 0)")
         if vectors.ndim != 2 or vectors.shape[1] != self.args.item_vector_dim:
@@ -254,6 +260,14 @@ class M6Transformer(nn.Module):
         self.item_bank = vectors.detach().to(dev, torch.float32)
         self.item_token_ids = (token_ids.to(dev, torch.long) if token_ids is not None
                                else torch.zeros(0, dtype=torch.long, device=dev))
+        if loss_rows is None:
+            self.item_loss_rows = torch.zeros(0, dtype=torch.long, device=dev)
+            self.item_loss_position = torch.zeros(0, dtype=torch.long, device=dev)
+        else:
+            self.item_loss_rows = loss_rows.to(dev, torch.long)
+            position = torch.full((vectors.shape[0],), -1, dtype=torch.long)
+            position[loss_rows.long().cpu()] = torch.arange(len(loss_rows))
+            self.item_loss_position = position.to(dev)
 
     def catalog_embeddings(self) -> Tensor:
         """``[N, D]``: every catalog item's output embedding -- its projected text vector, plus its
@@ -400,8 +414,11 @@ class M6Transformer(nn.Module):
                 ys = labels.flatten().index_select(0, label_index)
                 total = total + linear_cross_entropy(hs, self.head_weight, ys)
             if n_items:
-                total = total + linear_cross_entropy(flat.index_select(0, item_label_index),
-                                                     self.catalog_embeddings(), item_targets)
+                catalog = self.catalog_embeddings()
+                if self.item_loss_rows.numel():  # the training catalog: held-out items are not in it
+                    catalog = catalog.index_select(0, self.item_loss_rows)
+                    item_targets = self.item_loss_position.index_select(0, item_targets)
+                total = total + linear_cross_entropy(flat.index_select(0, item_label_index), catalog, item_targets)
             out.loss = total / max(n, 1)
         return out
 

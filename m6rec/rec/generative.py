@@ -558,8 +558,10 @@ class GenerativeRecommender:
         if mode == "vector":
             from m6rec.data.vectors import attach_catalog
 
-            # the catalog of the dataset ranked (its own vectors: zero-shot on another catalog works alike)
-            attach_catalog(model, contexts.dataset_dir, contexts.text_cfg)
+            # the catalog of the dataset ranked (its own vectors: zero-shot on another catalog works alike);
+            # a model already holding it (train.select_by, in training) keeps its training catalog
+            if getattr(model, "item_catalog_source", None) != str(Path(contexts.dataset_dir).resolve()):
+                attach_catalog(model, contexts.dataset_dir, contexts.text_cfg)
             self.refresh()
         elif mode == "token":
             ids = [tok.token_to_id(T.item_token(i)) for i in contexts.catalog_ids]

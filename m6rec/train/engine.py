@@ -892,7 +892,7 @@ def _train(cfg: Config, resume: str, stop: StopFlag) -> dict:
     if model.item_proj is not None:
         from m6rec.data.vectors import attach_catalog
 
-        attach_catalog(model, cfg.data.output, cfg.data.text)
+        attach_catalog(model, cfg.data.output, cfg.data.text, training=True)
     margs = ModelArgs.from_config(cfg)
     plan = _resume_plan(ckpt_dir, resume, cfg, world, margs)
     if plan is not None:
