@@ -232,6 +232,17 @@ class FinetuneConfig:
     query_pool: Literal["mean", "last"] = "mean"
     options: int = 8  # option vectors per tower, written after <|bos|>
     adapter_dim: int = 8  # bottleneck width of the adapter after every block (0 = none)
+    # option tuning variants (docs/option_tuning.md), each within the <= 1% budget:
+    # "input": the options are written into the token embeddings only; "all": besides, a learned
+    # per-layer vector (zero start) is added to every option position before every block after the
+    # first -- deep prompt tuning (P-tuning v2, M6-Rec's options at several layers)
+    option_layers: Literal["input", "all"] = "input"
+    lora_rank: int = 0  # rank of a low-rank update B A (B zero at start) of each frozen linear in lora_targets
+    lora_targets: list[str] = field(default_factory=lambda: ["wqkv", "wo", "w13", "w2"])
+    tune_norms: bool = False  # the LM's RMSNorm scales train as well (2 * n_layers + 1 vectors of dim)
+    # per tower, attention pooling of the hidden states (a learned query vector, zero at start = the mean)
+    attn_pool: bool = False
+    head_rank: int = 0  # per tower, a low-rank residual map of the pooled embedding, e + U (V^T e), U zero at start
     log_every: int = 10
     seed: int = 0
 
