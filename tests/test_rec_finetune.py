@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from m6rec.cli import main as cli_main
@@ -423,3 +424,28 @@ def test_option_variant_run_saves_and_loads_its_norms(setup, tmp_path):
         assert torch.equal(state[k].float(), v), k
     base = load_run(setup["base"])
     assert not torch.equal(base.model.norm.weight, run.model.lm.norm.weight)
+
+
+def test_attention_pooling_starts_as_the_mean_and_learns_weights(setup):
+    run = load_run(setup["base"])
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    b = _one_batch(run, ctx, 2)  # rows of different lengths: padding must not enter the pool
+    assert (b["document_ids"] < 0).any()
+    ft = FinetuneConfig(method="option", options=2, adapter_dim=0, attn_pool=True)
+    model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
+    with torch.no_grad():
+        mean, _ = model.lm.encode(**b, pool="mean")
+        assert torch.allclose(model.embed(b, "query"), mean.float(), atol=1e-5)
+        model.options.pool_w[0].normal_(std=0.3)
+        moved = model.embed(b, "query")
+        assert not torch.allclose(moved, mean.float(), atol=1e-3)
+        model.set_tower("item")  # the item tower: its own options, its own (still zero) pooling vector
+        item_mean, _ = model.lm.encode(**b, pool="mean")
+        assert torch.allclose(model.embed(b, "item"), item_mean.float(), atol=1e-5)
+        model.set_tower("query")
+        h = model.lm.hidden_states(**b)
+        w = model.options.pool_w[0]
+        for r in range(h.shape[0]):  # by hand: softmax over the row's own tokens only
+            n = int((b["document_ids"][r] >= 0).sum())
+            a = torch.softmax(h[r, :n] @ w, 0)
+            assert torch.allclose(moved[r], F.normalize((a[:, None] * h[r, :n]).sum(0), dim=0), atol=1e-5)
