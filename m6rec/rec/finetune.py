@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m6rec.config import Config, ConfigError, load_config, save_config, to_dict
+from m6rec.config import Config, ConfigError, load_config, load_yaml_tree, save_config, to_dict
 from m6rec.data import text as T
 from m6rec.rec.evaluate import EvalData, Query, top_k_excluding
 from m6rec.rec.generative import ContextBuilder, Prompt, batches_by_length, collate, contexts_for, load_run
@@ -61,6 +61,9 @@ log = logging.getLogger("m6rec.finetune")
 RANKING_SUFFIX = " - liked:"
 ANSWERS = ("yes", "no")  # no leading space: their first tokens always differ (y / n)
 TOWERS = ("query", "item")
+# the option-tuning variant of runs whose config.yaml predates the variants' keys
+LEGACY_OPTION_TUNING = {"option_layers": "input", "lora_rank": 0, "tune_norms": False, "attn_pool": False,
+                        "head_rank": 0}
 
 
 # ---------------------------------------------------------------------------
@@ -383,7 +386,11 @@ def load_task_run(path: str | Path, task: str, device: str = "cpu", tag: Optiona
             raise ConfigError(f"--ckpt {path}: fine-tuned for {meta['task']!r}, not {task!r}")
         run = load_run(path / meta["base_run"], meta["base_tag"], device="cpu")  # relative to path, or absolute
         # the fine-tuning config (the base run's + its overrides, e.g. a shorter data.max_items)
-        cfg = load_config(path / "config.yaml")
+        # a run written before the option-tuning variants existed: its config lacks their keys and
+        # its weights are the first variant's (options in the input, adapters), not today's defaults
+        written = load_yaml_tree(path / "config.yaml").get("finetune") or {}
+        legacy = {k: v for k, v in LEGACY_OPTION_TUNING.items() if k not in written}
+        cfg = load_config(path / "config.yaml", {"finetune": legacy} if legacy else None)
         ft = cfg.finetune
         model = TaskModel(run.model, task, meta["method"], ft, answer_ids(run.tokenizer),
                           run.tokenizer.token_to_id(T.CONTEXT))
