@@ -33,7 +33,7 @@ FT = ["--finetune.steps", "4", "--finetune.batch_size", "6", "--finetune.negativ
 # option tuning as first built (options in the input, adapters): the fixture's run and the two-rank test
 LEGACY = ["--finetune.option_layers", "input", "--finetune.lora_rank", "0", "--finetune.tune_norms", "false",
           "--finetune.attn_pool", "false"]
-LEGACY_FT = dict(option_layers="input", lora_rank=0, tune_norms=False, attn_pool=False)
+LEGACY_FT = dict(option_layers="input", lora_rank=0, tune_norms=False, attn_pool=False)  # with options, adapter_dim
 
 
 @pytest.fixture(scope="module")
@@ -402,9 +402,10 @@ def test_option_variants_at_ml1m_scale_fit_one_percent():
 
     lm = M6Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=8192, ffn_hidden=384, max_seq_len=64))
     n_lm = sum(p.numel() for p in lm.parameters())
-    default = FinetuneConfig(method="option")  # deep options, LoRA 2, norms, attention pooling: 13,698 (0.87 %)
-    legacy = dataclasses.replace(default, adapter_dim=8, **LEGACY_FT)  # the first option tuning: 6,146 (0.39 %)
-    for ft, expect in ((default, 13_698), (legacy, 6_146)):
+    default = FinetuneConfig(method="option")  # LoRA 2 on every linear + the norm scales: 9,346 (0.59 %)
+    deep = dataclasses.replace(default, options=8, attn_pool=True)  # + 8 options per tower at every layer
+    legacy = dataclasses.replace(default, options=8, adapter_dim=8, **LEGACY_FT)  # the first option tuning: 6,146 (0.39 %)
+    for ft, expect in ((default, 9_346), (deep, 13_698), (legacy, 6_146)):
         model = TaskModel(lm, "retrieval", "option", ft, (5, 6))
         n = sum(v.numel() for v in model.trainable().values())
         assert n == expect and n <= 0.01 * n_lm, (ft, n, n_lm)
