@@ -221,7 +221,7 @@ class FinetuneConfig:
     method: Literal["full", "option"] = "full"
     run_dir: str = "runs/finetune"
     steps: int = 300
-    lr: float = 5.0e-4  # option tuning usually wants ~10x more
+    lr: float = 5.0e-4  # option tuning usually wants ~10x more (5e-3: docs/option_tuning.md)
     warmup_steps: int = 20
     weight_decay: float = 0.0
     batch_size: int = 32  # training examples per step and rank (retrieval: queries, also in-batch negatives)
@@ -230,8 +230,23 @@ class FinetuneConfig:
     # retrieval: the query tower's pooling -- "mean" over the prompt, or "last" (the state at the final
     # <|item|>, which pretraining taught to predict the next item)
     query_pool: Literal["mean", "last"] = "mean"
-    options: int = 8  # option vectors per tower, written after <|bos|>
-    adapter_dim: int = 8  # bottleneck width of the adapter after every block (0 = none)
+    options: int = 0  # option vectors per tower, written after <|bos|>
+    # the defaults are the variant selected on validation (docs/option_tuning.md): LoRA rank 2 on every
+    # linear of every block and the norm scales, 9,346 parameters (0.59 %) on the tiny model; option
+    # vectors, adapters and attention pooling measured no better there (set options: 8 for M6-Rec's
+    # options, written at every layer by option_layers: all)
+    adapter_dim: int = 0  # bottleneck width of the adapter after every block (0 = none)
+    # option tuning variants (docs/option_tuning.md), each within the <= 1% budget:
+    # "input": the options are written into the token embeddings only; "all": besides, a learned
+    # per-layer vector (zero start) is added to every option position before every block after the
+    # first -- deep prompt tuning (P-tuning v2, M6-Rec's options at several layers)
+    option_layers: Literal["input", "all"] = "all"
+    lora_rank: int = 2  # rank of a low-rank update B A (B zero at start) of each frozen linear in lora_targets
+    lora_targets: list[str] = field(default_factory=lambda: ["wqkv", "wo", "w13", "w2"])
+    tune_norms: bool = True  # the LM's RMSNorm scales train as well (2 * n_layers + 1 vectors of dim)
+    # per tower, attention pooling of the hidden states (a learned query vector, zero at start = the mean)
+    attn_pool: bool = False
+    head_rank: int = 0  # per tower, a low-rank residual map of the pooled embedding, e + U (V^T e), U zero at start
     log_every: int = 10
     seed: int = 0
 

@@ -8,12 +8,14 @@ the first one's tokenizer, is the zero-shot catalog.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from m6rec.cli import main as cli_main
@@ -28,6 +30,10 @@ from test_rec_generative import _prepare_and_train
 
 FT = ["--finetune.steps", "4", "--finetune.batch_size", "6", "--finetune.negatives", "8", "--finetune.log_every", "2",
       "--finetune.warmup_steps", "1", "--train.wandb.mode", "disabled"]
+# option tuning as first built (options in the input, adapters): the fixture's run and the two-rank test
+LEGACY = ["--finetune.option_layers", "input", "--finetune.lora_rank", "0", "--finetune.tune_norms", "false",
+          "--finetune.attn_pool", "false"]
+LEGACY_FT = dict(option_layers="input", lora_rank=0, tune_norms=False, attn_pool=False)  # with options, adapter_dim
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,7 @@ def setup(tmp_path_factory):
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        assert cli_main(["finetune", "--ckpt", str(base), *FT, "--finetune.task", "retrieval",
+        assert cli_main(["finetune", "--ckpt", str(base), *FT, *LEGACY, "--finetune.task", "retrieval",
                          "--finetune.method", "option", "--finetune.options", "2", "--finetune.adapter_dim", "4",
                          "--finetune.run_dir", str(tmp / "ret_option")]) == 0
         assert cli_main(["finetune", "--ckpt", str(base), *FT, "--finetune.task", "ranking",
@@ -127,7 +133,7 @@ def test_option_training_moves_only_options_and_adapters(setup):
     ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
     from m6rec.rec.finetune import _batch
 
-    ft = FinetuneConfig(method="option", batch_size=6, negatives=6, options=2, adapter_dim=4)
+    ft = FinetuneConfig(method="option", batch_size=6, negatives=6, options=2, adapter_dim=4, **LEGACY_FT)
     model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
     before = {k: v.clone() for k, v in model.lm.state_dict().items()}
     opts = {k: v.clone() for k, v in model.trainable().items()}
@@ -263,7 +269,7 @@ def test_finetune_on_two_deepspeed_ranks(setup, tmp_path):
     env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     out = tmp_path / "ft2"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-           "launch/finetune.py", "--ckpt", str(setup["base"]), *FT, "--finetune.method", "option",
+           "launch/finetune.py", "--ckpt", str(setup["base"]), *FT, *LEGACY, "--finetune.method", "option",
            "--finetune.options", "2", "--finetune.adapter_dim", "4", "--finetune.run_dir", str(out)]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -297,3 +303,177 @@ def test_contrastive_loss_masks_duplicate_targets_only(setup):
     assert loss.item() == pytest.approx(-math.log(math.e / (math.e + 1)), rel=1e-6)
     unmasked = model(query={}, items={}, positives=torch.tensor([5, 6]), candidates=torch.tensor([5, 6, 7]))
     assert unmasked.item() == pytest.approx(-math.log(math.e / (2 * math.e + 1)), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Option-tuning variants: deep options, LoRA, norm scales, a low-rank head (docs/option_tuning.md)
+# ---------------------------------------------------------------------------
+def _one_batch(run, ctx, n_options):
+    placeholder = run.tokenizer.token_to_id("<|context|>")
+    users = sorted(ctx._timeline)[:3]
+    b = collate([with_options(ctx.for_user(u), n_options, placeholder) for u in users], ctx, 0, "cpu")
+    b.pop("lengths")
+    return b
+
+
+def test_deep_options_reach_every_layer(setup):
+    """option_layers "all": each block after the first sees its own learned vector added at the
+    option positions (and only there), per tower; gradients reach every layer's vectors."""
+    run = load_run(setup["base"])
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    n = 3
+    ft = FinetuneConfig(method="option", options=n, adapter_dim=0, option_layers="all")
+    model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
+    L = len(model.lm.layers)
+    assert L > 1 and model.options.deep.shape == (2, L - 1, n, model.lm.args.dim)
+    seen = {}
+    for i, layer in enumerate(model.lm.layers):  # each block's input as its first sublayer reads it
+        layer.attention_norm.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
+    b = _one_batch(run, ctx, n)
+    with torch.no_grad():
+        start_q = model.embed(b, "query")
+        zero = dict(seen)
+        start_i = model.embed(b, "item")
+        model.options.deep[0].normal_(generator=torch.Generator().manual_seed(0))  # the query tower's
+        moved_q = model.embed(b, "query")
+        moved = dict(seen)
+        assert torch.equal(model.embed(b, "item"), start_i)  # the item tower reads deep[1] only
+    assert not torch.allclose(moved_q, start_q)
+    assert torch.equal(moved[0], zero[0])  # the first block reads the input options only
+    d = moved[1] - zero[1]  # block 1: exactly deep[0, 0] added at the option positions, nothing elsewhere
+    assert torch.allclose(d[:, 1:1 + n], model.options.deep[0, 0].expand_as(d[:, 1:1 + n]), atol=1e-5)
+    assert d[:, 0].abs().max() == 0 and d[:, 1 + n:].abs().max() == 0
+    for i in range(1, L):
+        assert not torch.allclose(moved[i][:, 1:1 + n], zero[i][:, 1:1 + n])
+    model.options.deep.data.zero_()
+    model.zero_grad()
+    model.embed(b, "query").sum().backward()
+    g = model.options.deep.grad
+    assert all(g[0, i].abs().sum() > 0 for i in range(L - 1)) and g[1].abs().sum() == 0
+
+
+def test_lora_norms_and_head_start_as_the_pretrained_model_and_train_alone(setup):
+    run = load_run(setup["base"])
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    from m6rec.rec.finetune import _batch
+
+    n = 2
+    b = _one_batch(run, ctx, n)
+    plain = TaskModel(run.model, "retrieval", "option",
+                      FinetuneConfig(method="option", options=n, adapter_dim=0, **LEGACY_FT), answer_ids(run.tokenizer))
+    with torch.no_grad():
+        ref = plain.embed(b, "query")
+    for h in plain.options._hooks:
+        h.remove()
+    run = load_run(setup["base"])
+    ft = FinetuneConfig(method="option", options=n, adapter_dim=0, option_layers="input", lora_rank=2,
+                        tune_norms=True, head_rank=3, attn_pool=False, batch_size=6, negatives=6)
+    model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
+    with torch.no_grad():
+        assert torch.allclose(model.embed(b, "query"), ref, atol=1e-6)  # B = 0, U = 0: nothing changed yet
+    trainable = model.trainable()
+    dim, L = model.lm.args.dim, len(model.lm.layers)
+    lora = sum(v.numel() for k, v in trainable.items() if k.startswith("options.lora."))
+    a = model.lm.args
+    per_layer = sum(i + o for i, o in [(dim, a.n_heads * a.head_dim + 2 * a.kv_heads * a.head_dim),
+                                       (a.n_heads * a.head_dim, dim), (dim, 2 * a.ffn_dim), (a.ffn_dim, dim)])
+    assert lora == 2 * per_layer * L
+    norms = {k for k in trainable if k.startswith("lm.")}
+    assert norms == {f"lm.layers.{i}.{s}.weight" for i in range(L) for s in ("attention_norm", "ffn_norm")} | {"lm.norm.weight"}
+    assert trainable["options.head_u"].shape == (2, dim, 3)
+    before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    start = {k: v.clone() for k, v in trainable.items()}
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    ex = Examples(ctx, "retrieval")
+    for step in range(3):
+        loss = model(**_batch("retrieval", ex, ctx, model, np.random.default_rng(step), ft, 0, 3, "cpu"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.lm.state_dict()
+    assert {k for k in after if not torch.equal(after[k], before[k])} == {k[3:] for k in norms}
+    assert all(not torch.equal(v, start[k]) for k, v in trainable.items() if k != "bias")
+
+
+def test_option_variants_at_ml1m_scale_fit_one_percent():
+    """The configurations of docs/option_tuning.md on the tiny model with ml1m-text's vocabulary."""
+    from m6rec.model.args import ModelArgs
+    from m6rec.model.transformer import M6Transformer
+
+    lm = M6Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=8192, ffn_hidden=384, max_seq_len=64))
+    n_lm = sum(p.numel() for p in lm.parameters())
+    default = FinetuneConfig(method="option")  # LoRA 2 on every linear + the norm scales: 9,346 (0.59 %)
+    deep = dataclasses.replace(default, options=8, attn_pool=True)  # + 8 options per tower at every layer
+    legacy = dataclasses.replace(default, options=8, adapter_dim=8, **LEGACY_FT)  # the first option tuning: 6,146 (0.39 %)
+    for ft, expect in ((default, 9_346), (deep, 13_698), (legacy, 6_146)):
+        model = TaskModel(lm, "retrieval", "option", ft, (5, 6))
+        n = sum(v.numel() for v in model.trainable().values())
+        assert n == expect and n <= 0.01 * n_lm, (ft, n, n_lm)
+        for p in lm.parameters():
+            p.requires_grad_(True)
+        for h in model.options._hooks:
+            h.remove()
+
+
+def test_option_variant_run_saves_and_loads_its_norms(setup, tmp_path):
+    out = tmp_path / "ret_deep"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert cli_main(["finetune", "--ckpt", str(setup["base"]), *FT, "--finetune.method", "option",
+                         "--finetune.options", "2", "--finetune.adapter_dim", "0", "--finetune.option_layers", "all",
+                         "--finetune.lora_rank", "1", "--finetune.tune_norms", "true", "--finetune.head_rank", "2",
+                         "--finetune.lr", "0.05", "--finetune.run_dir", str(out)]) == 0
+    weights = load_file(str(out / "weights.safetensors"))
+    assert {"options.deep", "options.head_u", "lm.norm.weight"} <= set(weights)
+    run = load_task_run(out, "retrieval")
+    state = dict(run.model.named_parameters())
+    for k, v in weights.items():  # every trained tensor, the LM's norm scales included, is what eval uses
+        assert torch.equal(state[k].float(), v), k
+    base = load_run(setup["base"])
+    assert not torch.equal(base.model.norm.weight, run.model.lm.norm.weight)
+
+
+def test_attention_pooling_starts_as_the_mean_and_learns_weights(setup):
+    run = load_run(setup["base"])
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    b = _one_batch(run, ctx, 2)  # rows of different lengths: padding must not enter the pool
+    assert (b["document_ids"] < 0).any()
+    ft = FinetuneConfig(method="option", options=2, adapter_dim=0, attn_pool=True)
+    model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
+    with torch.no_grad():
+        mean, _ = model.lm.encode(**b, pool="mean")
+        assert torch.allclose(model.embed(b, "query"), mean.float(), atol=1e-5)
+        model.options.pool_w[0].normal_(std=0.3)
+        moved = model.embed(b, "query")
+        assert not torch.allclose(moved, mean.float(), atol=1e-3)
+        model.set_tower("item")  # the item tower: its own options, its own (still zero) pooling vector
+        item_mean, _ = model.lm.encode(**b, pool="mean")
+        assert torch.allclose(model.embed(b, "item"), item_mean.float(), atol=1e-5)
+        model.set_tower("query")
+        h = model.lm.hidden_states(**b)
+        w = model.options.pool_w[0]
+        for r in range(h.shape[0]):  # by hand: softmax over the row's own tokens only
+            n = int((b["document_ids"][r] >= 0).sum())
+            a = torch.softmax(h[r, :n] @ w, 0)
+            assert torch.allclose(moved[r], F.normalize((a[:, None] * h[r, :n]).sum(0), dim=0), atol=1e-5)
+
+
+def test_a_run_written_before_the_variants_loads_as_the_first_variant(setup, tmp_path):
+    """config.yaml without option_layers / lora_rank / ...: the run is read as it was trained."""
+    import shutil
+
+    import yaml
+
+    src = setup["tmp"] / "ret_option"
+    old = tmp_path / "ret_option_old"
+    shutil.copytree(src, old, ignore=shutil.ignore_patterns("item_index-*", "wandb"))
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    for k in ("option_layers", "lora_rank", "lora_targets", "tune_norms", "attn_pool", "head_rank"):
+        cfg["finetune"].pop(k)
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    meta = json.loads((old / "finetune.json").read_text())
+    meta["base_run"] = str((src / meta["base_run"]).resolve())
+    (old / "finetune.json").write_text(json.dumps(meta))
+    run, new = load_task_run(old, "retrieval"), load_task_run(src, "retrieval")
+    assert run.model.options.deep is None and not len(run.model.options.lora) and run.model.options.pool_w is None
+    assert set(run.model.trainable()) == set(new.model.trainable())

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m6rec.config import Config, ConfigError, load_config, save_config, to_dict
+from m6rec.config import Config, ConfigError, load_config, load_yaml_tree, save_config, to_dict
 from m6rec.data import text as T
 from m6rec.rec.evaluate import EvalData, Query, top_k_excluding
 from m6rec.rec.generative import ContextBuilder, Prompt, batches_by_length, collate, contexts_for, load_run
@@ -61,6 +61,9 @@ log = logging.getLogger("m6rec.finetune")
 RANKING_SUFFIX = " - liked:"
 ANSWERS = ("yes", "no")  # no leading space: their first tokens always differ (y / n)
 TOWERS = ("query", "item")
+# the option-tuning variant of runs whose config.yaml predates the variants' keys
+LEGACY_OPTION_TUNING = {"option_layers": "input", "lora_rank": 0, "tune_norms": False, "attn_pool": False,
+                        "head_rank": 0}
 
 
 # ---------------------------------------------------------------------------
@@ -78,14 +81,35 @@ class Adapter(nn.Module):
         return x + self.up(F.silu(self.down(x)))
 
 
+class LoRA(nn.Module):
+    """A low-rank update ``x -> B A x`` added to a frozen linear's output (``B`` zero at start)."""
+
+    def __init__(self, linear: nn.Linear, rank: int):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(rank, linear.in_features, generator=torch.Generator().manual_seed(rank))
+                              * linear.in_features ** -0.5)
+        self.b = nn.Parameter(torch.zeros(linear.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
+
+
 class Options(nn.Module):
     """Option vectors per tower and adapters after each block, attached to ``lm`` by hooks.
 
     The prompts carry ``n`` placeholder tokens after ``<|bos|>`` (:func:`with_options`);
     a forward hook on the token embedding writes the active tower's vectors there, and
-    one on each block adds its adapter.  The LM's own code is untouched."""
+    one on each block adds its adapter.  The LM's own code is untouched.
 
-    def __init__(self, lm: nn.Module, n_options: int, adapter_dim: int, placeholder: int = 3):
+    Variants (``FinetuneConfig``): ``layers="all"`` adds, before every block after the first, a
+    learned per-tower vector to each option position (deep options: every layer's keys and
+    values at the option positions are learned, as in P-tuning v2); ``lora_rank`` adds a
+    low-rank update to the frozen linears named in ``lora_targets``; ``head_rank`` a low-rank
+    residual map of each tower's pooled embedding.  All start as the pretrained model exactly."""
+
+    def __init__(self, lm: nn.Module, n_options: int, adapter_dim: int, placeholder: int = 3,
+                 layers: str = "input", lora_rank: int = 0, lora_targets: Sequence[str] = (), head_rank: int = 0,
+                 attn_pool: bool = False):
         super().__init__()
         self.placeholder = placeholder
         dim = lm.args.dim
@@ -101,6 +125,30 @@ class Options(nn.Module):
         if self.adapters is not None:
             for layer, adapter in zip(lm.layers, self.adapters):
                 self._hooks.append(layer.register_forward_hook(lambda m, a, out, ad=adapter: ad(out)))
+        # deep options: [tower, block 1.., n, dim], added to the option positions before each block
+        self.deep = None
+        if layers == "all" and n_options and len(lm.layers) > 1:
+            self.deep = nn.Parameter(torch.zeros(len(TOWERS), len(lm.layers) - 1, n_options, dim, dtype=init.dtype))
+            for i, layer in enumerate(lm.layers[1:]):
+                self._hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: self._deep_options(i, a)))
+        self.lora = nn.ModuleDict()
+        if lora_rank:
+            for i, layer in enumerate(lm.layers):
+                for name, mod in layer.named_modules():
+                    if isinstance(mod, nn.Linear) and name.split(".")[-1] in lora_targets:
+                        lora = self.lora[f"{i}_{name.replace('.', '_')}"] = LoRA(mod, lora_rank)
+                        self._hooks.append(mod.register_forward_hook(
+                            lambda m, a, out, lo=lora: out + lo(a[0]).to(out.dtype)))
+            if not len(self.lora):
+                raise ConfigError(f"config key 'finetune.lora_targets': {list(lora_targets)} names no linear "
+                                  "layer of the model's blocks (tiny..base: wqkv, wo, w13, w2)")
+        self.head_u = self.head_v = None
+        if head_rank:
+            g = torch.Generator().manual_seed(1)
+            self.head_v = nn.Parameter(torch.randn(len(TOWERS), dim, head_rank, generator=g) * dim ** -0.5)
+            self.head_u = nn.Parameter(torch.zeros(len(TOWERS), dim, head_rank))
+        # attention pooling: softmax(h . w) over the row's tokens; w = 0 is the mean pooling exactly
+        self.pool_w = nn.Parameter(torch.zeros(len(TOWERS), dim)) if attn_pool else None
 
     def _write_options(self, module, args, out):
         if not self.n:
@@ -111,6 +159,27 @@ class Options(nn.Module):
                                "(build prompts with with_options(); this model is a task model, not a plain LM)")
         v = self.vectors[TOWERS.index(self.tower)].to(out.dtype)
         return torch.cat([out[:, :1], v.expand(out.shape[0], -1, -1), out[:, 1 + self.n:]], dim=1)
+
+    def _deep_options(self, i: int, args: tuple) -> tuple:
+        x, *rest = args
+        d = self.deep[TOWERS.index(self.tower), i].to(x.dtype)
+        x = torch.cat([x[:, :1], x[:, 1:1 + self.n] + d, x[:, 1 + self.n:]], dim=1)
+        return (x, *rest)
+
+    def attention_pool(self, h: torch.Tensor, document_ids: torch.Tensor, tower: str) -> torch.Tensor:
+        """``[B, T, D] -> [B, D]``: one document per row (``collate``), padding (document -1) left out."""
+        valid = document_ids >= 0
+        if bool((document_ids > 0).any()):
+            raise ValueError("attention pooling reads one document per row")
+        s = (h.float() @ self.pool_w[TOWERS.index(tower)]).masked_fill(~valid, float("-inf"))
+        return (torch.softmax(s, dim=1)[..., None] * h.float()).sum(1)
+
+    def head(self, emb: torch.Tensor, tower: str) -> torch.Tensor:
+        """The tower's low-rank residual map of pooled embeddings (identity without ``head_rank``)."""
+        if self.head_u is None:
+            return emb
+        t = TOWERS.index(tower)
+        return emb + (emb @ self.head_v[t].to(emb.dtype)) @ self.head_u[t].T.to(emb.dtype)
 
 
 def with_options(p: Prompt, n: int, placeholder: int) -> Prompt:
@@ -131,7 +200,8 @@ class TaskModel(nn.Module):
     def __init__(self, lm: nn.Module, task: str, method: str, ft, answer_ids: tuple[int, int], placeholder: int = 3):
         super().__init__()
         self.lm, self.task, self.method = lm, task, method
-        self.options = Options(lm, ft.options, ft.adapter_dim, placeholder) if method == "option" else None
+        self.options = Options(lm, ft.options, ft.adapter_dim, placeholder, ft.option_layers, ft.lora_rank,
+                               ft.lora_targets, ft.head_rank, ft.attn_pool) if method == "option" else None
         self.n_options = ft.options if method == "option" else 0
         # shape [1], not []: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse
         self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / ft.temperature)))
@@ -139,8 +209,8 @@ class TaskModel(nn.Module):
         self.yes_id, self.no_id = answer_ids
         self.query_pool = ft.query_pool
         if method == "option":
-            for p in self.lm.parameters():
-                p.requires_grad_(False)
+            for name, p in self.lm.named_parameters():
+                p.requires_grad_(ft.tune_norms and name.split(".")[-2].endswith("norm"))
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.named_parameters() if v.requires_grad}
@@ -153,8 +223,16 @@ class TaskModel(nn.Module):
         """L2-normalised tower embeddings, one per row."""
         self.set_tower(tower)
         b = {k: v for k, v in batch.items() if k != "lengths"}
-        emb, _ = self.lm.encode(**b, pool=self.query_pool if tower == "query" else "mean")
-        return emb.float()
+        pool = self.query_pool if tower == "query" else "mean"
+        opts = self.options
+        if opts is None or (opts.head_u is None and opts.pool_w is None):
+            emb, _ = self.lm.encode(**b, pool=pool)
+            return emb.float()
+        if opts.pool_w is not None and pool == "mean":
+            emb = opts.attention_pool(self.lm.hidden_states(**b), b["document_ids"], tower)
+        else:
+            emb, _ = self.lm.encode(**b, pool=pool, normalize=False)
+        return F.normalize(opts.head(emb.float(), tower), dim=-1)
 
     def ranking_logits(self, batch: dict) -> torch.Tensor:
         self.set_tower("query")
@@ -308,7 +386,11 @@ def load_task_run(path: str | Path, task: str, device: str = "cpu", tag: Optiona
             raise ConfigError(f"--ckpt {path}: fine-tuned for {meta['task']!r}, not {task!r}")
         run = load_run(path / meta["base_run"], meta["base_tag"], device="cpu")  # relative to path, or absolute
         # the fine-tuning config (the base run's + its overrides, e.g. a shorter data.max_items)
-        cfg = load_config(path / "config.yaml")
+        # a run written before the option-tuning variants existed: its config lacks their keys and
+        # its weights are the first variant's (options in the input, adapters), not today's defaults
+        written = load_yaml_tree(path / "config.yaml").get("finetune") or {}
+        legacy = {k: v for k, v in LEGACY_OPTION_TUNING.items() if k not in written}
+        cfg = load_config(path / "config.yaml", {"finetune": legacy} if legacy else None)
         ft = cfg.finetune
         model = TaskModel(run.model, task, meta["method"], ft, answer_ids(run.tokenizer),
                           run.tokenizer.token_to_id(T.CONTEXT))
@@ -432,7 +514,7 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
     for key in ("steps", "batch_size", "log_every", "temperature"):
         if getattr(ft, key) <= 0:
             raise ConfigError(f"config key 'finetune.{key}': bad value {getattr(ft, key)!r}; allowed: > 0")
-    for key in ("negatives", "options", "adapter_dim", "warmup_steps"):
+    for key in ("negatives", "options", "adapter_dim", "warmup_steps", "lora_rank", "head_rank"):
         if getattr(ft, key) < 0:
             raise ConfigError(f"config key 'finetune.{key}': bad value {getattr(ft, key)!r}; allowed: >= 0")
     rank, world, device = init_distributed()
@@ -452,8 +534,9 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    decay = [v for k, v in trainable.items() if v.ndim >= 2 and "embed" not in k and "vectors" not in k]
-    rest = [v for k, v in trainable.items() if not (v.ndim >= 2 and "embed" not in k and "vectors" not in k)]
+    no_decay = ("embed", "vectors", "deep")  # embeddings and option vectors: no weight decay
+    decay = [v for k, v in trainable.items() if v.ndim >= 2 and not any(w in k for w in no_decay)]
+    rest = [v for k, v in trainable.items() if not (v.ndim >= 2 and not any(w in k for w in no_decay))]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": ft.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=ft.lr, betas=(0.9, 0.98))
     ds_cfg = deepspeed_config(dataclasses.replace(
