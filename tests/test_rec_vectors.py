@@ -317,7 +317,10 @@ def test_held_out_items_are_not_negatives_in_training(shop):
     batch = next(iter(loader))
     inputs, _ = prepare_inputs(model, batch, torch.device("cpu"))
     with torch.no_grad():
+        model.train()  # the training catalog applies in training mode (dropout is off in this model)
         got = model(**inputs)
+        model.eval()
+        full = model(**inputs)  # evaluation (the validation loss): the whole catalog
         h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["document_ids"],
                                 batch["prefix_mask"], item_positions=batch["item_positions"],
                                 item_catalog_rows=batch["item_catalog_rows"]).flatten(0, 1)
@@ -328,6 +331,7 @@ def test_held_out_items_are_not_negatives_in_training(shop):
         tok_ce = torch.nn.functional.cross_entropy(h[inputs["label_index"]] @ model.head_weight.T,
                                                    inputs["labels"].flatten()[inputs["label_index"]], reduction="sum")
     torch.testing.assert_close(got.loss, (item_ce + tok_ce) / int(got.n_tokens), rtol=1e-5, atol=1e-6)
+    assert float(full.loss) > float(got.loss)  # more negatives: the held-out items
     # ranking: the whole catalog again, held-out items included
     V.attach_catalog(model, ds, run.cfg.data.text)
     assert model.item_loss_rows.numel() == 0

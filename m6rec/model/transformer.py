@@ -415,7 +415,9 @@ class M6Transformer(nn.Module):
                 total = total + linear_cross_entropy(hs, self.head_weight, ys)
             if n_items:
                 catalog = self.catalog_embeddings()
-                if self.item_loss_rows.numel():  # the training catalog: held-out items are not in it
+                # training: the training catalog (held-out items are not in it); evaluation (validation loss,
+                # whose targets include held-out items) scores the whole catalog, as ranking does
+                if self.item_loss_rows.numel() and self.training:
                     catalog = catalog.index_select(0, self.item_loss_rows)
                     item_targets = self.item_loss_position.index_select(0, item_targets)
                 total = total + linear_cross_entropy(flat.index_select(0, item_label_index), catalog, item_targets)
