@@ -278,3 +278,22 @@ def local_slurm(tmpdir: str | os.PathLike, start_timeout: float = 900) -> Iterat
         yield cluster
     finally:
         stop_cluster(directory)
+
+
+def cluster_for_module(tmp_path_factory) -> Iterator[LocalSlurm]:
+    """The body of a module-scoped ``slurm`` fixture: a started cluster, or a skip with the reason.
+    Jobs inherit the submitting environment (--export=ALL); in-process training tests earlier in
+    the pytest run set the rendezvous variables for their own process group, so they are dropped."""
+    import pytest
+
+    try:
+        cm = local_slurm(tmp_path_factory.mktemp("slurm"))
+        cluster = cm.__enter__()
+    except SlurmUnavailable as exc:
+        pytest.skip(f"no local Slurm: {exc}")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        cluster.env.pop(k, None)
+    try:
+        yield cluster
+    finally:
+        cm.__exit__(None, None, None)

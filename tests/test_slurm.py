@@ -7,7 +7,6 @@ with the reason, only where Slurm cannot be installed or started.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -15,27 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmUnavailable, local_slurm
+from slurm_cluster import cluster_for_module
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    try:
-        cm = local_slurm(tmp_path_factory.mktemp("slurm"))
-        cluster = cm.__enter__()
-    except SlurmUnavailable as exc:
-        pytest.skip(f"no local Slurm: {exc}")
-    # Jobs inherit the submitting environment (--export=ALL); in-process training
-    # tests earlier in this pytest run set these for their own process group.
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        cluster.env.pop(k, None)
-    try:
-        yield cluster
-    finally:
-        cm.__exit__(None, None, None)
+slurm = pytest.fixture(scope="module", name="slurm")(cluster_for_module)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmUnavailable, local_slurm
+from slurm_cluster import cluster_for_module
 from test_slurm import job_env, submit, train_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -30,19 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    try:
-        cm = local_slurm(tmp_path_factory.mktemp("slurm"))
-        cluster = cm.__enter__()
-    except SlurmUnavailable as exc:
-        pytest.skip(f"no local Slurm: {exc}")
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        cluster.env.pop(k, None)
-    try:
-        yield cluster
-    finally:
-        cm.__exit__(None, None, None)
+slurm = pytest.fixture(scope="module", name="slurm")(cluster_for_module)
 
 
 @pytest.fixture(scope="module")

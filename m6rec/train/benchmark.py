@@ -84,15 +84,25 @@ def _optimizer_bytes(opt, stage: int) -> tuple[int, int]:
     return adam, master
 
 
-def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
+def _init_rank(rank: int, world: int, port: int, threads: int) -> None:
+    """A benchmark worker process joins its gloo group (one rank of ``world`` on this machine)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     import logging
 
     import torch
 
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(threads)
     import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
+def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
+    _init_rank(rank, world, port, spec["threads"])
+    import deepspeed
+    import torch
     import torch.distributed as dist
 
     from m6rec.model import build_model
@@ -101,8 +111,6 @@ def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
     from m6rec.train.engine import build_optimizer, deepspeed_config
     from m6rec.train.metrics import measure_matmul_flops
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     margs = ModelArgs.from_dict(spec["model_args"])
     T, B = spec["seq_len"], spec["rows"]
     peak = measure_matmul_flops(torch.float32, "cpu", seconds=1.0) if world == 1 else None
@@ -270,14 +278,8 @@ def _drop_page_cache(folder: Path) -> None:
 
 
 def _checkpoint_worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    import logging
-
+    _init_rank(rank, world, port, spec["threads"])
     import torch
-
-    torch.set_num_threads(spec["threads"])
-    import deepspeed
     import torch.distributed as dist
 
     from m6rec.model import build_model
@@ -285,8 +287,6 @@ def _checkpoint_worker(rank: int, world: int, port: int, spec: dict, out: str) -
     from m6rec.train import checkpoint as ckpt
     from m6rec.train.engine import build_engine
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     margs = ModelArgs.from_dict(spec["model_args"])
     T, B = spec["seq_len"], spec["rows"]
     batch = _batch(margs.vocab_size, B, T, seed=rank)
