@@ -251,6 +251,7 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> tuple[Path, float]:
     # m6rec names the tag when it loads, so the pointer is dropped rather than left stale.
     (ckpt_dir / "latest_universal").unlink(missing_ok=True)
     _both_stages_global_state(tmp / "zero" / "optimizer_state.pt")
+    _stage3_files_as_stage12(ckpt_dir / tag, tmp / "zero")
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     have = [n for n in names if (tmp / n).is_file()]
     for n in names:
@@ -292,6 +293,54 @@ def _both_stages_global_state(path: Path) -> None:
         changed = True
     if changed:
         torch.save(sd, path)
+
+
+def _stage3_files_as_stage12(source: Path, zero: Path) -> None:
+    """ds_to_universal (DeepSpeed 0.19.8) writes a ZeRO 3 source's per-parameter states
+    ``zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt`` as bare flat tensors and no ``step.pt``;
+    from a ZeRO 1/2 source they are ``{"param": tensor of the parameter's shape, ...}`` beside
+    a ``step.pt``.  The ZeRO 1/2 loader (``universal_checkpoint.load_hp_checkpoint_state``)
+    reads only the second form (``ckpt_dict["param"]``, and the step from ``step.pt``); the
+    ZeRO 3 loader reads both (it flattens either).  So a stage-3 source's files are
+    rewritten in the second form -- the parameter's shape from the source's ``param_shapes``,
+    the step from the optimizer state of the parameter's sub-group -- and every loader,
+    and :func:`load_universal_into_plain`, reads them.  Values are not touched."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM, PARAM_SHAPES
+
+    files = sorted(Path(source).glob("zero_pp_rank_*_mp_rank_*_model_states.pt"))
+    if not files:  # a ZeRO 1/2 source: already in that form
+        return
+    shapes = torch.load(files[0], map_location="cpu", weights_only=False)[PARAM_SHAPES]
+    state = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
+    for sub_group, names in enumerate(shapes):
+        step = state["state"][sub_group]["step"]
+        for name, shape in names.items():
+            folder = zero / name
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                value = torch.load(folder / f"{key}.pt", map_location="cpu", weights_only=False)
+                if not isinstance(value, dict):
+                    torch.save({PARAM: value.reshape(shape)}, folder / f"{key}.pt")
+            if not (folder / "step.pt").exists():
+                torch.save(step.clone() if torch.is_tensor(step) else step, folder / "step.pt")
+
+
+def own_step_tensors(engine) -> None:
+    """After DeepSpeed's ZeRO 3 universal load: one ``step`` tensor per sub-group.
+
+    ``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``
+    (DeepSpeed 0.19.8) assigns the *same* step object to the Adam state of every
+    sub-group (``self.optimizer.state[fp32_param]['step'] = state_step``).  torch's AdamW
+    increments its step tensors in place, once per ``optimizer.step()``, and ZeRO 3 calls
+    it once per sub-group: with two sub-groups (decay / no decay) the shared count
+    advanced by two per training step, so every sub-group after the first ran with the
+    wrong Adam bias correction (the measured 4.65e-3 relative loss difference of ZeRO 2
+    -> ZeRO 3).  Each sub-group gets its own copy, as a float32 tensor beside its
+    parameters.  (A step kept as a Python number is immutable: nothing to do.)"""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for flat, st in base.state.items():
+        step = st.get("step")
+        if torch.is_tensor(step):
+            st["step"] = step.detach().clone().to(flat.device)
 
 
 def client_state_of(ckpt_dir: Path, tag: str) -> dict:
