@@ -546,6 +546,16 @@ def _state_after_resume_equals_saved(resumed_dir: Path, saved_dir: Path, tag: st
     return worst
 
 
+def _logged_seconds(run: Run) -> tuple:
+    """(conversion, load) seconds from the last resume's log lines."""
+    import re
+
+    log = run.tail(400)
+    conv = re.findall(r"universal layout in ([0-9.]+) s", log)
+    load = re.findall(r"\(\w+ load, ([0-9.]+) s\)", log)
+    return (float(conv[-1]) if conv else None, float(load[-1]) if load else None)
+
+
 def _reset_adam(universal: Path) -> None:
     """What a new torch AdamW starts from: moments zero, step 0 -- in a universal folder."""
     for f in (universal / "zero").glob("*/*.pt"):
@@ -595,7 +605,8 @@ def test_resume_zero2_then_zero3_then_zero1(runs):
     elastic = (elastic_loss[5] - ref_loss[5]) / ref_loss[5]
     print(f"ZeRO 2->3->1: state after resume differs from the saved by <= {max(d3, d1):.2e} (relative); worst "
           f"relative step-loss difference vs the uninterrupted ZeRO 2 run {worst:.2e}; step 5 after a resume at "
-          f"step 3: elastic {elastic:+.2e}, new AdamW {jump:+.2e}")
+          f"step 3: elastic {elastic:+.2e}, new AdamW {jump:+.2e}; seconds (conversion, load): "
+          f"{_logged_seconds(z3)} then {_logged_seconds(z1)}")
     assert max(d3, d1) <= 1e-6
     assert worst < LOSS_RTOL
     assert jump > 1e-3 > LOSS_RTOL > abs(elastic)  # the jump a new optimizer makes, and the resume does not
@@ -634,5 +645,6 @@ def test_zero3_to_one_rank_and_a_killed_conversion_keeps_the_checkpoint(runs):
         loss = next(float.fromhex(r["loss"]) for r in tr if r["step"] == s)
         worst = max(worst, abs(loss - ref_loss[s]) / ref_loss[s])
     print(f"ZeRO 3 -> 1 rank: state after resume differs from the saved by <= {d:.2e} (relative); worst relative "
-          f"step-loss difference vs the uninterrupted ZeRO 3 run {worst:.2e}")
+          f"step-loss difference vs the uninterrupted ZeRO 3 run {worst:.2e}; seconds (conversion, load) "
+          f"{_logged_seconds(again)}")
     assert d <= 1e-6 and worst < LOSS_RTOL

@@ -271,7 +271,8 @@ def _both_stages_global_state(path: Path) -> None:
     ``optimizer_state_dict.state[0].step`` and the hyper-parameters from
     ``optimizer_state_dict.param_groups``; ZeRO 1/2's reads ``param_groups`` and
     ``ds_version`` at the top.  The same values are added under the other stage's keys, so a
-    ZeRO 1/2 checkpoint resumes at stage 3 and back (the per-parameter files are the same)."""
+    ZeRO 1/2 checkpoint resumes at stage 3 and back (the per-parameter files are the same,
+    after :func:`_stage3_files_as_stage12`)."""
     from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM_GROUPS
 
     sd = torch.load(path, map_location="cpu", weights_only=False)
@@ -290,6 +291,15 @@ def _both_stages_global_state(path: Path) -> None:
         import deepspeed
 
         sd[DS_VERSION] = deepspeed.__version__
+        changed = True
+    # From ZeRO 3 the converter copies rank 0's whole optimizer shard into this file (its fp32
+    # partition and moments: 6 bytes a parameter on 2 ranks), and every rank of the resumed run
+    # would read it; no loader uses them (the values come from zero/<name>/), so only the step
+    # counts stay.
+    state = sd[OPTIMIZER_STATE_DICT].get("state", {})
+    if "fp32_flat_groups" in sd or any(set(st) - {"step"} for st in state.values()):
+        sd.pop("fp32_flat_groups", None)
+        sd[OPTIMIZER_STATE_DICT]["state"] = {i: {"step": st["step"]} for i, st in state.items() if "step" in st}
         changed = True
     if changed:
         torch.save(sd, path)
