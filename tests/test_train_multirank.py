@@ -19,10 +19,20 @@ sigterm         ``srun``-style env (SLURM_*), SIGTERM     every rank stops, chec
 usr1            plain, SIGUSR1; resumed; RUN_DIR/STOP     exit 0, loadable checkpoint, stop file
 crash           ``deepspeed``, crash_in_save@4, resume    ``latest`` stays on the last complete save
 nan             ``torchrun``, nan_loss on rank 1 only     updates skipped together, stop after K
+elastic_21/12   zero2's step 3 -> 1 rank -> 2 ranks       state after each resume = saved; the
+                ZeRO 2 (``--resume auto``)                uninterrupted run's samples and losses
+elastic_zero    zero2's step 3 -> ZeRO 3 (torchrun) ->    the same through DeepSpeed's universal
+                ZeRO 1 (deepspeed), 2 ranks               checkpoint
+fresh_adam      zero2's step 3 -> ZeRO 3 with a new       the loss jump the elastic resume avoids
+                AdamW (moments zero, step 0)
+elastic_z       zero3's step 3 -> 1 rank; a SIGKILL in    ZeRO 3 -> one rank; a killed conversion
+                the conversion first                      leaves the checkpoint usable
 ==============  =======================================  ===========================================
 
 Every rank writes an exact per-step trace (``M6REC_TRACE=1``: losses as
-float.hex, sample keys, a digest of its parameters; see engine._Trace).
+float.hex, sample keys, a digest of its parameters; see engine._Trace), and
+its full state (weights, AdamW moments, steps; gathered) at every save and
+right after a resume.
 """
 from __future__ import annotations
 
@@ -531,13 +541,19 @@ def test_resume_two_ranks_then_one_then_two(runs, tmp_path):
 def _state_after_resume_equals_saved(resumed_dir: Path, saved_dir: Path, tag: str) -> float:
     """Worst relative difference between the full state (fp32 weights, AdamW moments, gathered)
     right after a resume and the one the saving run held when it wrote ``tag``; the step
-    counts must be equal (engine._Trace.optimizer_state writes both)."""
+    counts must be the tag's (engine._Trace.optimizer_state writes both).  Without ZeRO,
+    torch's AdamW counts per parameter and skips one without a gradient (the image
+    projection on text-only data keeps an older count); ZeRO keeps one count per group, the
+    largest (see docs/training.md), which is what is compared then."""
     from safetensors.torch import load_file
 
     saved = load_file(saved_dir / "trace" / f"state_saved_{tag}.safetensors")
     live = load_file(resumed_dir / "trace" / f"state_resumed_{tag}.safetensors")
     assert sorted(saved) == sorted(live)
-    assert saved["step"].tolist() == live["step"].tolist() == [float(int(tag[4:]))], (saved["step"], live["step"])
+    step = float(int(tag[4:]))
+    assert max(saved["step"].tolist()) == max(live["step"].tolist()) == step, (saved["step"], live["step"])
+    if len(saved["step"]) == len(live["step"]) == 1:
+        assert saved["step"].tolist() == live["step"].tolist() == [step]
     worst = 0.0
     for k in saved:
         if k != "step":
