@@ -749,10 +749,12 @@ _SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hi
 def _resume_plan(ckpt_dir: Path, resume: str, cfg: Config, world: int, margs) -> Optional[dict]:
     """Which tag ``--resume`` loads and how: ``same`` (the topology that wrote it: DeepSpeed's
     own load), ``plain`` (no ZeRO before and now: the full state loads on any number of
-    ranks), ``universal`` (ZeRO now, ZeRO 1-3 before on another number of ranks or stage:
-    converted with DeepSpeed's ds_to_universal, loaded with load_universal), ``to_plain``
-    (converted likewise, then into an engine without ZeRO), ``from_plain`` (no ZeRO before,
-    ZeRO now).  None: start from step 0.  A different model shape is refused."""
+    ranks), ``universal`` (ZeRO 1-3 now, ZeRO 1-3 before on another number of ranks or
+    another stage: converted with DeepSpeed's ds_to_universal, loaded by DeepSpeed's
+    universal loader, which re-partitions it), ``to_plain`` (converted likewise, then into
+    an engine without ZeRO), ``from_plain`` (no ZeRO before, ZeRO now).  None: start from
+    step 0.  Every world size and stage resumes; only a different model shape is refused
+    (its weights and moments fit no parameter of this model)."""
     if resume == "none":
         return None
     if resume != "auto" and not ckpt.TAG_RE.match(resume):
@@ -769,7 +771,8 @@ def _resume_plan(ckpt_dir: Path, resume: str, cfg: Config, world: int, margs) ->
             if k in saved_args and saved_args[k] != now_args.get(k)]
     if diff:
         raise ConfigError(f"checkpoint {ckpt_dir / tag} holds another model shape ({'; '.join(diff)}): its weights "
-                          f"and optimizer state do not fit this model; resume with the same model settings")
+                          f"and optimizer state do not fit this model; resume with the same model settings (another "
+                          f"number of ranks or ZeRO stage resumes, another shape cannot)")
     stage = effective_zero_stage(cfg, world)
     saved_world = int(meta.get("world_size") or world)
     saved_stage = int(meta.get("zero_stage", stage))
