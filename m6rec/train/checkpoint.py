@@ -412,24 +412,31 @@ def load_plain_into_zero(engine, optimizer_sd: dict, module_sd: dict, params: li
     saved = optimizer_sd["state"]
     opt = engine.optimizer
     base = opt.optimizer  # the torch optimizer ZeRO steps its flat fp32 partitions with
-    if hasattr(opt, "single_partition_of_fp32_groups"):
-        # ZeRO 1/2 create the Adam state at the first step and only then link each parameter's
-        # fragment of it (_lazy_init_hp_params_optimizer_state): create it here as that step would.
-        for hp in opt.single_partition_of_fp32_groups:
-            if "exp_avg" not in base.state.get(hp, {}):
-                base.state[hp] = {"step": torch.zeros((), dtype=torch.float32, device=hp.device),
-                                  "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
+    # ZeRO 1-3 create the Adam state of their flat fp32 partitions at the first step (ZeRO 1/2
+    # only then link each parameter's fragment of it: _lazy_init_hp_params_optimizer_state):
+    # create it here as that step would.
+    flats = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat")
+    for hp in flats:
+        if "exp_avg" not in base.state.get(hp, {}):
+            base.state[hp] = {"step": torch.zeros((), dtype=torch.float32, device=hp.device),
+                              "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
         opt._lazy_init_hp_params_optimizer_state()
     steps = set()
     for i, p in enumerate(params):
-        st = saved[i]
-        safe_set_full_fp32_param(p, module_sd[names[id(p)]].float().to(p.device))
+        # torch's AdamW creates a parameter's state at its first gradient: one that never had
+        # one (the image projection on text-only data) has none, i.e. moments of zero.
+        st = saved.get(i, {})
+        full = module_sd[names[id(p)]].float().to(p.device)
+        safe_set_full_fp32_param(p, full)
         for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(p, st[key].float().to(p.device), key)
-        steps.add(float(st["step"]))
+            value = st[key].float().to(p.device) if key in st else torch.zeros_like(full)
+            safe_set_full_optimizer_state(p, value, key)
+        if "step" in st:
+            steps.add(float(st["step"]))
     # torch's AdamW counts steps per parameter and skips one that got no gradient (e.g. the image
     # projection in a text-only stretch); ZeRO keeps one count per flat group: the largest.
-    step = max(steps)
+    step = max(steps, default=0.0)
     for st in base.state.values():
         if "step" in st:
             st["step"] = torch.full_like(st["step"], step) if torch.is_tensor(st["step"]) else step

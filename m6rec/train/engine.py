@@ -287,12 +287,14 @@ class StepOnDevice(skippable(torch.optim.AdamW)):
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms and embeddings (1-D weights and the token table)."""
+    """No weight decay on norms and embeddings (1-D weights and the token table).  Also the
+    optimizer's parameter order of a checkpoint; under ZeRO 3 a parameter's own shape is
+    empty once partitioned, its ``ds_shape`` is the real one."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+        (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 or "embed" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -707,9 +709,10 @@ class _Trace:
             if zero:
                 got = {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
                        "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
-            else:
-                st = optimizer.state[p]
-                got = {"fp32": p, "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+            else:  # a parameter that never had a gradient (the image projection on text) has no state yet
+                st = optimizer.state.get(p) or {}
+                got = {"fp32": p, "exp_avg": st.get("exp_avg", torch.zeros_like(p)),
+                       "exp_avg_sq": st.get("exp_avg_sq", torch.zeros_like(p))}
             for key, v in got.items():
                 out[f"{key}/{name}"] = v.detach().float().cpu().reshape(shape).clone()
         steps = {float(st["step"]) for st in base.state.values() if "step" in st}
