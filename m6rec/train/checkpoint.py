@@ -344,8 +344,9 @@ def own_step_tensors(engine) -> None:
     it once per sub-group: with two sub-groups (decay / no decay) the shared count
     advanced by two per training step, so every sub-group after the first ran with the
     wrong Adam bias correction (the measured 4.65e-3 relative loss difference of ZeRO 2
-    -> ZeRO 3).  Each sub-group gets its own copy, as a float32 tensor beside its
-    parameters.  (A step kept as a Python number is immutable: nothing to do.)"""
+    -> ZeRO 3).  Each sub-group gets its own copy (same value and dtype, on its partition's
+    device, where torch's fused AdamW wants it).  A step kept as a Python number (DeepSpeed's
+    FusedAdam, CPUAdam) is immutable: nothing to do."""
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for flat, st in base.state.items():
         step = st.get("step")
