@@ -190,6 +190,68 @@ def test_checkpoint_bookkeeping(tmp_path):
 
 
 
+def test_resume_plan_takes_every_world_size_and_stage(tmp_path):
+    """Saved (world, stage) x this run's: every layout resumes; another model shape is refused."""
+    from m6rec.model.args import ModelArgs
+
+    cfg = load_config(ROOT / "configs" / "pretrain" / "tiny.yaml")
+    margs = ModelArgs.from_config(cfg)
+    d = tmp_path / "checkpoints"
+    (d / "step00000003").mkdir(parents=True)
+
+    def plan(saved_world, saved_stage, world, stage, **shape):
+        meta = {"step": 3, "world_size": saved_world, "zero_stage": saved_stage,
+                "model_args": {**margs.to_dict(), **shape}}
+        (d / "step00000003" / ckpt.COMPLETE).write_text(json.dumps(meta))
+        c = load_config(ROOT / "configs" / "pretrain" / "tiny.yaml", ["--deepspeed.zero_stage", str(stage)])
+        return E._resume_plan(d, "auto", c, world, margs)["mode"]
+
+    assert plan(2, 2, 2, 2) == "same"
+    assert plan(2, 2, 2, 3) == plan(2, 3, 2, 1) == plan(2, 3, 3, 3) == plan(4, 1, 3, 2) == "universal"
+    assert plan(2, 2, 1, 2) == plan(2, 3, 1, 3) == "to_plain"  # one rank runs as stage 0
+    assert plan(1, 0, 2, 3) == "from_plain" and plan(1, 0, 2, 0) == "plain"
+    with pytest.raises(ConfigError, match=r"another model shape \(n_layers: saved 3, this run 2\)"):
+        plan(2, 2, 2, 3, n_layers=3)
+
+
+def test_stage3_universal_files_and_own_step_tensors(tmp_path):
+    """A ZeRO 3 source's universal files are rewritten as the ZeRO 1/2 loader reads them, and
+    after DeepSpeed's ZeRO 3 universal load each sub-group gets its own step tensor."""
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM, PARAM_SHAPES
+
+    src, zero = tmp_path / "step00000003", tmp_path / "uni" / "zero"
+    src.mkdir()
+    torch.save({PARAM_SHAPES: [{"w": torch.Size([2, 3])}, {"b": torch.Size([4])}]},
+               src / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    for name, n in (("w", 6), ("b", 4)):
+        (zero / name).mkdir(parents=True)
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            torch.save(torch.arange(n, dtype=torch.float32), zero / name / f"{key}.pt")
+    big = torch.zeros(10)  # rank 0's shard, which ds_to_universal copies in
+    torch.save({OPTIMIZER_STATE_DICT: {"state": {0: {"step": torch.tensor(3.0), "exp_avg": big},
+                                                  1: {"step": torch.tensor(3.0), "exp_avg": big}},
+                                        "param_groups": [{"weight_decay": 0.1}, {"weight_decay": 0.0}]},
+                "fp32_flat_groups": [big]}, zero / "optimizer_state.pt")
+    ckpt._both_stages_global_state(zero / "optimizer_state.pt")
+    ckpt._stage3_files_as_stage12(src, zero)
+    w = torch.load(zero / "w" / "exp_avg.pt", weights_only=False)
+    assert w[PARAM].shape == (2, 3) and torch.equal(w[PARAM].flatten(), torch.arange(6.0))
+    assert float(torch.load(zero / "b" / "step.pt", weights_only=False)) == 3.0
+    sd = torch.load(zero / "optimizer_state.pt", weights_only=False)
+    assert "fp32_flat_groups" not in sd and sd[OPTIMIZER_STATE_DICT]["state"] == {0: {"step": 3.0}, 1: {"step": 3.0}}
+    assert sd["param_groups"][1]["weight_decay"] == 0.0 and "ds_version" in sd
+
+    shared = torch.tensor(3.0)  # what DeepSpeed 0.19.8's stage-3 universal load leaves
+    flats = [torch.zeros(2), torch.zeros(3)]
+    base = SimpleNamespace(state={f: {"step": shared} for f in flats})
+    ckpt.own_step_tensors(SimpleNamespace(optimizer=SimpleNamespace(optimizer=base)))
+    a, b = (base.state[f]["step"] for f in flats)
+    assert a is not b and float(a) == float(b) == 3.0
+    a.add_(1)  # torch's AdamW increments in place, once per sub-group
+    assert float(b) == 3.0
+
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.stem)
 def test_pretrain_presets_render(preset):
     cfg = load_config(preset)

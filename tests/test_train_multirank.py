@@ -19,10 +19,21 @@ sigterm         ``srun``-style env (SLURM_*), SIGTERM     every rank stops, chec
 usr1            plain, SIGUSR1; resumed; RUN_DIR/STOP     exit 0, loadable checkpoint, stop file
 crash           ``deepspeed``, crash_in_save@4, resume    ``latest`` stays on the last complete save
 nan             ``torchrun``, nan_loss on rank 1 only     updates skipped together, stop after K
+elastic_21/12   zero2's step 3 -> 1 rank -> 2 ranks       state after each resume = saved; the
+                ZeRO 2 (``--resume auto``)                uninterrupted run's samples and losses
+elastic_zero    zero2's step 3 -> ZeRO 3 (torchrun) ->    the same through DeepSpeed's universal
+                ZeRO 1 (deepspeed), 2 ranks               checkpoint
+fresh_adam      zero2's step 3 -> ZeRO 3 with a new       the loss jump the elastic resume avoids
+                AdamW (moments zero, step 0)
+elastic_z       zero3's step 3 -> 1 rank; a SIGKILL in    ZeRO 3 -> one rank; a killed conversion
+                the conversion first                      leaves the checkpoint usable
+elastic_13      one's step 3 -> 2 ranks ZeRO 3            a fresh 1-rank run's state into ZeRO 3
 ==============  =======================================  ===========================================
 
 Every rank writes an exact per-step trace (``M6REC_TRACE=1``: losses as
-float.hex, sample keys, a digest of its parameters; see engine._Trace).
+float.hex, sample keys, a digest of its parameters; see engine._Trace), and
+its full state (weights, AdamW moments, steps; gathered) at every save and
+right after a resume.
 """
 from __future__ import annotations
 
@@ -504,11 +515,13 @@ def test_resume_two_ranks_then_one_then_two(runs, tmp_path):
     assert one.summary()["start_step"] == 3 and one.summary()["step"] == 6 and latest(run_dir) == "step00000006"
     assert "converted to DeepSpeed's universal layout in" in one.tail(400)
     d1 = _resumed_weights_equal_saved(run_dir, ref, "step00000003", tmp_path)
+    s1 = _state_after_resume_equals_saved(run_dir, ref.run_dir, "step00000003")
     one_tr = read_trace(run_dir, 0)  # before the 2-rank part appends to rank0.jsonl
     two = Run("elastic_12", run_dir, "deepspeed", runs.args("--deepspeed.zero_stage", "2", *TWO_RANKS,
                                                            "--resume", "auto"), _env(runs.root)).ok()
     assert two.summary()["start_step"] == 6 and two.summary()["step"] == STEPS
     d2 = _resumed_weights_equal_saved(run_dir, one, "step00000006", tmp_path)
+    s2 = _state_after_resume_equals_saved(run_dir, run_dir, "step00000006")
 
     class Part:  # the 1-rank part's trace as it was before the 2-rank part appended to it
         name = "elastic_21"
@@ -519,29 +532,158 @@ def test_resume_two_ranks_then_one_then_two(runs, tmp_path):
 
     assert all(len(r["keys"]) == 2 for r in one_tr if 4 <= r["step"] <= 6)  # 2 micro-batches = 2 ranks' batches
     worst = _check_continuation(ref, [(Part, 1, [4, 5, 6]), (two, 2, [7, 8])])
-    print(f"2->1->2: weights after resume differ from the saved by <= {max(d1, d2):.2e}; worst relative step-loss "
-          f"difference vs the uninterrupted 2-rank run {worst:.2e}")
-    assert max(d1, d2) <= 1e-6
+    print(f"2->1->2: weights after resume differ from the saved by <= {max(d1, d2):.2e}, weights and moments "
+          f"by <= {max(s1, s2):.2e} (relative); worst relative step-loss difference vs the uninterrupted 2-rank run "
+          f"{worst:.2e}")
+    assert max(d1, d2) <= 1e-6 and max(s1, s2) <= 1e-6
     assert worst < LOSS_RTOL
 
 
-def test_zero_layout_change_is_refused_and_a_killed_conversion_keeps_the_checkpoint(runs):
-    """ZeRO 2 -> ZeRO 3 on 2 ranks is refused (not yet verified: see engine._resume_plan); a SIGKILL
-    while converting for a 1-rank resume leaves the original checkpoint usable, and the next try
-    converts and resumes."""
+def _state_after_resume_equals_saved(resumed_dir: Path, saved_dir: Path, tag: str) -> float:
+    """Worst relative difference between the full state (fp32 weights, AdamW moments, gathered)
+    right after a resume and the one the saving run held when it wrote ``tag``; the step
+    counts must be the tag's (engine._Trace.optimizer_state writes both).  Without ZeRO,
+    torch's AdamW counts per parameter and skips one without a gradient (the image
+    projection on text-only data keeps an older count); ZeRO keeps one count per group, the
+    largest (see docs/training.md), which is what is compared then."""
+    from safetensors.torch import load_file
+
+    saved = load_file(saved_dir / "trace" / f"state_saved_{tag}.safetensors")
+    live = load_file(resumed_dir / "trace" / f"state_resumed_{tag}.safetensors")
+    assert sorted(saved) == sorted(live)
+    step = float(int(tag[4:]))
+    assert max(saved["step"].tolist()) == max(live["step"].tolist()) == step, (saved["step"], live["step"])
+    if len(saved["step"]) == len(live["step"]) == 1:
+        assert saved["step"].tolist() == live["step"].tolist() == [step]
+    worst = 0.0
+    for k in saved:
+        if k != "step":
+            scale = float(saved[k].abs().max()) or 1.0
+            worst = max(worst, float((saved[k] - live[k]).abs().max()) / scale)
+    return worst
+
+
+def _logged_seconds(run: Run) -> tuple:
+    """(conversion, load) seconds from the last resume's log lines."""
+    import re
+
+    log = run.tail(400)
+    conv = re.findall(r"universal layout in ([0-9.]+) s", log)
+    load = re.findall(r"\(\w+ load, ([0-9.]+) s\)", log)
+    return (float(conv[-1]) if conv else None, float(load[-1]) if load else None)
+
+
+def _reset_adam(universal: Path) -> None:
+    """What a new torch AdamW starts from: moments zero, step 0 -- in a universal folder."""
+    for f in (universal / "zero").glob("*/*.pt"):
+        if f.stem in ("exp_avg", "exp_avg_sq"):
+            d = torch.load(f, weights_only=False)
+            torch.save({**d, "param": torch.zeros_like(d["param"])}, f)
+        elif f.stem == "step":
+            torch.save(torch.zeros_like(torch.load(f, weights_only=False)), f)
+    p = universal / "zero" / "optimizer_state.pt"
+    sd = torch.load(p, weights_only=False)
+    sd["optimizer_state_dict"]["state"][0]["step"] = torch.zeros(())
+    torch.save(sd, p)
+
+
+def test_resume_zero2_then_zero3_then_zero1(runs):
+    """2 ranks: ZeRO 2 (the reference run, checkpoint at step 3) -> ZeRO 3 (steps 4-6) -> ZeRO 1
+    (steps 7-8), each through ``--resume auto`` and DeepSpeed's universal checkpoint.  Then the
+    counterfactual: the same ZeRO 3 resume with a new AdamW (moments zero, step 0) and
+    everything else -- weights, samples, learning rate -- identical."""
+    from m6rec.train.checkpoint import convert_to_universal
+
     ref = runs.get("zero2")
+    run_dir = _from_checkpoint(runs, "elastic_zero", ref, "step00000003")
+    z3 = Run("elastic_zero", run_dir, "torchrun", runs.args("--deepspeed.zero_stage", "3", *TWO_RANKS,
+                                                            "--resume", "auto"),
+             _env(runs.root, M6REC_FAULT="stop_at@6")).ok()
+    assert z3.summary()["start_step"] == 3 and z3.summary()["step"] == 6 and z3.summary()["zero_stage"] == 3
+    assert "at ZeRO stage 2, this run has 2 at stage 3: converted to DeepSpeed's universal layout in" in z3.tail(400)
+    d3 = _state_after_resume_equals_saved(run_dir, ref.run_dir, "step00000003")
+    z1 = Run("elastic_zero", run_dir, "deepspeed", runs.args("--deepspeed.zero_stage", "1", *TWO_RANKS,
+                                                             "--resume", "auto"), _env(runs.root)).ok()
+    assert z1.summary()["start_step"] == 6 and z1.summary()["step"] == STEPS and z1.summary()["zero_stage"] == 1
+    assert "at ZeRO stage 3, this run has 2 at stage 1: converted to DeepSpeed's universal layout in" in z1.tail(400)
+    d1 = _state_after_resume_equals_saved(run_dir, run_dir, "step00000006")
+    worst = _check_continuation(ref, [(z3, 2, [4, 5, 6]), (z1, 2, [7, 8])])
+
+    fresh_dir = _from_checkpoint(runs, "fresh_adam", ref, "step00000003")
+    _reset_adam(convert_to_universal(fresh_dir / "checkpoints", "step00000003")[0])
+    fresh = Run("fresh_adam", fresh_dir, "torchrun", runs.args("--deepspeed.zero_stage", "3", *TWO_RANKS,
+                                                               "--resume", "auto"),
+                _env(runs.root, M6REC_FAULT="stop_at@5")).ok()
+    ref_loss = {r["step"]: float.fromhex(r["loss"]) for r in ref.trace(0)}
+    fresh_loss = {r["step"]: float.fromhex(r["loss"]) for r in fresh.trace(0)}
+    elastic_loss = {r["step"]: float.fromhex(r["loss"]) for r in z3.trace(0)}
+    assert _step_keys([fresh.trace(0), fresh.trace(1)], 5) == _step_keys([ref.trace(0), ref.trace(1)], 5)
+    jump = (fresh_loss[5] - ref_loss[5]) / ref_loss[5]  # the first loss after the first update
+    elastic = (elastic_loss[5] - ref_loss[5]) / ref_loss[5]
+    print(f"ZeRO 2->3->1: state after resume differs from the saved by <= {max(d3, d1):.2e} (relative); worst "
+          f"relative step-loss difference vs the uninterrupted ZeRO 2 run {worst:.2e}; step 5 after a resume at "
+          f"step 3: elastic {elastic:+.2e}, new AdamW {jump:+.2e}; seconds (conversion, load): "
+          f"{_logged_seconds(z3)} then {_logged_seconds(z1)}")
+    assert max(d3, d1) <= 1e-6
+    assert worst < LOSS_RTOL
+    assert jump > 1e-3 > LOSS_RTOL > abs(elastic)  # the jump a new optimizer makes, and the resume does not
+
+
+def test_one_rank_run_to_zero3(runs):
+    """A run started on one rank (stage 0: torch's AdamW holds no state for a parameter that
+    never had a gradient, here the image projection) -> 2 ranks at ZeRO 3 (DeepSpeed's
+    per-parameter API; no conversion)."""
+    ref = runs.get("one")
+    run_dir = _from_checkpoint(runs, "elastic_13", ref, "step00000003")
+    z3 = Run("elastic_13", run_dir, "torchrun", runs.args("--deepspeed.zero_stage", "3", *TWO_RANKS,
+                                                          "--resume", "auto"),
+             _env(runs.root, M6REC_FAULT="stop_at@5")).ok()
+    assert z3.summary()["start_step"] == 3 and z3.summary()["step"] == 5
+    d = _state_after_resume_equals_saved(run_dir, ref.run_dir, "step00000003")
+    ref_loss = {r["step"]: float.fromhex(r["loss"]) for r in ref.trace(0)}
+    worst = 0.0
+    for s in (4, 5):
+        assert _step_keys([z3.trace(0), z3.trace(1)], s) == _step_keys([ref.trace(0)], s)
+        loss = next(float.fromhex(r["loss"]) for r in z3.trace(0) if r["step"] == s)
+        worst = max(worst, abs(loss - ref_loss[s]) / ref_loss[s])
+    print(f"1 rank -> ZeRO 3: state after resume differs from the saved by <= {d:.2e} (relative); worst relative "
+          f"step-loss difference vs the uninterrupted 1-rank run {worst:.2e}")
+    assert d <= 1e-6 and worst < LOSS_RTOL
+
+
+def test_zero3_to_one_rank_and_a_killed_conversion_keeps_the_checkpoint(runs):
+    """ZeRO 3 on 2 ranks -> one rank (runs as stage 0, same global batch); a SIGKILL while
+    converting leaves the original checkpoint usable, and the next try converts and resumes
+    with the state the ZeRO 3 run saved."""
+    ref = runs.get("zero3")
     run_dir = _from_checkpoint(runs, "elastic_z", ref, "step00000003")
     ck = run_dir / "checkpoints"
-    refused = Run("elastic_z", run_dir, "torchrun", runs.args("--deepspeed.zero_stage", "3", *TWO_RANKS,
-                                                             "--resume", "auto"), _env(runs.root))
-    assert refused.wait() != 0
-    assert "Resuming from one ZeRO layout into another is not supported yet" in refused.tail(200)
-    assert not list(ck.glob("*universal*")) and not list(ck.glob(".*universal*"))
-    one = runs.args("--deepspeed.zero_stage", "2", *ONE_RANK_SAME_BATCH, "--resume", "auto")
+    one = runs.args("--deepspeed.zero_stage", "3", *ONE_RANK_SAME_BATCH, "--resume", "auto")
     killed = Run("elastic_z", run_dir, "plain", one, _env(runs.root, M6REC_FAULT="kill_in_convert@3"))
     assert killed.wait() != 0
     assert not (ck / "step00000003_universal").exists() and (ck / ".step00000003_universal.tmp").is_dir()
     assert latest(run_dir) == "step00000003" and (ck / "step00000003" / "COMPLETE").is_file()
-    again = Run("elastic_z", run_dir, "plain", one, _env(runs.root, M6REC_FAULT="stop_at@4")).ok()
-    assert again.summary()["start_step"] == 3 and again.summary()["step"] == 4
+    again = Run("elastic_z", run_dir, "plain", one, _env(runs.root, M6REC_FAULT="stop_at@5")).ok()
+    assert again.summary()["start_step"] == 3 and again.summary()["step"] == 5
     assert (ck / "step00000003_universal").is_dir() and not (ck / ".step00000003_universal.tmp").exists()
+    d = _state_after_resume_equals_saved(run_dir, ref.run_dir, "step00000003")
+    tr = read_trace(run_dir, 0)
+
+    class Part:  # one rank's two micro-batches are the 2-rank run's two batches
+        name = "elastic_z"
+
+        @staticmethod
+        def trace(rank):
+            return tr if rank == 0 else []
+
+    ref_tr = [ref.trace(0), ref.trace(1)]
+    ref_loss = {r["step"]: float.fromhex(r["loss"]) for r in ref_tr[0]}
+    worst = 0.0
+    for s in (4, 5):
+        assert _step_keys([Part.trace(0)], s) == _step_keys(ref_tr, s)
+        loss = next(float.fromhex(r["loss"]) for r in tr if r["step"] == s)
+        worst = max(worst, abs(loss - ref_loss[s]) / ref_loss[s])
+    print(f"ZeRO 3 -> 1 rank: state after resume differs from the saved by <= {d:.2e} (relative); worst relative "
+          f"step-loss difference vs the uninterrupted ZeRO 3 run {worst:.2e}; seconds (conversion, load) "
+          f"{_logged_seconds(again)}")
+    assert d <= 1e-6 and worst < LOSS_RTOL

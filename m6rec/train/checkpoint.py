@@ -251,6 +251,7 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> tuple[Path, float]:
     # m6rec names the tag when it loads, so the pointer is dropped rather than left stale.
     (ckpt_dir / "latest_universal").unlink(missing_ok=True)
     _both_stages_global_state(tmp / "zero" / "optimizer_state.pt")
+    _stage3_files_as_stage12(ckpt_dir / tag, tmp / "zero")
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     have = [n for n in names if (tmp / n).is_file()]
     for n in names:
@@ -270,7 +271,8 @@ def _both_stages_global_state(path: Path) -> None:
     ``optimizer_state_dict.state[0].step`` and the hyper-parameters from
     ``optimizer_state_dict.param_groups``; ZeRO 1/2's reads ``param_groups`` and
     ``ds_version`` at the top.  The same values are added under the other stage's keys, so a
-    ZeRO 1/2 checkpoint resumes at stage 3 and back (the per-parameter files are the same)."""
+    ZeRO 1/2 checkpoint resumes at stage 3 and back (the per-parameter files are the same,
+    after :func:`_stage3_files_as_stage12`)."""
     from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM_GROUPS
 
     sd = torch.load(path, map_location="cpu", weights_only=False)
@@ -290,8 +292,66 @@ def _both_stages_global_state(path: Path) -> None:
 
         sd[DS_VERSION] = deepspeed.__version__
         changed = True
+    # From ZeRO 3 the converter copies rank 0's whole optimizer shard into this file (its fp32
+    # partition and moments: 6 bytes a parameter on 2 ranks), and every rank of the resumed run
+    # would read it; no loader uses them (the values come from zero/<name>/), so only the step
+    # counts stay.
+    state = sd[OPTIMIZER_STATE_DICT].get("state", {})
+    if "fp32_flat_groups" in sd or any(set(st) - {"step"} for st in state.values()):
+        sd.pop("fp32_flat_groups", None)
+        sd[OPTIMIZER_STATE_DICT]["state"] = {i: {"step": st["step"]} for i, st in state.items() if "step" in st}
+        changed = True
     if changed:
         torch.save(sd, path)
+
+
+def _stage3_files_as_stage12(source: Path, zero: Path) -> None:
+    """ds_to_universal (DeepSpeed 0.19.8) writes a ZeRO 3 source's per-parameter states
+    ``zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt`` as bare flat tensors and no ``step.pt``;
+    from a ZeRO 1/2 source they are ``{"param": tensor of the parameter's shape, ...}`` beside
+    a ``step.pt``.  The ZeRO 1/2 loader (``universal_checkpoint.load_hp_checkpoint_state``)
+    reads only the second form (``ckpt_dict["param"]``, and the step from ``step.pt``); the
+    ZeRO 3 loader reads both (it flattens either).  So a stage-3 source's files are
+    rewritten in the second form -- the parameter's shape from the source's ``param_shapes``,
+    the step from the optimizer state of the parameter's sub-group -- and every loader,
+    and :func:`load_universal_into_plain`, reads them.  Values are not touched."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM, PARAM_SHAPES
+
+    files = sorted(Path(source).glob("zero_pp_rank_*_mp_rank_*_model_states.pt"))
+    if not files:  # a ZeRO 1/2 source: already in that form
+        return
+    shapes = torch.load(files[0], map_location="cpu", weights_only=False)[PARAM_SHAPES]
+    state = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
+    for sub_group, names in enumerate(shapes):
+        step = state["state"][sub_group]["step"]
+        for name, shape in names.items():
+            folder = zero / name
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                value = torch.load(folder / f"{key}.pt", map_location="cpu", weights_only=False)
+                if not isinstance(value, dict):
+                    torch.save({PARAM: value.reshape(shape)}, folder / f"{key}.pt")
+            if not (folder / "step.pt").exists():
+                torch.save(step.clone() if torch.is_tensor(step) else step, folder / "step.pt")
+
+
+def own_step_tensors(engine) -> None:
+    """After DeepSpeed's ZeRO 3 universal load: one ``step`` tensor per sub-group.
+
+    ``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``
+    (DeepSpeed 0.19.8) assigns the *same* step object to the Adam state of every
+    sub-group (``self.optimizer.state[fp32_param]['step'] = state_step``).  torch's AdamW
+    increments its step tensors in place, once per ``optimizer.step()``, and ZeRO 3 calls
+    it once per sub-group: with two sub-groups (decay / no decay) the shared count
+    advanced by two per training step, so every sub-group after the first ran with the
+    wrong Adam bias correction (the measured 4.65e-3 relative loss difference of ZeRO 2
+    -> ZeRO 3).  Each sub-group gets its own copy (same value and dtype, on its partition's
+    device, where torch's fused AdamW wants it).  A step kept as a Python number (DeepSpeed's
+    FusedAdam, CPUAdam) is immutable: nothing to do."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for flat, st in base.state.items():
+        step = st.get("step")
+        if torch.is_tensor(step):
+            st["step"] = step.detach().clone().to(flat.device)
 
 
 def client_state_of(ckpt_dir: Path, tag: str) -> dict:
@@ -353,24 +413,31 @@ def load_plain_into_zero(engine, optimizer_sd: dict, module_sd: dict, params: li
     saved = optimizer_sd["state"]
     opt = engine.optimizer
     base = opt.optimizer  # the torch optimizer ZeRO steps its flat fp32 partitions with
-    if hasattr(opt, "single_partition_of_fp32_groups"):
-        # ZeRO 1/2 create the Adam state at the first step and only then link each parameter's
-        # fragment of it (_lazy_init_hp_params_optimizer_state): create it here as that step would.
-        for hp in opt.single_partition_of_fp32_groups:
-            if "exp_avg" not in base.state.get(hp, {}):
-                base.state[hp] = {"step": torch.zeros((), dtype=torch.float32, device=hp.device),
-                                  "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
+    # ZeRO 1-3 create the Adam state of their flat fp32 partitions at the first step (ZeRO 1/2
+    # only then link each parameter's fragment of it: _lazy_init_hp_params_optimizer_state):
+    # create it here as that step would.
+    flats = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat")
+    for hp in flats:
+        if "exp_avg" not in base.state.get(hp, {}):
+            base.state[hp] = {"step": torch.zeros((), dtype=torch.float32, device=hp.device),
+                              "exp_avg": torch.zeros_like(hp), "exp_avg_sq": torch.zeros_like(hp)}
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
         opt._lazy_init_hp_params_optimizer_state()
     steps = set()
     for i, p in enumerate(params):
-        st = saved[i]
-        safe_set_full_fp32_param(p, module_sd[names[id(p)]].float().to(p.device))
+        # torch's AdamW creates a parameter's state at its first gradient: one that never had
+        # one (the image projection on text-only data) has none, i.e. moments of zero.
+        st = saved.get(i, {})
+        full = module_sd[names[id(p)]].float().to(p.device)
+        safe_set_full_fp32_param(p, full)
         for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(p, st[key].float().to(p.device), key)
-        steps.add(float(st["step"]))
+            value = st[key].float().to(p.device) if key in st else torch.zeros_like(full)
+            safe_set_full_optimizer_state(p, value, key)
+        if "step" in st:
+            steps.add(float(st["step"]))
     # torch's AdamW counts steps per parameter and skips one that got no gradient (e.g. the image
     # projection in a text-only stretch); ZeRO keeps one count per flat group: the largest.
-    step = max(steps)
+    step = max(steps, default=0.0)
     for st in base.state.values():
         if "step" in st:
             st["step"] = torch.full_like(st["step"], step) if torch.is_tensor(st["step"]) else step

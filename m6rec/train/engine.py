@@ -287,12 +287,14 @@ class StepOnDevice(skippable(torch.optim.AdamW)):
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms and embeddings (1-D weights and the token table)."""
+    """No weight decay on norms and embeddings (1-D weights and the token table).  Also the
+    optimizer's parameter order of a checkpoint; under ZeRO 3 a parameter's own shape is
+    empty once partitioned, its ``ds_shape`` is the real one."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+        (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 or "embed" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -705,6 +707,42 @@ class _Trace:
                 sd = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
                 save_file(sd, str(path))
 
+    def optimizer_state(self, engine, optimizer: torch.optim.Optimizer, path: Path) -> None:
+        """The full fp32 weights, AdamW moments and step counts (gathered through DeepSpeed's
+        ``safe_get_full_*`` under ZeRO) to a safetensors file (rank 0): ``fp32/<name>``,
+        ``exp_avg/<name>``, ``exp_avg_sq/<name>``, ``step`` (the distinct step counts).
+        Collective under ZeRO.  The resume tests compare the state right after a load
+        with the one the saving run held."""
+        if self.file is None:
+            return
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        from safetensors.torch import save_file
+
+        zero = engine.zero_optimization_stage() > 0
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer) if zero else optimizer
+        if zero and hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state") and base.state:
+            # ZeRO 1/2 link each parameter to its slice of the Adam state once, right after the
+            # first group's first update -- before the second group has a state (DeepSpeed
+            # 0.19.8): linked again here, now that every group has one.
+            engine.optimizer._hp_optimizer_states_linked = False
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
+        out = {}
+        for name, p in engine.module.named_parameters():
+            shape = getattr(p, "ds_shape", p.shape)
+            if zero:
+                got = {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                       "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
+            else:  # a parameter that never had a gradient (the image projection on text) has no state yet
+                st = optimizer.state.get(p) or {}
+                got = {"fp32": p, "exp_avg": st.get("exp_avg", torch.zeros_like(p)),
+                       "exp_avg_sq": st.get("exp_avg_sq", torch.zeros_like(p))}
+            for key, v in got.items():
+                out[f"{key}/{name}"] = v.detach().float().cpu().reshape(shape).clone()
+        steps = {float(st["step"]) for st in base.state.values() if "step" in st}
+        out["step"] = torch.tensor(sorted(steps), dtype=torch.float64)
+        if dist.get_rank() == 0:
+            save_file(out, str(path))
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
@@ -737,10 +775,12 @@ _SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hi
 def _resume_plan(ckpt_dir: Path, resume: str, cfg: Config, world: int, margs) -> Optional[dict]:
     """Which tag ``--resume`` loads and how: ``same`` (the topology that wrote it: DeepSpeed's
     own load), ``plain`` (no ZeRO before and now: the full state loads on any number of
-    ranks), ``universal`` (ZeRO now, ZeRO 1-3 before on another number of ranks or stage:
-    converted with DeepSpeed's ds_to_universal, loaded with load_universal), ``to_plain``
-    (converted likewise, then into an engine without ZeRO), ``from_plain`` (no ZeRO before,
-    ZeRO now).  None: start from step 0.  A different model shape is refused."""
+    ranks), ``universal`` (ZeRO 1-3 now, ZeRO 1-3 before on another number of ranks or
+    another stage: converted with DeepSpeed's ds_to_universal, loaded by DeepSpeed's
+    universal loader, which re-partitions it), ``to_plain`` (converted likewise, then into
+    an engine without ZeRO), ``from_plain`` (no ZeRO before, ZeRO now).  None: start from
+    step 0.  Every world size and stage resumes; only a different model shape is refused
+    (its weights and moments fit no parameter of this model)."""
     if resume == "none":
         return None
     if resume != "auto" and not ckpt.TAG_RE.match(resume):
@@ -757,7 +797,8 @@ def _resume_plan(ckpt_dir: Path, resume: str, cfg: Config, world: int, margs) ->
             if k in saved_args and saved_args[k] != now_args.get(k)]
     if diff:
         raise ConfigError(f"checkpoint {ckpt_dir / tag} holds another model shape ({'; '.join(diff)}): its weights "
-                          f"and optimizer state do not fit this model; resume with the same model settings")
+                          f"and optimizer state do not fit this model; resume with the same model settings (another "
+                          f"number of ranks or ZeRO stage resumes, another shape cannot)")
     stage = effective_zero_stage(cfg, world)
     saved_world = int(meta.get("world_size") or world)
     saved_stage = int(meta.get("zero_stage", stage))
@@ -765,25 +806,8 @@ def _resume_plan(ckpt_dir: Path, resume: str, cfg: Config, world: int, margs) ->
         mode = "same"
     elif saved_stage == 0:
         mode = "plain" if stage == 0 else "from_plain"
-    elif saved_stage == 3 and stage != 3:
-        # ds_to_universal (DeepSpeed 0.19.8) writes a ZeRO 3 checkpoint's per-parameter files as flat
-        # tensors, and the ZeRO 1/2 universal loader reads {param: tensor} with the shape: no load.
-        raise ConfigError(f"checkpoint {ckpt_dir / tag} was written at ZeRO stage 3 and this run has stage {stage} "
-                          f"on {world} rank(s): DeepSpeed 0.19.8's universal checkpoint of a stage-3 run loads "
-                          f"only at stage 3 (any number of ranks). Resume with deepspeed.zero_stage 3, or start a "
-                          f"new run from its weights (m6rec export --ckpt {ckpt_dir / tag} --to hf OUT, then "
-                          f"--model.init_from hf:OUT); see docs/training.md#changing-the-number-of-ranks")
     elif stage > 0:
-        # DeepSpeed's universal load into another ZeRO topology: wired (mode "universal") but not
-        # proven -- ZeRO 2 -> ZeRO 3 on 2 ranks loaded the weights exactly, yet the next losses
-        # differed from the uninterrupted run's by 4.65e-3 relative (ZeRO 2 -> 1 rank -> ZeRO 2
-        # matches to 3.9e-6).  Until that is understood, refused.
-        raise ConfigError(
-            f"checkpoint {ckpt_dir / tag} was written by {saved_world} rank(s) at ZeRO stage {saved_stage}; this run "
-            f"has {world} rank(s) at stage {stage}. Resuming from one ZeRO layout into another is not supported "
-            f"yet (its loss after resume is not yet verified to continue the run). What works: the same ranks and "
-            f"stage; or, from ZeRO 1 or 2, resume on one rank (the state is gathered), then on any number of ranks "
-            f"from that run's checkpoint; see docs/training.md#changing-the-number-of-ranks")
+        mode = "universal"
     else:
         mode = "to_plain"
     return {"tag": tag, "meta": meta, "mode": mode, "saved_world": saved_world, "saved_stage": saved_stage,
@@ -828,6 +852,7 @@ def _resume(engine, optimizer, ckpt_dir: Path, plan: Optional[dict], loader) -> 
                 raise RuntimeError(f"DeepSpeed could not load {ckpt.universal_dir(ckpt_dir, tag)}")
             for g, h in zip(base.param_groups, hyper):
                 g.update(h)
+            ckpt.own_step_tensors(engine)  # ZeRO 3's loader shares one step tensor among sub-groups
         elif mode == "to_plain":
             ckpt.load_universal_into_plain(engine, optimizer, ckpt.universal_dir(ckpt_dir, tag))
         else:  # from_plain
@@ -919,8 +944,9 @@ def _train(cfg: Config, resume: str, stop: StopFlag) -> dict:
     peak, peak_source = peak_flops(cfg.train.precision, device, configured=cfg.train.peak_flops)
     fpt = flops_per_token(margs, cfg.data.stream.seq_len)["total"]
     trace = _Trace(run_dir, rank)
-    if client:  # tracing: the weights right after the load (the resume tests compare them)
+    if client:  # tracing: the weights and optimizer state right after the load (the resume tests compare them)
         trace.final_weights(engine, run_dir / "trace" / f"resumed_step{step:08d}.safetensors")
+        trace.optimizer_state(engine, optimizer, run_dir / "trace" / f"state_resumed_step{step:08d}.safetensors")
     bar = progress(total=cfg.train.steps, initial=step, desc="train", rank=rank)
     timer = StepTimer()
     stage = effective_zero_stage(cfg, world)
@@ -954,6 +980,7 @@ def _train(cfg: Config, resume: str, stop: StopFlag) -> dict:
             tag = ckpt.save(engine, ckpt_dir, step, state, {"rng": ckpt.rng_state()}, cfg.train.keep_last, meta,
                             protect=selector.best_tag if selector else None)
         last_save_time, last_saved = time.time(), step
+        trace.optimizer_state(engine, optimizer, run_dir / "trace" / f"state_saved_step{step:08d}.safetensors")
         if selector is not None:
             selector.saved(step, tag)
 
