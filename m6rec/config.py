@@ -92,6 +92,10 @@ class StreamConfig:
     shuffle_shards: int = 2  # shards loaded together and shuffled as one block
     seed: int = 1234
     strict: bool = False  # True: a corrupt shard is an error instead of being skipped
+    # The loss on <|item|> markers.  null: off where an item is one position (item_repr token, vector,
+    # vector_token): there the marker after an item is certain, and scoring it over the whole vocabulary
+    # was half the LM head's work on ID-only data; on for text/both, where the marker ends a title.
+    item_marker_loss: Optional[bool] = None
 
 
 @dataclass
@@ -161,9 +165,13 @@ class ModelConfig:
     resid_dropout: float = 0.0
     # Items as cached text vectors (data.text.item_repr vector*): the vectors' width, taken from the
     # prepared dataset (0 = no item vectors), and the projection into the model's width
-    # ("mlp": Linear -> GELU -> Linear, 4*dim wide; "linear": one matrix)
+    # ("mlp": Linear -> GELU -> Linear; "linear": one matrix).  The MLP's width (0 = 4*dim) and its
+    # number of hidden layers (each one after the first is a residual GELU layer of that width): with no
+    # item ids, the projection alone must turn a title's vector into what the model knows of the item
     item_vector_dim: int = 0
     item_proj: Literal["linear", "mlp"] = "mlp"
+    item_proj_hidden: int = 0
+    item_proj_layers: int = 1
 
 
 @dataclass

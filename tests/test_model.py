@@ -653,3 +653,27 @@ def test_attention_dropout_avoids_flex_in_training():
     assert m.attention_mask(8, doc, None, torch.device("cpu")).kind == "flex"  # eval: unchanged
     m.train()
     assert m.attention_mask(8, doc, None, torch.device("cpu")).kind == "varlen"
+
+
+def test_item_projection_width_and_depth():
+    """model.item_proj_hidden / item_proj_layers: the MLP's shape is what the config says, every layer gets a
+    gradient, and the deeper stack starts close to its one-hidden-layer part (residual layers start small)."""
+    from m6rec.model.transformer import ItemProjection
+
+    torch.manual_seed(0)
+    v = F.normalize(torch.randn(50, 24), dim=-1)
+    shallow = ItemProjection(ModelArgs(dim=32, n_heads=4, item_vector_dim=24, item_proj_hidden=96))
+    deep = ItemProjection(ModelArgs(dim=32, n_heads=4, item_vector_dim=24, item_proj_hidden=96, item_proj_layers=3))
+    for p in (shallow, deep):
+        p.reset_parameters(0.02)
+    assert shallow.w1.weight.shape == (96, 24) and shallow.w2.weight.shape == (32, 96) and len(shallow.hidden) == 0
+    assert len(deep.hidden) == 2 and deep.hidden[0][1].weight.shape == (96, 96)
+    deep.w1.load_state_dict(shallow.w1.state_dict())
+    deep.w2.load_state_dict(shallow.w2.state_dict())
+    a, b = shallow(v), deep(v)
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < 0.2, rel
+    b.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in deep.parameters())
+    # the default width is 4 x dim
+    assert ItemProjection(ModelArgs(dim=32, n_heads=4, item_vector_dim=24)).w1.out_features == 128

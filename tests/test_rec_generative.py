@@ -296,3 +296,25 @@ def test_batches_by_length_returns_results_in_the_original_order():
             out[i] = p.name * 10  # a per-prompt "result"
     assert out == [i * 10 for i in range(len(prompts))]
     assert batches_by_length([], 4) == []
+
+
+def test_item_marker_labels_only_where_they_end_a_title(runs):
+    """item_repr token: the <|item|> after an item is certain, so by default it carries no loss (half the LM
+    head on ID-only data); text mode keeps it (it ends a title); the setting can force either way."""
+    from m6rec.data.stream import IGNORE_INDEX, PackedStream
+
+    def labels(setup, **kw):
+        ds = setup.run.dataset_dir
+        st = PackedStream(ds, "train", seq_len=256, batch_size=4, num_workers=1, shuffle=False, policy="pad",
+                          world_size=1, rank=0, **kw)
+        marker = json.loads((ds / "manifest.json").read_text())["special_tokens"][T.ITEM]
+        lab = torch.cat([b["labels"].flatten() for b in st])
+        return int((lab == marker).sum()), int((lab != IGNORE_INDEX).sum())
+
+    tok_default, tok_all = labels(runs["token"])
+    tok_forced, tok_all_forced = labels(runs["token"], item_marker_loss=True)
+    assert tok_default == 0 and tok_forced > 0
+    assert tok_all_forced - tok_all == tok_forced  # nothing else changed
+    text_default, _ = labels(runs["text"])
+    text_off, _ = labels(runs["text"], item_marker_loss=False)
+    assert text_default > 0 and text_off == 0

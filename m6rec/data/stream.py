@@ -55,7 +55,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from m6rec.config import DataConfig, ImageConfig, StreamConfig
-from m6rec.data.text import MASK_VECTOR, image_member
+from m6rec.data.text import ITEM, MASK_VECTOR, VECTOR_MODES, image_member
 
 IGNORE_INDEX = -100  # labels value cross_entropy ignores
 
@@ -321,6 +321,7 @@ class PackedStream(IterableDataset):
         world_size: Optional[int] = None,
         image_size: int = 64,
         patch_size: int = 16,
+        item_marker_loss: Optional[bool] = None,
     ):
         if policy not in ("drop", "pad"):
             raise ValueError(f"policy must be 'drop' (train) or 'pad' (eval), got {policy!r}")
@@ -342,6 +343,11 @@ class PackedStream(IterableDataset):
         self.shuffle_shards, self.seed, self.strict = shuffle_shards, seed, strict
         self.shuffle, self.policy = shuffle, policy
         self.pad_id = int(manifest.get("special_tokens", {}).get("<|pad|>", 0))
+        # StreamConfig.item_marker_loss: None decides by item_repr (one position per item: no marker loss)
+        if item_marker_loss is None:
+            item_marker_loss = manifest.get("item_repr", "text") not in ("token", *VECTOR_MODES)
+        marker = manifest.get("special_tokens", {}).get(ITEM)
+        self.unlabelled_id = -1 if item_marker_loss or marker is None else int(marker)
         # The slot width is baked into the shards, so the manifest's image
         # settings win over the config (which only fills in when absent).
         img = manifest.get("image") or {}
@@ -604,7 +610,8 @@ class PackedStream(IterableDataset):
                 prefix[b, o : o + n] = (m & 1) != 0
                 # Shifted here so the model needs no shift: predict token t+1 at t
                 # when t+1 carries the loss bit; never across documents.
-                labels[b, o : o + n - 1] = np.where((m[1:] & 2) != 0, tok[1:], IGNORE_INDEX)
+                labels[b, o : o + n - 1] = np.where(((m[1:] & 2) != 0) & (tok[1:] != self.unlabelled_id),
+                                                    tok[1:], IGNORE_INDEX)
                 for k, st in enumerate(s.image_starts):
                     if st + P <= n:  # a slot cut by truncation loses its image
                         images.append(s.images[k])
@@ -690,6 +697,7 @@ class StreamLoader:
             world_size=world_size,
             image_size=images.size,
             patch_size=images.patch_size,
+            item_marker_loss=stream.item_marker_loss,
         )
         self.pin_memory = pin_memory
         self.inline_workers = inline_workers
