@@ -165,7 +165,7 @@ class ModelConfig:
     resid_dropout: float = 0.0
     # Items as cached text vectors (data.text.item_repr vector*): the vectors' width, taken from the
     # prepared dataset (0 = no item vectors), and the projection into the model's width
-    # ("mlp": Linear -> GELU -> Linear; "linear": one matrix).  The MLP's width (0 = 4*dim) and its
+    # ("mlp": Linear -> GELU -> Linear; "linear": one matrix).  The MLP's hidden width (0 = 4*dim) and its
     # number of hidden layers (each one after the first is a residual GELU layer of that width): with no
     # item ids, the projection alone must turn a title's vector into what the model knows of the item
     item_vector_dim: int = 0

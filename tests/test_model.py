@@ -677,3 +677,4 @@ def test_item_projection_width_and_depth():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in deep.parameters())
     # the default width is 4 x dim
     assert ItemProjection(ModelArgs(dim=32, n_heads=4, item_vector_dim=24)).w1.out_features == 128
+

@@ -285,16 +285,20 @@ class M6Transformer(nn.Module):
             position[loss_rows.long().cpu()] = torch.arange(len(loss_rows))
             self.item_loss_position = position.to(dev)
 
-    def catalog_embeddings(self) -> Tensor:
-        """``[N, D]``: every catalog item's output embedding -- its projected text vector, plus its
-        item-token embedding where it has one (vector_token)."""
+    def catalog_embeddings(self, projected: Optional[Tensor] = None) -> Tensor:
+        """``[N, D]``: every catalog item's output embedding -- its projected text vector (``projected``:
+        already computed), plus its item-token embedding where it has one (vector_token)."""
         if self.item_proj is None or not self.item_bank.shape[0]:
             raise ValueError("no item catalog: call set_item_catalog first (item_repr vector modes)")
-        e = self.item_proj(self.item_bank)
+        e = self._project_rows(None) if projected is None else projected
         if self.item_token_ids.numel():
             ids = self.item_token_ids
             e = e + self.tok_embeddings(ids.clamp(min=0)).to(e.dtype) * (ids >= 0)[:, None].to(e.dtype)
         return e
+
+    def _project_rows(self, rows: Optional[Tensor]) -> Tensor:
+        """Projected text vectors of catalog ``rows`` (all when None)."""
+        return self.item_proj(self.item_bank if rows is None else self.item_bank.index_select(0, rows))
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, counted once (tied weights once).  ``non_embedding``
@@ -309,12 +313,14 @@ class M6Transformer(nn.Module):
 
     def embed(self, input_ids: Tensor, image_patches: Optional[Tensor] = None,
               image_positions: Optional[Tensor] = None, item_positions: Optional[Tensor] = None,
-              item_catalog_rows: Optional[Tensor] = None) -> Tensor:
+              item_catalog_rows: Optional[Tensor] = None, item_projected: Optional[Tensor] = None) -> Tensor:
         """Token embeddings with each image's patch embeddings written over its slot tokens, and each
-        item vector slot's projected text vector added to its token's embedding."""
+        item vector slot's projected text vector added to its token's embedding (``item_projected``:
+        the whole catalog's, already computed)."""
         x = self.tok_embeddings(input_ids)
         if item_positions is not None and item_positions.numel():
-            v = self.item_proj(self.item_bank.index_select(0, item_catalog_rows)).to(x.dtype)
+            v = (self._project_rows(item_catalog_rows) if item_projected is None
+                 else item_projected.index_select(0, item_catalog_rows)).to(x.dtype)
             x = x.index_put((item_positions[:, 0], item_positions[:, 1]), v, accumulate=True)
         if image_patches is not None and image_patches.numel():
             n, P = image_patches.shape[:2]
@@ -335,6 +341,7 @@ class M6Transformer(nn.Module):
         attention_mask: Optional[AttentionMask] = None,
         item_positions: Optional[Tensor] = None,
         item_catalog_rows: Optional[Tensor] = None,
+        item_projected: Optional[Tensor] = None,
     ) -> Tensor:
         """The final-normed hidden states ``[B, T, D]``.  ``attention_mask``: one built
         beforehand from the same batch (:meth:`attention_mask`), e.g. by the trainer from the
@@ -345,7 +352,7 @@ class M6Transformer(nn.Module):
         mask = attention_mask if attention_mask is not None else \
             self.attention_mask(T, document_ids, prefix_mask, input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
-        x = self.embed(input_ids, image_patches, image_positions, item_positions, item_catalog_rows)
+        x = self.embed(input_ids, image_patches, image_positions, item_positions, item_catalog_rows, item_projected)
         if self.args.embed_dropout and self.training:
             x = F.dropout(x, self.args.embed_dropout, True)
         ckpt = self.args.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -409,8 +416,14 @@ class M6Transformer(nn.Module):
         catalog item (:meth:`catalog_embeddings`, the full catalog softmax) instead of the
         vocabulary.  ``item_label_index`` / ``item_targets`` (from :meth:`label_positions`) are
         those positions and their catalog rows; the loss is the mean over token and item labels."""
+        projected = None
+        if (labels is not None and item_positions is not None and item_positions.numel()
+                and self.item_proj is not None and self.item_bank.shape[0]):
+            # training: one projection of the whole catalog serves the slots' inputs and the item loss
+            # (a 4,096-token batch holds ~2,000 slots; projecting them again cost a third more)
+            projected = self._project_rows(None)
         h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions,
-                               attention_mask, item_positions, item_catalog_rows)
+                               attention_mask, item_positions, item_catalog_rows, projected)
         out = ModelOutput(hidden=h if return_hidden else None)
         if return_logits is None:
             return_logits = labels is None
@@ -430,7 +443,7 @@ class M6Transformer(nn.Module):
                 ys = labels.flatten().index_select(0, label_index)
                 total = total + linear_cross_entropy(hs, self.head_weight, ys)
             if n_items:
-                catalog = self.catalog_embeddings()
+                catalog = self.catalog_embeddings(projected)
                 # training: the training catalog (held-out items are not in it); evaluation (validation loss,
                 # whose targets include held-out items) scores the whole catalog, as ranking does
                 if self.item_loss_rows.numel() and self.training:
