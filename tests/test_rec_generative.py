@@ -318,3 +318,13 @@ def test_item_marker_labels_only_where_they_end_a_title(runs):
     text_default, _ = labels(runs["text"])
     text_off, _ = labels(runs["text"], item_marker_loss=False)
     assert text_default > 0 and text_off == 0
+    # the config key reaches the stream
+    import dataclasses
+
+    from m6rec.data.stream import StreamLoader
+    data = runs["token"].run.cfg.data
+    forced = dataclasses.replace(data, output=str(runs["token"].run.dataset_dir),
+                                 stream=dataclasses.replace(data.stream, item_marker_loss=True, num_workers=1))
+    assert StreamLoader.from_config(forced, world_size=1, rank=0).dataset.unlabelled_id == -1
+    assert StreamLoader.from_config(dataclasses.replace(forced, stream=dataclasses.replace(
+        forced.stream, item_marker_loss=None)), world_size=1, rank=0).dataset.unlabelled_id >= 0
