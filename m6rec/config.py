@@ -489,6 +489,11 @@ def _check(cfg: Config) -> None:
         v = getattr(m, key)
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"config key 'model.{key}': bad value {v!r}; allowed: 0 <= p < 1")
+    if m.item_proj_layers < 1:
+        raise ConfigError(f"config key 'model.item_proj_layers': bad value {m.item_proj_layers!r}; allowed: >= 1")
+    if m.item_proj_hidden < 0:
+        raise ConfigError(f"config key 'model.item_proj_hidden': bad value {m.item_proj_hidden!r}; "
+                          "allowed: >= 0 (0 = 4 x model.dim)")
     t = cfg.train
     if t.select_by is not None and not SELECT_BY_RE.match(t.select_by):
         raise ConfigError(f"config key 'train.select_by': bad value {t.select_by!r}; allowed: hr@K, ndcg@K, mrr "

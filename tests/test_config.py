@@ -38,6 +38,8 @@ def test_include_and_later_keys_win(tmp_path):
         (["--data.filters.min_user_interactions", "2"], ["min_user_interactions", "2", ">= 3"]),
         (["--model.attention", "sideways"], ["model.attention", "'sideways'", "'causal'", "'prefix'"]),
         (["--model.n_kv_heads", "two"], ["model.n_kv_heads", "'two'", "int or null"]),
+        (["--model.item_proj_layers", "0"], ["model.item_proj_layers", "0", ">= 1"]),
+        (["--data.stream.item_marker_loss", "sometimes"], ["data.stream.item_marker_loss", "'sometimes'"]),
     ],
 )
 def test_errors_name_key_value_and_allowed(override, words):
