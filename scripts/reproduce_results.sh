@@ -70,7 +70,8 @@ if [[ $stage == all || $stage == eval ]]; then
 fi
 
 # Items as cached text vectors (issue 11) against the item-token baseline, at equal steps (equal
-# tokens per step: both write <|item|> + one slot per item), then zero-shot on ml-100k and cold items.
+# tokens per step: both write <|item|> + one slot per item) and the baseline again at the text-vector
+# runs' wall-clock (2,000 steps), then zero-shot on ml-100k and cold items.
 if [[ $stage == all || $stage == vectors ]]; then
   for c in ml1m-id ml1m-vector ml1m-vector-token ml100k-vector ml1m-vector-cold ml1m-id-cold; do
     "$M6" prepare --config configs/rec/$c.yaml
@@ -79,8 +80,12 @@ if [[ $stage == all || $stage == vectors ]]; then
     "$M6" train --config configs/rec/$c.yaml --train.steps 1250 --train.run_dir runs/$c-1250 \
       --train.eval_every 625 --train.save_every 625 --resume auto
   done
-  "$M6" eval --ckpt runs/ml1m-id-1250 --ckpt runs/ml1m-vector-1250 --ckpt runs/ml1m-vector-token-1250 \
-    --split test --out $OUT/ml1m-vectors.json
+  "$M6" train --config configs/rec/ml1m-id.yaml --train.steps 2000 --train.run_dir runs/ml1m-id-2000 \
+    --train.eval_every 1000 --train.save_every 1000 --resume auto
+  "$M6" eval --ckpt runs/ml1m-id-1250 --ckpt runs/ml1m-id-2000 --ckpt runs/ml1m-vector-1250 \
+    --ckpt runs/ml1m-vector-token-1250 --split test --out $OUT/ml1m-vectors.json
+  "$M6" eval --ckpt runs/ml1m-vector-1250 --dataset data/ml100k-vector --split valid \
+    --out $OUT/ml100k-vector-zeroshot-valid.json
   "$M6" eval --ckpt runs/ml1m-vector-1250 --dataset data/ml100k-vector --split test \
     --out $OUT/ml100k-vector-zeroshot.json
   "$M6" train --config configs/rec/ml100k-vector.yaml --model.init_from run:runs/ml1m-vector-1250 --resume auto
