@@ -105,3 +105,20 @@ def test_unsupported_llama_is_refused(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "b")
     with pytest.raises(ValueError, match="attention_bias"):
         load_hf(tmp_path / "b")
+
+
+def test_export_keeps_the_item_text_vector_projection(tmp_path):
+    """item_repr vector*: the projection of the cached text vectors travels in the m6rec side file (it was
+    silently dropped before, and such an export could not be loaded back)."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=50, ffn_hidden=64, item_vector_dim=24,
+                     item_proj_layers=2)
+    m = build_model(args).eval()
+    back = load_hf(export_hf(m, args, tmp_path / "e")).eval()
+    assert back.args.item_vector_dim == 24 and back.args.item_proj_layers == 2
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, atol=0, rtol=0)
+    bank = torch.nn.functional.normalize(torch.randn(7, 24), dim=-1)
+    m.set_item_catalog(bank)
+    back.set_item_catalog(bank)
+    torch.testing.assert_close(back.catalog_embeddings(), m.catalog_embeddings(), atol=0, rtol=0)

@@ -24,7 +24,8 @@ An exported directory holds::
     model.safetensors             the Llama weights above
     tokenizer.json, tokenizer_config.json   when a tokenizer is given
     m6rec_patch_embed.safetensors patch_embed.{proj.weight,row_pos,col_pos}: the image
-                                  patch embedding, which Llama has no place for
+                                  patch embedding, and item_proj.* (item_repr vector*: the
+                                  text-vector projection), which Llama has no place for
     m6rec_model.json              the full ModelArgs (attention mask kind, image geometry, ...)
 
 ``transformers`` ignores the two ``m6rec_*`` files, so the directory loads as
@@ -54,7 +55,7 @@ PATCH_KEYS = ("patch_embed.proj.weight", "patch_embed.row_pos", "patch_embed.col
 # State-dict mapping (pure functions, usable on checkpoints without a model)
 # ---------------------------------------------------------------------------
 def m6rec_to_llama(sd: dict[str, Tensor], args: ModelArgs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """m6rec state dict -> (Llama state dict, patch-embedding state dict)."""
+    """m6rec state dict -> (Llama state dict, the rest: patch embedding and item projection)."""
     H, Hkv, Q, F = args.n_heads, args.kv_heads, args.head_dim, args.ffn_dim
     out: dict[str, Tensor] = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
     for i in range(args.n_layers):
@@ -71,7 +72,8 @@ def m6rec_to_llama(sd: dict[str, Tensor], args: ModelArgs) -> tuple[dict[str, Te
         })
     if not args.tie_embeddings:
         out["lm_head.weight"] = sd["output.weight"]
-    extra = {k: sd[k] for k in PATCH_KEYS if k in sd}
+    # everything Llama has no place for: the patch embedding and the item text-vector projection
+    extra = {k: v for k, v in sd.items() if k in PATCH_KEYS or k.startswith("item_proj.")}
     return out, extra
 
 
