@@ -29,6 +29,8 @@ COMMANDS = {
     "eval": ("m6rec.rec.commands", "eval_main", "rank the whole catalog for every user: popularity vs checkpoints"),
     "recommend": ("m6rec.rec.commands", "recommend_main", "top-k items for a user id or a free-text history"),
     "finetune": ("m6rec.rec.finetune", "main", "adapt a pretrained run to retrieval or ranking (full or option tuning)"),
+    "clean-shm": ("m6rec.train.engine", "clean_shm_main",
+                  "remove DeepSpeed CPU all-reduce buffers that runs left in /dev/shm (no process maps them)"),
 }
 
 
@@ -107,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="the pretraining run directory (its config.yaml; dotted overrides "
                    "such as --finetune.task ranking --finetune.method option apply to it)")
     p.add_argument("--tag", default=None, help="a checkpoint tag like step00001000 (default: the newest complete)")
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    p = sub.add_parser("clean-shm", help=COMMANDS["clean-shm"][2])
+    p.add_argument("--dry-run", action="store_true", help="only count them")
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     return parser
 

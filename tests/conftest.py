@@ -21,6 +21,23 @@ def shared_data_root() -> Path:
     return Path(os.environ.get("M6REC_DATA_ROOT", PROJECT_ROOT.parent / "shared" / "data"))
 
 
+def pytest_sessionstart(session) -> None:
+    """Say so (even under -q) when memory is short or DeepSpeed buffers were left in /dev/shm:
+    DeepSpeed's CPU ranks each map a 69 MB file there, and runs that did not unlink theirs
+    fill /dev/shm (= RAM) run after run until multi-rank tests crawl or die."""
+    from m6rec.train.engine import stale_shm_buffers
+
+    avail = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemAvailable:")), None)
+    stale = stale_shm_buffers()
+    if stale or (avail is not None and avail < 4096):
+        size = sum(f.stat().st_size for f in stale if f.exists()) // 2**20
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"m6rec tests: memory available {avail} MiB; stale DeepSpeed buffers in /dev/shm: "
+                                f"{len(stale)} ({size} MiB){'; `m6rec clean-shm` frees them' if stale else ''}")
+
+
 @pytest.fixture
 def shared_data() -> Path:
     root = shared_data_root()

@@ -335,3 +335,29 @@ def test_resumed_run_logs_each_step_once(tmp_path):
     history = wandb_history(records)
     assert sorted(history) == [3, 4, 5, 6]
     assert [history[s]["loss"] for s in (3, 4, 5, 6)] == pytest.approx([r["loss"] for r in final[2:]])
+
+
+def test_clean_shm_removes_only_unmapped_deepspeed_buffers(capsys):
+    """`m6rec clean-shm` on real /dev/shm files: one left by a dead run, one mapped by a live process."""
+    import mmap
+    import os
+    import uuid
+
+    from m6rec.cli import main
+
+    tag = uuid.uuid4().hex[:8]
+    stale = Path("/dev/shm") / f"{E.SHM_BUFFER_PREFIX}_{os.getuid()}_127.0.0.1_test{tag}_0"
+    live = stale.with_name(stale.name[:-1] + "1")
+    for f in (stale, live):
+        f.write_bytes(b"\0" * 4096)
+    try:
+        with open(live, "r+b") as fh, mmap.mmap(fh.fileno(), 4096):  # as a running rank holds its buffer
+            assert stale in E.stale_shm_buffers() and live not in E.stale_shm_buffers()
+            assert main(["clean-shm", "--dry-run"]) == 0
+            assert stale.exists() and "would remove" in capsys.readouterr().out
+            assert main(["clean-shm"]) == 0
+            assert not stale.exists() and live.exists()
+            assert "removed" in capsys.readouterr().out
+    finally:
+        stale.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)

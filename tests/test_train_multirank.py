@@ -244,6 +244,46 @@ def runs(tmp_path_factory, data_dir) -> Runs:
 
 
 # --------------------------------------------------------------------------
+# DeepSpeed's CPU shared-memory buffers do not outlive the run
+# --------------------------------------------------------------------------
+SHM_PROBE = """
+import json, os
+import torch
+import deepspeed.comm as ds_comm
+from m6rec.train.engine import init_distributed, shm_buffer_path
+
+rank, world, _ = init_distributed()
+t = torch.full((1000,), float(rank + 1))
+ds_comm.inference_all_reduce(t)  # DeepSpeed's shm path: it reads every rank's mapped buffer
+json.dump({"op": ds_comm.comm.cdb.shm_comm_op is not None, "local_size": os.environ.get("LOCAL_SIZE"),
+           "name_left": shm_buffer_path(rank).exists(), "sum": t[0].item()},
+          open(os.environ["PROBE_OUT"] + f".{rank}", "w"))
+"""
+
+
+def test_deepspeed_cpu_shm_buffers_are_unlinked(data_dir, tmp_path):
+    """Under the ``deepspeed`` launcher (LOCAL_SIZE = world) DeepSpeed's CPU backend gives each
+    rank a 69 MB /dev/shm file and never unlinks it: 287 of them (19 GB of RAM) had piled up here
+    before init_distributed started removing them.  The names must be gone while the run goes on,
+    the shm all-reduce must still work, and nothing may be left after exit."""
+    script, out = tmp_path / "probe.py", tmp_path / "probe"
+    script.write_text(SHM_PROBE)
+    port = _free_port()
+    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(script)],
+                          cwd=ROOT, env=_env(tmp_path, PROBE_OUT=str(out)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    if not reports[0]["op"]:
+        pytest.skip("DeepSpeed's shm comm op did not build here (no compiler): no buffers are made")
+    assert [r["local_size"] for r in reports] == ["2", "2"]  # the condition under which DeepSpeed makes them
+    assert [r["sum"] for r in reports] == [3.0, 3.0]
+    assert not any(r["name_left"] for r in reports), reports
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+    assert not left, left
+
+
+# --------------------------------------------------------------------------
 # ZeRO 1/2/3 on 2 ranks = 1 rank with the same global batch
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -95,8 +95,11 @@ def _init_rank(rank: int, world: int, port: int, threads: int) -> None:
     torch.set_num_threads(threads)
     import deepspeed
 
+    from m6rec.train.engine import unlink_shm_buffer
+
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    unlink_shm_buffer()
 
 
 def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
@@ -599,10 +602,11 @@ def _overhead_worker(spec: dict, out: str) -> None:
 
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
-    from m6rec.train.engine import build_engine, prepare_inputs
+    from m6rec.train.engine import build_engine, prepare_inputs, unlink_shm_buffer
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    unlink_shm_buffer()
     margs = ModelArgs.from_dict(spec["model_args"])
     T, B = spec["seq_len"], spec["rows"]
     batch = _batch(margs.vocab_size, B, T, seed=0)

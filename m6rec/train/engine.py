@@ -106,6 +106,64 @@ def local_world_size() -> int:
     return int(env.get("WORLD_SIZE", "1"))
 
 
+#: DeepSpeed's CPU all-reduce buffer in /dev/shm, one per rank (ops/csrc/cpu/comm/shm.cpp)
+SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU backend puts this rank's all-reduce buffer (named by uid,
+    MASTER_ADDR, MASTER_PORT and rank, as read from the environment at init)."""
+    env = os.environ
+    return Path("/dev/shm") / (f"{SHM_BUFFER_PREFIX}_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+                               f"{env.get('MASTER_PORT', '')}_{rank}")
+
+
+def unlink_shm_buffer() -> None:
+    """Remove this rank's name for DeepSpeed's CPU all-reduce buffer, once every rank has mapped it.
+
+    On CPU, ``deepspeed.init_distributed`` builds its shm op and, when all ranks share one
+    machine (``LOCAL_SIZE`` = world size, as the ``deepspeed`` launcher sets it), each rank
+    creates a 69 MB file in /dev/shm and maps every rank's file -- and nothing ever unlinks
+    them.  /dev/shm is memory: every such run leaked world x 69 MB until the machine ran out
+    (19 GB over a few days of tests here).  The barrier makes sure every rank has finished
+    mapping the others' files; after it the names can go, the mappings stay valid until
+    exit, and the kernel frees the memory when the last rank exits, however it exits.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:  # one rank (LOCAL_SIZE=1) maps only its own: nothing to wait for
+        dist.barrier()
+    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
+
+
+def stale_shm_buffers() -> list[Path]:
+    """This user's DeepSpeed CPU all-reduce buffers in /dev/shm that no live process maps:
+    what runs without :func:`unlink_shm_buffer` (older m6rec, other DeepSpeed programs) left."""
+    files = sorted(Path("/dev/shm").glob(f"{SHM_BUFFER_PREFIX}_{os.getuid()}_*"))
+    if not files:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):  # a process that exits while we read, or not ours
+            mapped.update(line.split(None, 5)[5].removesuffix(" (deleted)").strip()
+                          for line in maps.read_text().splitlines() if "/dev/shm/" in line)
+    return [f for f in files if str(f) not in mapped]
+
+
+def clean_shm_main(cfg: Config, args) -> int:
+    """`m6rec clean-shm`: remove :func:`stale_shm_buffers` (``--dry-run``: only list them)."""
+    stale = stale_shm_buffers()
+    total = 0
+    for f in stale:
+        with contextlib.suppress(FileNotFoundError):
+            total += f.stat().st_size
+            if not args.dry_run:
+                f.unlink()
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"m6rec clean-shm: {verb} {len(stale)} stale DeepSpeed buffer(s) in /dev/shm, {total / 2**20:.0f} MiB")
+    return 0
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     launcher_env()
     on_gpu = torch.cuda.is_available()
@@ -117,6 +175,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+        if not on_gpu:
+            unlink_shm_buffer()
     rank, world = dist.get_rank(), dist.get_world_size()
     if on_gpu:
         local = int(os.environ.get("LOCAL_RANK", 0))
