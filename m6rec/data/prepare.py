@@ -387,10 +387,11 @@ def merge(cfg: DataConfig, num_parts: int) -> dict:
     out = Path(c.output)
     if c.text.item_repr in T.VECTOR_MODES:
         # encoded once here; an earlier preparation's cache is reused when texts and encoder are the same
-        if (out / vectors.BANK_FILE).is_file() and not (root / vectors.BANK_FILE).exists():
-            shutil.copy2(out / vectors.BANK_FILE, root / vectors.BANK_FILE)
+        name = vectors.bank_file(c.text.item_encoder)
+        if (out / name).is_file() and not (root / name).exists():
+            shutil.copy2(out / name, root / name)
         vectors.ensure_bank(root, c.text.item_encoder)
-        manifest["item_vectors"] = vectors.bank_info(root)
+        manifest["item_vectors"] = vectors.bank_info(root, c.text.item_encoder)
     _write_json(root / "manifest.json", manifest)
     shutil.rmtree(root / "parts")
     old = out.with_name(out.name + ".old")

