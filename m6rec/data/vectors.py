@@ -57,16 +57,23 @@ def bank_file(spec: str) -> str:
     return f"item_vectors-{hashlib.sha256(spec.encode()).hexdigest()[:10]}.safetensors"
 
 
+def _run_spec(spec: str) -> tuple[str, str | None]:
+    """``run:RUN_DIR[@TAG]`` -> (RUN_DIR, TAG or None)."""
+    path, _, tag = spec[len(RUN_PREFIX):].partition("@")
+    return path, tag or None
+
+
 def encoder_key(spec: str) -> str:
     """What a cached bank must have been made by: the spec, and for an m6rec run the checkpoint
-    it resolves to now (a run that trained on has other weights, so other vectors)."""
+    it resolves to now (a run that trained on has other weights, so other vectors).  The key is
+    itself a spec: encoding with it reads exactly that checkpoint."""
     if not spec.startswith(RUN_PREFIX):
         return spec
     from m6rec.rec.generative import resolve_checkpoint
 
-    path, _, tag = spec[len(RUN_PREFIX):].partition("@")
+    path, tag = _run_spec(spec)
     try:
-        _, tag = resolve_checkpoint(path, tag or None)
+        _, tag = resolve_checkpoint(path, tag)
     except (ConfigError, FileNotFoundError) as e:
         raise ConfigError(f"data.text.item_encoder {spec!r}: {e}") from None
     return f"{RUN_PREFIX}{Path(path).resolve()}@{tag}"
@@ -104,32 +111,31 @@ def encode_with_run(texts: Sequence[str], spec: str, batch_size: int = 64, progr
     import torch
 
     from m6rec.data import text as T
-    from m6rec.rec.generative import load_run
+    from m6rec.rec.generative import Prompt, batches_by_length, load_run
 
-    path, _, tag = spec[len(RUN_PREFIX):].partition("@")
-    run = load_run(path, tag or None)
+    run = load_run(*_run_spec(spec))
     if run.cfg.data.text.item_repr not in ("text", "both"):
         raise ConfigError(f"data.text.item_encoder {spec!r}: that run wrote items as "
                           f"{run.cfg.data.text.item_repr!r}, never as text; pretrain one with item_repr text")
     tok, model = run.tokenizer, run.model
     head = [tok.token_to_id(T.BOS), tok.token_to_id(T.ITEM)]
-    seqs = [(head + e.ids)[: model.args.max_seq_len] for e in tok.encode_batch(list(texts), add_special_tokens=False)]
-    out = np.empty((len(seqs), model.args.dim), dtype=np.float32)
-    order = np.argsort([len(q) for q in seqs], kind="stable")
+    seqs = [np.asarray((head + e.ids)[: model.args.max_seq_len], dtype=np.int64)
+            for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+    items = [Prompt(q, np.ones(len(q), dtype=bool), [], [], set()) for q in seqs]  # all context, as for_item
+    out = np.empty((len(items), model.args.dim), dtype=np.float32)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(seqs), desc="item vectors", unit="item")
+        bar = tqdm(total=len(items), desc="item vectors", unit="item")
     with torch.no_grad():
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            L = max(len(seqs[j]) for j in idx)
+        for idx, batch in batches_by_length(items, batch_size):
+            L = max(len(p.ids) for p in batch)
             ids = torch.zeros(len(idx), L, dtype=torch.long)
             doc = torch.full((len(idx), L), -1, dtype=torch.long)  # -1: padding, outside every document
-            for r, j in enumerate(idx):
-                ids[r, :len(seqs[j])] = torch.tensor(seqs[j])
-                doc[r, :len(seqs[j])] = 0
+            for r, p in enumerate(batch):
+                ids[r, :len(p.ids)] = torch.from_numpy(p.ids)
+                doc[r, :len(p.ids)] = 0
             emb, _ = model.encode(ids, document_ids=doc, pool="mean", normalize=True)
             out[idx] = emb.float().numpy()
             if bar is not None:
@@ -177,7 +183,7 @@ def ensure_bank(dataset_dir: str | Path, spec: str, progress: bool = True) -> np
         log.info("%s: made from other item texts or another encoder (%s); encoding again", path, meta.get("encoder"))
     show = progress and (int(os.environ.get("RANK", "0")) == 0) and sys.stderr.isatty()
     log.info("encoding %d item texts of %s with %s", len(texts), dataset_dir, key)
-    vecs = encode_texts(texts, spec, progress=show)
+    vecs = encode_texts(texts, key, progress=show)  # the key names the checkpoint it was keyed by
     tmp = path.with_name(path.name + ".tmp")
     save_file({"vectors": vecs}, str(tmp), metadata={"encoder": key, "texts_sha256": sha, "dim": str(vecs.shape[1]),
                                                      "items": str(len(texts))})
