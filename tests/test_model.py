@@ -678,3 +678,23 @@ def test_item_projection_width_and_depth():
     # the default width is 4 x dim
     assert ItemProjection(ModelArgs(dim=32, n_heads=4, item_vector_dim=24)).w1.out_features == 128
 
+
+
+def test_cuda_inference_uses_a_dense_mask_and_training_flex():
+    """"auto" on CUDA: FlexAttention for training (one shape, compiled once); SDPA with a boolean mask
+    under no_grad, where every ranking batch has a new shape and Flex would compile for each one.
+    Only the choice is checked here (the tensors stay on the CPU); the masks' values are checked above."""
+    doc, prefix = random_layout(2, 24, seed=6)
+    with torch.no_grad():
+        m = build_attention_mask(24, document_ids=doc, prefix_mask=prefix, impl="auto", device="cuda")
+        assert m.kind == "dense" and torch.equal(m.dense, ref_allowed(doc, ref_region(doc, prefix)))
+        big = masks_mod.DENSE_INFERENCE_MAX
+        masks_mod.DENSE_INFERENCE_MAX = 2 * 24 * 24 - 1  # above the bound: Flex again
+        try:
+            assert build_attention_mask(24, document_ids=doc, prefix_mask=prefix, impl="auto",
+                                        device="cuda").kind == "flex"
+        finally:
+            masks_mod.DENSE_INFERENCE_MAX = big
+    assert build_attention_mask(24, document_ids=doc, prefix_mask=prefix, impl="auto", device="cuda").kind == "flex"
+    with torch.no_grad():  # the CPU keeps its own choice
+        assert build_attention_mask(24, document_ids=doc, prefix_mask=prefix, impl="auto").kind == "varlen"

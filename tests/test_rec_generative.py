@@ -328,3 +328,29 @@ def test_item_marker_labels_only_where_they_end_a_title(runs):
     assert StreamLoader.from_config(forced, world_size=1, rank=0).dataset.unlabelled_id == -1
     assert StreamLoader.from_config(dataclasses.replace(forced, stream=dataclasses.replace(
         forced.stream, item_marker_loss=None)), world_size=1, rank=0).dataset.unlabelled_id >= 0
+
+
+@pytest.mark.parametrize("attn_impl", ["varlen", "flex"])
+def test_padded_static_shapes_rank_the_same(runs, attn_impl):
+    """On CUDA ranking batches are padded to fixed shapes (whole batch of rows, lengths a multiple of 128)
+    so compiled masks and kernels are not rebuilt for every batch: the padding must change no score.
+    FlexAttention is what CUDA runs; here it runs eagerly on the CPU with the same mask."""
+    s = runs["token"]
+    queries = s.data.queries("test")[:11]
+    old = s.model.args.attn_impl
+    s.model.args.attn_impl = attn_impl
+    try:
+        plain = GenerativeRecommender(s.model, s.ctx, batch_size=8)
+        padded = GenerativeRecommender(s.model, s.ctx, batch_size=8)
+        assert plain.static_shape == {}  # on the CPU nothing is padded by default
+        padded.static_shape = dict(rows=8, multiple=128)
+        a, b = plain.rank_with_scores(queries, 10), padded.rank_with_scores(queries, 10)
+    finally:
+        s.model.args.attn_impl = old
+    assert [[i for i, _ in r] for r in a] == [[i for i, _ in r] for r in b]
+    assert [sc for r in a for _, sc in r] == pytest.approx([sc for r in b for _, sc in r], abs=1e-4)
+    from m6rec.rec.generative import collate
+
+    batch = collate([s.ctx.for_query(q) for q in queries[:3]], s.ctx, padded.pad_id, "cpu", rows=8, multiple=128)
+    assert batch["input_ids"].shape == (8, 128) and batch["lengths"].shape == (3,)
+    assert (batch["document_ids"][3:] == -1).all()

@@ -154,6 +154,7 @@ def flex_block_mask(document_ids: Tensor, region: Optional[Tensor]) -> Any:
 
 
 _compiled_create_block_mask = None
+DENSE_INFERENCE_MAX = 2**28  # bytes of a boolean [B, T, T] mask: above it, inference on CUDA uses FlexAttention
 
 
 def build_attention_mask(
@@ -185,6 +186,12 @@ def build_attention_mask(
         region = bidirectional_region(host_document_ids, host_prefix_mask) if use_prefix else None
         return AttentionMask("varlen", spans=doc_spans(host_document_ids, region), device=torch.device(device))
     region = bidirectional_region(document_ids, prefix_mask) if use_prefix else None
+    if impl == "auto" and on_cuda and not torch.is_grad_enabled() \
+            and document_ids.shape[0] * seq_len * seq_len <= DENSE_INFERENCE_MAX:
+        # Inference (ranking, evaluation during training): FlexAttention compiles its mask and kernel for
+        # every new batch shape (~20 s each on an H200), and ranking batches change length all the time;
+        # SDPA with a boolean mask compiles nothing and costs B*T*T bytes, small at these lengths.
+        impl = "sdpa"
     if impl == "flex" or (impl == "auto" and on_cuda):
         return AttentionMask("flex", block_mask=flex_block_mask(document_ids, region))
     if impl == "varlen" or impl == "auto":

@@ -426,9 +426,21 @@ def batches_by_length(prompts: Sequence[Prompt], batch_size: int) -> list[tuple[
     return [(idx, [prompts[i] for i in idx]) for idx in batches]
 
 
-def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device) -> dict:
-    """Right-padded batch in the batch contract (one document per row, padding document -1)."""
-    B, L = len(prompts), max(len(p.ids) for p in prompts)
+SHAPE_MULTIPLE = 128  # FlexAttention's block size: padded lengths on CUDA are multiples of it
+
+
+def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device, rows: int = 0,
+            multiple: int = 1) -> dict:
+    """Right-padded batch in the batch contract (one document per row, padding document -1).
+
+    ``rows``/``multiple``: pad to at least ``rows`` rows (all padding, document -1) and to a length that
+    is a multiple of ``multiple``.  On CUDA the attention mask and kernel are compiled for each batch
+    shape; length-sorted ranking batches have a new length almost every batch, and each new shape
+    cost ~20 s of compiling on an H200 (eval ran at 1.5 users/s).  Padded shapes bound the compiles to
+    max_seq_len / ``multiple``.  Padding is after every real token, outside every prefix: the causal
+    mask keeps it out of the real positions (tests/test_rec_generative.py checks equal scores)."""
+    B, L = max(len(prompts), rows), max(len(p.ids) for p in prompts)
+    L = -(-L // multiple) * multiple
     ids = np.full((B, L), pad_id, dtype=np.int64)
     doc = np.full((B, L), -1, dtype=np.int64)
     prefix = np.zeros((B, L), dtype=bool)
@@ -548,6 +560,8 @@ class GenerativeRecommender:
         self.model, self.ctx, self.mode = model, contexts, mode
         self.beam, self.batch_size, self.length_norm = beam, batch_size, float(length_norm)
         self.device = next(model.parameters()).device
+        # fixed batch shapes where kernels are compiled per shape (collate's docstring says why)
+        self.static_shape = dict(rows=batch_size, multiple=SHAPE_MULTIPLE) if self.device.type == "cuda" else {}
         tok = contexts.tokenizer
         self.pad_id = tok.token_to_id(T.PAD)
         self.catalog = np.array(contexts.catalog_ids, dtype=object)
@@ -643,7 +657,7 @@ class GenerativeRecommender:
     def _rank_catalog_softmax(self, prompts: list[Prompt], k: int, item_weight: torch.Tensor) -> list:
         """One forward pass per user; the hidden state at the final ``<|item|>`` against each catalog
         item's output embedding (row ``i`` = catalog item ``i``), softmaxed over the catalog."""
-        b = collate(prompts, self.ctx, self.pad_id, self.device)
+        b = collate(prompts, self.ctx, self.pad_id, self.device, **self.static_shape)
         lengths = b.pop("lengths")
         h = self.model.hidden_states(**b)
         last = h[torch.arange(len(prompts), device=h.device), lengths - 1]
