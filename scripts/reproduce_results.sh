@@ -3,8 +3,7 @@
 #   bash scripts/reproduce_results.sh            # all stages
 #   bash scripts/reproduce_results.sh eval       # only the evaluations (runs already trained)
 #   bash scripts/reproduce_results.sh vectors    # items as text vectors vs item tokens (CPU, ~1.5 h)
-#   bash scripts/reproduce_results.sh --gpu      # the next-item configurations with the small model on one
-#                                                # H100/H200 in <= 8 min (prepare here first: see the stage)
+#   bash scripts/reproduce_results.sh --gpu      # on one H100/H200 (~8 min): scripts/gpu_next_item.sh
 # Each training process uses one thread (OMP_NUM_THREADS=1): the tiny model's small ops run
 # faster that way on a shared 2-core machine, and two stages can run side by side.
 set -euo pipefail
@@ -97,26 +96,9 @@ if [[ $stage == all || $stage == vectors ]]; then
   done
 fi
 
-# One H100/H200 (docs/results.md, "On a GPU"): item tokens, item tokens + behaviour in words, items as
-# text vectors and both, each with the small model (25 M parameters) in bf16 for several epochs, then
-# evaluated on the GPU.  The GPU image has no sentence encoder: prepare here first (the cached item
-# vectors travel with the datasets), then carry .gpu and the four data/ml1m-* folders:
-#   for c in ml1m-id ml1m-rated ml1m-vector ml1m-vector-token; do m6rec prepare --config configs/rec/$c.yaml; done
-#   bash ../shared/gpu/make_carry.sh
-#   device: carry [".gpu", "data/ml1m-id", "data/ml1m-rated", "data/ml1m-vector", "data/ml1m-vector-token"]
-#           . .gpu/on_device.sh && bash scripts/reproduce_results.sh --gpu
+# One H100/H200 (docs/results.md, "On a GPU"): the engine benchmark, then item tokens, items as text
+# vectors, both, and item tokens + behaviour in words with the small model in bf16, all four at once for
+# the same wall-clock, evaluated on the GPU: scripts/gpu_next_item.sh (its header gives the device call).
 if [[ $stage == gpu ]]; then
-  OUT=${OUT_DIR:-${OUT:-results}}; mkdir -p "$OUT"
-  SMALL=(--model.dim 512 --model.n_layers 6 --model.n_heads 8 --model.ffn_hidden 1536 --model.compile true
-         --train.precision bf16 --data.stream.batch_size 32 --data.stream.num_workers 2
-         --deepspeed.zero_stage 0 --train.log_every 50 --train.eval_every 0 --train.wandb.mode disabled)
-  # 1.45 M training tokens per epoch at 16,384 tokens per step: 89 steps per epoch (the words: 2.5x)
-  declare -A STEPS=([ml1m-id]=900 [ml1m-vector]=900 [ml1m-vector-token]=900 [ml1m-rated]=2250)
-  runs=()
-  for c in ml1m-id ml1m-vector ml1m-vector-token ml1m-rated; do
-    timeout 100 "$M6" train --config configs/rec/$c.yaml "${SMALL[@]}" --train.steps ${STEPS[$c]} \
-      --train.save_every ${STEPS[$c]} --train.run_dir runs/gpu-$c 2>&1 | tail -n 5 | tee "$OUT/train-$c.log" \
-      && runs+=(--ckpt runs/gpu-$c)
-  done
-  timeout 120 "$M6" eval "${runs[@]}" --split test --device cuda --out "$OUT/gpu-next-item.json"
+  exec bash scripts/gpu_next_item.sh
 fi
