@@ -256,6 +256,9 @@ class FinetuneConfig:
     # per tower, attention pooling of the hidden states (a learned query vector, zero at start = the mean)
     attn_pool: bool = False
     head_rank: int = 0  # per tower, a low-rank residual map of the pooled embedding, e + U (V^T e), U zero at start
+    # a low-rank update of the frozen token embeddings, e[t] + U[t] W (W zero at start): vocab * r + dim * r
+    # parameters, shared by both towers (full fine-tuning's gain over option tuning grows with the embeddings)
+    embed_lora_rank: int = 0
     log_every: int = 10
     seed: int = 0
 

@@ -41,7 +41,9 @@ else
   declare -A STEPS=([ml1m-id]=900 [ml1m-vector]=900 [ml1m-vector-token]=900 [ml1m-rated]=2250)
 fi
 if [ -n "${GPU_STEPS:-}" ]; then  # "ID VECTOR VECTOR_TOKEN RATED": e.g. each one's pace x the wall-clock
-  read -r -a n <<< "$GPU_STEPS"; for i in "${!CONFIGS[@]}"; do STEPS[${CONFIGS[$i]}]=${n[$i]}; done
+  read -r -a n <<< "$GPU_STEPS"
+  (( ${#n[@]} == ${#CONFIGS[@]} )) || { echo "GPU_STEPS: give ${#CONFIGS[@]} numbers (${CONFIGS[*]})" >&2; exit 2; }
+  for i in "${!CONFIGS[@]}"; do STEPS[${CONFIGS[$i]}]=${n[$i]}; done
 fi
 COMMON=(--data.stream.num_workers 2 --deepspeed.zero_stage 0 --train.log_every 50 --train.eval_every 0
         --train.wandb.mode disabled)
@@ -70,7 +72,8 @@ t0=$SECONDS; pids=(); port=29610
 for c in "${CONFIGS[@]}"; do
   port=$((port + 1))
   rm -rf "$WORK/runs/$c"
-  deepspeed --num_gpus 1 --master_port $port launch/train.py --config configs/rec/$c.yaml "${MODEL[@]}" \
+  # its own session: a run that ignores STOP is killed with its launcher's whole process group below
+  setsid deepspeed --num_gpus 1 --master_port $port launch/train.py --config configs/rec/$c.yaml "${MODEL[@]}" \
     "${COMMON[@]}" --data.output "$WORK/data/$c" --train.steps "${STEPS[$c]}" --train.save_every "${STEPS[$c]}" \
     --train.run_dir "$WORK/runs/$c" > "$WORK/train-$c.log" 2>&1 &
   pids+=($!)
@@ -83,14 +86,16 @@ for c in "${CONFIGS[@]}"; do touch "$WORK/runs/$c/STOP"; done  # a finished run 
 for i in "${!CONFIGS[@]}"; do
   c=${CONFIGS[$i]}; waited=$SECONDS
   while kill -0 "${pids[$i]}" 2>/dev/null && (( SECONDS - waited < 60 )); do sleep 1; done
-  kill -0 "${pids[$i]}" 2>/dev/null && kill -- "${pids[$i]}"
+  kill -0 "${pids[$i]}" 2>/dev/null && { echo "train-$c: no exit after STOP, killed" >> "$OUT/stages.txt"
+                                           kill -TERM -- -"${pids[$i]}"; sleep 5; kill -KILL -- -"${pids[$i]}"; }
   wait "${pids[$i]}"; echo "train-$c rc=$? seconds=$((SECONDS - t0))" >> "$OUT/stages.txt"; log_tail "train-$c" 12
 done
 
 # --- 3. the test split, all four side by side ---------------------------------------------------------
 runs=(); for c in "${CONFIGS[@]}"; do [ -f "$WORK/runs/$c/summary.json" ] && runs+=(--ckpt "$WORK/runs/$c"); done
 t0=$SECONDS
-timeout --kill-after=10 "${T_EVAL:-120}" "$PY" -m m6rec.cli eval "${runs[@]}" --split test --device "$DEVICE" "${EVAL[@]}" \
+(( ${#runs[@]} )) || echo "eval skipped: no run finished" >> "$OUT/stages.txt"
+(( ${#runs[@]} )) && timeout --kill-after=10 "${T_EVAL:-120}" "$PY" -m m6rec.cli eval "${runs[@]}" --split test --device "$DEVICE" "${EVAL[@]}" \
   --out "$OUT/gpu-next-item.json" > "$WORK/eval.log" 2>&1
 echo "eval rc=$? seconds=$((SECONDS - t0))" >> "$OUT/stages.txt"; log_tail eval 30
 
@@ -103,7 +108,7 @@ for c in configs:
     d = work / "runs" / c
     s = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
     m = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()] if (d / "metrics.jsonl").is_file() else []
-    m = [r for r in m if "tokens_per_s" in r]
+    m = [r for r in m if {"tokens_per_s", "step_time_ms", "data_wait_pct"} <= set(r)]
     steady = m[1:] or m
     rows.append(dict(config=c, step=s.get("step"), stopped_by=s.get("stopped_by"),
                      ms_per_step=statistics.median(r["step_time_ms"] for r in steady) if steady else None,

@@ -405,7 +405,8 @@ def test_option_variants_at_ml1m_scale_fit_one_percent():
     default = FinetuneConfig(method="option")  # LoRA 2 on every linear + the norm scales: 9,346 (0.59 %)
     deep = dataclasses.replace(default, options=8, attn_pool=True)  # + 8 options per tower at every layer
     legacy = dataclasses.replace(default, options=8, adapter_dim=8, **LEGACY_FT)  # the first option tuning: 6,146 (0.39 %)
-    for ft, expect in ((default, 9_346), (deep, 13_698), (legacy, 6_146)):
+    embed = dataclasses.replace(default, lora_rank=1, embed_lora_rank=1)  # + U W on the token embeddings
+    for ft, expect in ((default, 9_346), (deep, 13_698), (legacy, 6_146), (embed, 4_352 + 640 + 2 + 8_320)):
         model = TaskModel(lm, "retrieval", "option", ft, (5, 6))
         n = sum(v.numel() for v in model.trainable().values())
         assert n == expect and n <= 0.01 * n_lm, (ft, n, n_lm)
@@ -477,3 +478,34 @@ def test_a_run_written_before_the_variants_loads_as_the_first_variant(setup, tmp
     run, new = load_task_run(old, "retrieval"), load_task_run(src, "retrieval")
     assert run.model.options.deep is None and not len(run.model.options.lora) and run.model.options.pool_w is None
     assert set(run.model.trainable()) == set(new.model.trainable())
+
+
+def test_embedding_lora_starts_as_the_pretrained_model_and_trains_alone(setup):
+    run = load_run(setup["base"])
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    from m6rec.rec.finetune import _batch
+
+    b = _one_batch(run, ctx, 0)
+    with torch.no_grad():
+        ref, _ = run.model.encode(**{k: v for k, v in b.items() if k != "lengths"}, pool="mean")
+    ft = FinetuneConfig(method="option", lora_rank=0, tune_norms=False, embed_lora_rank=2, batch_size=6, negatives=6)
+    model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
+    with torch.no_grad():
+        assert torch.allclose(model.embed(b, "query"), F.normalize(ref.float(), dim=-1), atol=1e-6)  # W = 0
+    trainable = model.trainable()
+    V, dim = model.lm.tok_embeddings.weight.shape
+    assert {k: tuple(v.shape) for k, v in trainable.items()} == {
+        "options.embed_u": (V, 2), "options.embed_w": (2, dim), "log_scale": (1,), "bias": (1,)}
+    before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    ex = Examples(ctx, "retrieval")
+    for step in range(3):
+        loss = model(**_batch("retrieval", ex, ctx, model, np.random.default_rng(step), ft, 0, 3, "cpu"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.lm.state_dict().items())  # the LM stays frozen
+    assert model.options.embed_w.abs().sum() > 0
+    with torch.no_grad():
+        moved = model.embed(b, "query")
+    assert not torch.allclose(moved, F.normalize(ref.float(), dim=-1), atol=1e-4)

@@ -330,11 +330,11 @@ def test_item_marker_labels_only_where_they_end_a_title(runs):
         forced.stream, item_marker_loss=None)), world_size=1, rank=0).dataset.unlabelled_id >= 0
 
 
-@pytest.mark.parametrize("attn_impl", ["varlen", "flex"])
+@pytest.mark.parametrize("attn_impl", ["sdpa", "varlen", "flex"])
 def test_padded_static_shapes_rank_the_same(runs, attn_impl):
     """On CUDA ranking batches are padded to fixed shapes (whole batch of rows, lengths a multiple of 128)
     so compiled masks and kernels are not rebuilt for every batch: the padding must change no score.
-    FlexAttention is what CUDA runs; here it runs eagerly on the CPU with the same mask."""
+    CUDA ranks with "sdpa" (a dense mask) or FlexAttention; here both run on the CPU with the same masks."""
     s = runs["token"]
     queries = s.data.queries("test")[:11]
     old = s.model.args.attn_impl

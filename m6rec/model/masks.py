@@ -25,7 +25,9 @@ Kernels (no hand-written softmax(QK^T) anywhere):
   (flash / cuDNN on GPU, the flash kernel on CPU);
 * any other mask on CUDA (``attn_impl: auto``) -> FlexAttention with a
   ``BlockMask`` (compiled; blocks that are fully masked -- other documents --
-  are skipped);
+  are skipped) in training; under ``no_grad`` (ranking, evaluation) SDPA with a
+  boolean mask while ``[B, T, T]`` stays within ``DENSE_INFERENCE_MAX``, because
+  Flex compiles again for every new batch shape;
 * any other mask elsewhere (``auto``) -> "varlen": one fused SDPA call per
   document span, on that span only (``is_causal`` when it has no context
   region, else a small prefix-LM mask).  Attention then costs
@@ -190,7 +192,8 @@ def build_attention_mask(
             and document_ids.shape[0] * seq_len * seq_len <= DENSE_INFERENCE_MAX:
         # Inference (ranking, evaluation during training): FlexAttention compiles its mask and kernel for
         # every new batch shape (~20 s each on an H200), and ranking batches change length all the time;
-        # SDPA with a boolean mask compiles nothing and costs B*T*T bytes, small at these lengths.
+        # SDPA with a boolean mask compiles nothing; the mask is B*T*T bytes (a bf16 copy of it per layer), small
+        # at ranking lengths.
         impl = "sdpa"
     if impl == "flex" or (impl == "auto" and on_cuda):
         return AttentionMask("flex", block_mask=flex_block_mask(document_ids, region))
@@ -245,7 +248,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: floa
     if mask.kind == "causal":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
     if mask.kind == "dense":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, dropout_p=dropout_p, enable_gqa=gqa)
+        if gqa:  # SDPA's memory-efficient kernel takes a mask but not GQA: without this, the math kernel ([B, H, T, T])
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, dropout_p=dropout_p)
     if mask.kind == "varlen":
         return _varlen(q, k, v, mask, gqa, dropout_p)
     if dropout_p:

@@ -63,7 +63,7 @@ ANSWERS = ("yes", "no")  # no leading space: their first tokens always differ (y
 TOWERS = ("query", "item")
 # the option-tuning variant of runs whose config.yaml predates the variants' keys
 LEGACY_OPTION_TUNING = {"option_layers": "input", "lora_rank": 0, "tune_norms": False, "attn_pool": False,
-                        "head_rank": 0}
+                        "head_rank": 0, "embed_lora_rank": 0}
 
 
 # ---------------------------------------------------------------------------
@@ -105,11 +105,12 @@ class Options(nn.Module):
     learned per-tower vector to each option position (deep options: every layer's keys and
     values at the option positions are learned, as in P-tuning v2); ``lora_rank`` adds a
     low-rank update to the frozen linears named in ``lora_targets``; ``head_rank`` a low-rank
-    residual map of each tower's pooled embedding.  All start as the pretrained model exactly."""
+    residual map of each tower's pooled embedding; ``embed_lora_rank`` a low-rank update
+    ``U[t] W`` of the frozen token embeddings.  All start as the pretrained model exactly."""
 
     def __init__(self, lm: nn.Module, n_options: int, adapter_dim: int, placeholder: int = 3,
                  layers: str = "input", lora_rank: int = 0, lora_targets: Sequence[str] = (), head_rank: int = 0,
-                 attn_pool: bool = False):
+                 attn_pool: bool = False, embed_lora_rank: int = 0):
         super().__init__()
         self.placeholder = placeholder
         dim = lm.args.dim
@@ -121,6 +122,11 @@ class Options(nn.Module):
         self.adapters = nn.ModuleList(Adapter(dim, adapter_dim) for _ in lm.layers) if adapter_dim else None
         self.n = n_options
         self.tower = "query"
+        self.embed_u = self.embed_w = None
+        if embed_lora_rank:
+            g = torch.Generator().manual_seed(2)
+            self.embed_u = nn.Parameter(torch.randn(init.shape[0], embed_lora_rank, generator=g).to(init.dtype))
+            self.embed_w = nn.Parameter(torch.zeros(embed_lora_rank, dim, dtype=init.dtype))
         self._hooks = [lm.tok_embeddings.register_forward_hook(self._write_options)]
         if self.adapters is not None:
             for layer, adapter in zip(lm.layers, self.adapters):
@@ -151,6 +157,8 @@ class Options(nn.Module):
         self.pool_w = nn.Parameter(torch.zeros(len(TOWERS), dim)) if attn_pool else None
 
     def _write_options(self, module, args, out):
+        if self.embed_u is not None:
+            out = out + (F.embedding(args[0], self.embed_u) @ self.embed_w).to(out.dtype)
         if not self.n:
             return out
         slots = args[0][:, 1:1 + self.n]
@@ -201,7 +209,8 @@ class TaskModel(nn.Module):
         super().__init__()
         self.lm, self.task, self.method = lm, task, method
         self.options = Options(lm, ft.options, ft.adapter_dim, placeholder, ft.option_layers, ft.lora_rank,
-                               ft.lora_targets, ft.head_rank, ft.attn_pool) if method == "option" else None
+                               ft.lora_targets, ft.head_rank, ft.attn_pool, ft.embed_lora_rank) \
+            if method == "option" else None
         self.n_options = ft.options if method == "option" else 0
         # shape [1], not []: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse
         self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / ft.temperature)))
@@ -514,7 +523,7 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
     for key in ("steps", "batch_size", "log_every", "temperature"):
         if getattr(ft, key) <= 0:
             raise ConfigError(f"config key 'finetune.{key}': bad value {getattr(ft, key)!r}; allowed: > 0")
-    for key in ("negatives", "options", "adapter_dim", "warmup_steps", "lora_rank", "head_rank"):
+    for key in ("negatives", "options", "adapter_dim", "warmup_steps", "lora_rank", "head_rank", "embed_lora_rank"):
         if getattr(ft, key) < 0:
             raise ConfigError(f"config key 'finetune.{key}': bad value {getattr(ft, key)!r}; allowed: >= 0")
     rank, world, device = init_distributed()
