@@ -125,7 +125,9 @@ class Options(nn.Module):
         self.embed_u = self.embed_w = None
         if embed_lora_rank:
             g = torch.Generator().manual_seed(2)
-            self.embed_u = nn.Parameter(torch.randn(init.shape[0], embed_lora_rank, generator=g).to(init.dtype))
+            # U at the embeddings' own scale: U W then moves a token's embedding by a fraction of its size per step
+            scale = float(init.float().std())
+            self.embed_u = nn.Parameter((torch.randn(init.shape[0], embed_lora_rank, generator=g) * scale).to(init.dtype))
             self.embed_w = nn.Parameter(torch.zeros(embed_lora_rank, dim, dtype=init.dtype))
         self._hooks = [lm.tok_embeddings.register_forward_hook(self._write_options)]
         if self.adapters is not None:
