@@ -404,10 +404,15 @@ def bench_data(cfg: Any, args: Any) -> dict[str, Any]:
     """Preparation and reader throughput vs one training rank (m6rec/data/benchmark.py).
 
     ``--config`` defaults to configs/data/ml-1m-partial.yaml; work files go to
-    ``<data.output>.bench/``."""
+    ``<data.output>.bench/``.  ``--dataset DIR`` (repeatable): only the reader's .npy decoding on
+    prepared datasets, np.load against load_npy, at ``data.stream``'s batch shape."""
     from m6rec.config import load_config
-    from m6rec.data.benchmark import bench_data as run, format_table
+    from m6rec.data.benchmark import bench_data as run, bench_decode, format_decode_table, format_table
 
+    if getattr(args, "dataset", None):  # only the reader's decoding, on datasets already prepared
+        result = bench_decode(args.dataset, cfg.data.stream)
+        print(format_decode_table(result))
+        return result
     if not getattr(args, "config", None):
         cfg = load_config("configs/data/ml-1m-partial.yaml", getattr(args, "overrides", None))
     result = run(cfg, Path(cfg.data.output + ".bench"))

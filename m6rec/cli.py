@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", action="append", default=None, help="recommend: a run directory (repeat to compare)")
     p.add_argument("--users", type=int, default=200, help="recommend: timed requests per run (after 10 warm-up)")
     p.add_argument("--threads", type=int, default=1, help="recommend: torch threads (0 = torch's default)")
+    p.add_argument("--dataset", action="append", default=None,
+                   help="data: only the reader's .npy decoding on this prepared dataset (repeat to compare)")
     p = sub.add_parser("export", help=COMMANDS["export"][2])
     p.add_argument("--ckpt", required=True, help="RUN_DIR/checkpoints (the newest complete one) or .../checkpoints/TAG")
     p.add_argument("--to", choices=["fp32", "hf"], default="fp32",

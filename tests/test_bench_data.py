@@ -18,3 +18,20 @@ def test_bench_data_runs_side_by_side(tmp_path):
     assert all(x["tokens_per_s"] > 0 and x["x_ahead_of_training"] > 0 for x in r["reader"])
     assert r["train_rank"]["tokens_per_s"] > 0
     assert "one training rank" in format_table(r)
+
+
+def test_bench_decode_compares_both_decoders_on_a_prepared_dataset(tmp_path):
+    from m6rec.data import prepare as P
+    from m6rec.data.benchmark import bench_decode, format_decode_table
+    from m6rec.data import stream as S
+
+    root = write_generic_logs(tmp_path / "logs", n_users=80, n_items=50)
+    cfg = generic_cfg(root, tmp_path / "ds", "--data.stream.seq_len", "256", "--data.stream.batch_size", "2")
+    with pytest.warns(UserWarning):
+        P.prepare(cfg.data, workers=1)
+    fast = S.load_npy
+    r = bench_decode([str(tmp_path / "ds")], cfg.data.stream, batches=3, rounds=1)
+    assert S.load_npy is fast  # the A/B swap is undone
+    (row,) = r["rows"]
+    assert row["np_load_ms_per_batch"] > 0 and row["load_npy_ms_per_batch"] > 0 and row["speedup"] > 0
+    assert "speed-up" in format_decode_table(r)

@@ -443,3 +443,28 @@ def test_multiprocess_exact_resume(ds, tmp_path):
     assert set(epoch0_keys) <= all_keys(info, "train")
     dropped = len(all_keys(info, "train")) - len(epoch0_keys)
     print(f"2x2 train epoch: {steps} steps/rank, {dropped} of {len(all_keys(info, 'train'))} samples dropped")
+
+
+def test_load_npy_equals_np_load_and_falls_back_for_the_rest():
+    """The reader's .npy decoding: the fast path (1-D little-endian numbers, format 1.0: every member
+    m6rec writes) returns what np.load returns; any other array goes to np.load; bad data raises."""
+    from m6rec.data.stream import load_npy
+
+    fast = [np.arange(83, dtype=np.int16), np.arange(3, dtype=np.int32), np.arange(5, dtype=np.int64),
+            np.array([0, 1, 6], np.uint8), np.zeros(0, np.uint8), np.array([1.5, -2], np.float32)]
+    other = [np.arange(6).reshape(2, 3), np.arange(3, dtype=">i4"), np.array([True, False]), np.float64(3.0),
+             np.asfortranarray(np.arange(6).reshape(2, 3))]
+    for a in fast + other:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        got = load_npy(buf.getvalue())
+        assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a), a
+        assert got.flags.writeable == (a.ndim != 1 or a.dtype.byteorder == ">" or a.dtype == bool)  # which path ran
+    buf = io.BytesIO()
+    np.save(buf, np.arange(10, dtype=np.int16))
+    with pytest.raises(ValueError):
+        load_npy(buf.getvalue()[:-4])  # truncated: not taken by the fast path, and np.load refuses it
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        load_npy(buf.getvalue())  # objects: never unpickled

@@ -4,11 +4,14 @@ in one run on the same machine."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from m6rec.config import Config, load_config
@@ -118,4 +121,56 @@ def format_table(r: dict) -> str:
                      f"{x['x_ahead_of_training']}× |")
     lines.append(f"\none training rank of `{t['model']}` ({t['params'] / 1e6:.1f}M params, fp32 CPU) consumes "
                  f"{t['tokens_per_s']:,.0f} tokens/s; target: reader ≥ {r['target_x_ahead']}× ahead")
+    return "\n".join(lines)
+
+
+def bench_decode(datasets: list[str], stream, batches: int = 30, rounds: int = 3) -> dict:
+    """The reader in this process (0 workers) on prepared datasets, with the shard members' .npy
+    headers parsed by ``np.load`` and by :func:`m6rec.data.stream.load_npy`, alternated ``rounds``
+    times on the same batches so both meet the same machine load; the median of each."""
+    import m6rec.data.stream as S
+
+    fast = S.load_npy
+
+    def by_np_load(data: bytes) -> np.ndarray:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+    def batches_per_s(ds: str) -> tuple[float, float]:
+        loader = StreamLoader(ds, "train", dataclasses.replace(stream, num_workers=0), rank=0, world_size=1)
+        it = iter(loader)
+        next(it)
+        t, n, tokens = time.perf_counter(), 0, 0
+        for b in it:
+            n += 1
+            tokens += int((b["document_ids"] >= 0).sum())
+            if n == batches:
+                break
+        dt = time.perf_counter() - t
+        return n / dt, tokens / dt
+
+    rows = []
+    for ds in datasets:
+        got: dict[str, list] = {"np.load": [], "load_npy": []}
+        for _ in range(rounds):
+            for name, fn in (("np.load", by_np_load), ("load_npy", fast)):
+                S.load_npy = fn
+                try:
+                    got[name].append(batches_per_s(ds))
+                finally:
+                    S.load_npy = fast
+        med = {k: (statistics.median(b for b, _ in v), statistics.median(t for _, t in v)) for k, v in got.items()}
+        rows.append(dict(dataset=ds, batches=batches, rounds=rounds,
+                         np_load_ms_per_batch=round(1e3 / med["np.load"][0], 1),
+                         load_npy_ms_per_batch=round(1e3 / med["load_npy"][0], 1),
+                         load_npy_tokens_per_s=round(med["load_npy"][1]), speedup=round(med["load_npy"][0] / med["np.load"][0], 2)))
+    return dict(seq_len=stream.seq_len, batch_size=stream.batch_size, rows=rows)
+
+
+def format_decode_table(r: dict) -> str:
+    lines = [f"reader, 0 workers, {r['batch_size']} x {r['seq_len']} tokens a batch", "",
+             "| dataset | np.load headers ms/batch | load_npy ms/batch | tokens/s (load_npy) | speed-up |",
+             "|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['dataset']} | {x['np_load_ms_per_batch']} | {x['load_npy_ms_per_batch']} | "
+                     f"{x['load_npy_tokens_per_s']:,} | {x['speedup']}x |")
     return "\n".join(lines)
