@@ -3,7 +3,8 @@
 #   here:    for c in ml1m-vector ml1m-vector-token; do m6rec prepare --config configs/rec/$c.yaml; done
 #            bash ../shared/gpu/make_carry.sh && bash scripts/gpu_next_item.sh --carry-banks
 #   device:  carry [".gpu"];  . .gpu/on_device.sh && OUT=$OUT bash scripts/gpu_next_item.sh
-#   CPU:     GPU_CHECK_TINY=1 OUT=/tmp/gni bash scripts/gpu_next_item.sh   (the same stages, tiny)
+#   CPU:     GPU_CHECK_TINY=1 OUT=/tmp/gni bash scripts/gpu_next_item.sh   (the same stages, tiny; tests/test_gpu_check.py
+#            runs them with SKIP_BENCH=1 GPU_CONFIGS="ml1m-id ml1m-vector")
 # Stages, each under its own timeout, results written as they come (at most 8 files come back):
 #   1. m6rec bench gpu -> $OUT/bench_gpu.json (model alone vs the engine; scripts/gpu_check.sh's stage 1),
 #      while the four datasets are prepared on the CPU cores from the carried MovieLens files (the GPU
@@ -14,7 +15,7 @@
 #   3. m6rec eval of the four on the test split (whole catalog, history excluded) -> $OUT/gpu-next-item.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CONFIGS=(ml1m-id ml1m-vector ml1m-vector-token ml1m-rated)
+read -r -a CONFIGS <<< "${GPU_CONFIGS:-ml1m-id ml1m-vector ml1m-vector-token ml1m-rated}"  # a subset: tests
 if [[ ${1:-} == --carry-banks ]]; then  # here, after make_carry.sh: the vector banks the device reuses
   mkdir -p .gpu/banks
   for c in ml1m-vector ml1m-vector-token; do cp "data/$c/item_vectors.safetensors" ".gpu/banks/$c.safetensors"; done
@@ -82,10 +83,13 @@ while (( SECONDS - t0 < CAP )); do
   alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
   (( alive )) || break; sleep 2
 done
-for c in "${CONFIGS[@]}"; do touch "$WORK/runs/$c/STOP"; done  # a finished run has no reader of it
 for i in "${!CONFIGS[@]}"; do
   c=${CONFIGS[$i]}; waited=$SECONDS
-  while kill -0 "${pids[$i]}" 2>/dev/null && (( SECONDS - waited < 60 )); do sleep 1; done
+  # STOP is read at every step; a run still starting up has no run directory yet, so make it (a finished
+  # run has no reader of the file)
+  while kill -0 "${pids[$i]}" 2>/dev/null && (( SECONDS - waited < 60 )); do
+    mkdir -p "$WORK/runs/$c"; touch "$WORK/runs/$c/STOP"; sleep 1
+  done
   kill -0 "${pids[$i]}" 2>/dev/null && { echo "train-$c: no exit after STOP, killed" >> "$OUT/stages.txt"
                                            kill -TERM -- -"${pids[$i]}"; sleep 5; kill -KILL -- -"${pids[$i]}"; }
   wait "${pids[$i]}"; echo "train-$c rc=$? seconds=$((SECONDS - t0))" >> "$OUT/stages.txt"; log_tail "train-$c" 12

@@ -39,3 +39,37 @@ def test_gpu_check_script_runs_every_stage(tmp_path):
     # a lent machine returns at most 8 files from $OUT
     assert sorted(p.name for p in out.iterdir()) == ["bench_gpu.json", "gpu_check.json", "gpu_check.md", "logs.txt",
                                                       "stages.txt"]
+
+
+@pytest.mark.slow
+def test_gpu_next_item_script_in_its_tiny_cpu_form(tmp_path, shared_data):
+    """scripts/gpu_next_item.sh (issue 11's GPU table) with two of its configurations, tiny, on the CPU:
+    prepared from the real ml-1m-partial files, trained through the `deepspeed` launcher side by side,
+    stopped by the wall-clock cap (RUN_DIR/STOP, checkpoint), then evaluated together.  The bench stage
+    is test_gpu_check_script_runs_every_stage's."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "GPU_WORK": str(work), "GPU_CHECK_TINY": "1", "SKIP_BENCH": "1",
+           "GPU_CONFIGS": "ml1m-id ml1m-vector", "GPU_STEPS": "100000 6", "GPU_TRAIN_SECONDS": "45",
+           "M6REC_DATA_ROOT": str(shared_data), "WANDB_MODE": "offline",
+           "PYTHON": str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else "python3"}
+    venv_bin = ROOT / ".venv" / "bin"
+    if venv_bin.is_dir():  # the `deepspeed` launcher of this environment
+        env["PATH"] = f"{venv_bin}:{env['PATH']}"
+    for k in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    r = subprocess.run(["bash", "scripts/gpu_next_item.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    stages = (out / "stages.txt").read_text()
+    for name in ("prepare-ml1m-id rc=0", "prepare-ml1m-vector rc=0", "train-ml1m-id rc=0", "train-ml1m-vector rc=0",
+                 "eval rc=0"):
+        assert name in stages, stages
+    runs = {row["config"]: row for row in json.loads((out / "gpu_next_item_runs.json").read_text())}
+    assert runs["ml1m-vector"]["step"] == 6 and runs["ml1m-vector"]["stopped_by"] == "steps"
+    # 100,000 steps cannot finish in 45 s: the cap stopped it, with a checkpoint the evaluation read
+    assert runs["ml1m-id"]["stopped_by"].startswith("stop file") and 0 < runs["ml1m-id"]["step"] < 100000
+    meta = json.loads((out / "gpu-next-item.json").read_text())["meta"]
+    assert meta["split"] == "test" and meta["catalog_size"] == 3883
+    assert {Path(m["run_dir"]).name: m["checkpoint"] for m in meta["models"]} == {
+        c: f"step{runs[c]['step']:08d}" for c in ("ml1m-id", "ml1m-vector")}
+    assert len(list(out.iterdir())) <= 8  # a lent machine returns at most 8 files from $OUT
