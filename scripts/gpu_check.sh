@@ -13,11 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
-PY=${PYTHON:-python3}
-DATA_ROOT=${M6REC_DATA_ROOT:-../shared/data}
-mkdir -p "$OUT" "$WORK"
-: > "$OUT/stages.txt"; : > "$OUT/logs.txt"
-export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
+. scripts/gpu_common.sh
 
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   TINY=(--tiny); PRESET=configs/pretrain/tiny.yaml; DATA=(--data.root builtin:ml-latest-small)

@@ -23,11 +23,7 @@ if [[ ${1:-} == --carry-banks ]]; then  # here, after make_carry.sh: the vector 
 fi
 OUT=${OUT:-/tmp/gpu_next_item}
 WORK=${GPU_WORK:-/tmp/gpu_next_item_work}
-PY=${PYTHON:-python3}
-DATA_ROOT=${M6REC_DATA_ROOT:-../shared/data}
-mkdir -p "$OUT" "$WORK"
-: > "$OUT/stages.txt"; : > "$OUT/logs.txt"
-export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
+. scripts/gpu_common.sh
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
   TINY=(--tiny); DEVICE=cpu; CAP=${GPU_TRAIN_SECONDS:-60}; T_BENCH=300; T_PREP=600; EVAL=(--max-users 100)

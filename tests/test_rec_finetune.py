@@ -352,10 +352,22 @@ def test_deep_options_reach_every_layer(setup):
     assert all(g[0, i].abs().sum() > 0 for i in range(L - 1)) and g[1].abs().sum() == 0
 
 
+def _three_steps(model, ctx, ft, trainable):
+    """Three AdamW steps of retrieval fine-tuning on ``trainable`` (seeded batches)."""
+    from m6rec.rec.finetune import _batch
+
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    ex = Examples(ctx, "retrieval")
+    for step in range(3):
+        loss = model(**_batch("retrieval", ex, ctx, model, np.random.default_rng(step), ft, 0, 3, "cpu"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_lora_norms_and_head_start_as_the_pretrained_model_and_train_alone(setup):
     run = load_run(setup["base"])
     ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
-    from m6rec.rec.finetune import _batch
 
     n = 2
     b = _one_batch(run, ctx, n)
@@ -383,13 +395,7 @@ def test_lora_norms_and_head_start_as_the_pretrained_model_and_train_alone(setup
     assert trainable["options.head_u"].shape == (2, dim, 3)
     before = {k: v.clone() for k, v in model.lm.state_dict().items()}
     start = {k: v.clone() for k, v in trainable.items()}
-    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
-    ex = Examples(ctx, "retrieval")
-    for step in range(3):
-        loss = model(**_batch("retrieval", ex, ctx, model, np.random.default_rng(step), ft, 0, 3, "cpu"))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _three_steps(model, ctx, ft, trainable)
     after = model.lm.state_dict()
     assert {k for k in after if not torch.equal(after[k], before[k])} == {k[3:] for k in norms}
     assert all(not torch.equal(v, start[k]) for k, v in trainable.items() if k != "bias")
@@ -483,7 +489,6 @@ def test_a_run_written_before_the_variants_loads_as_the_first_variant(setup, tmp
 def test_embedding_lora_starts_as_the_pretrained_model_and_trains_alone(setup):
     run = load_run(setup["base"])
     ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
-    from m6rec.rec.finetune import _batch
 
     b = _one_batch(run, ctx, 0)
     with torch.no_grad():
@@ -497,13 +502,7 @@ def test_embedding_lora_starts_as_the_pretrained_model_and_trains_alone(setup):
     assert {k: tuple(v.shape) for k, v in trainable.items()} == {
         "options.embed_u": (V, 2), "options.embed_w": (2, dim), "log_scale": (1,), "bias": (1,)}
     before = {k: v.clone() for k, v in model.lm.state_dict().items()}
-    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
-    ex = Examples(ctx, "retrieval")
-    for step in range(3):
-        loss = model(**_batch("retrieval", ex, ctx, model, np.random.default_rng(step), ft, 0, 3, "cpu"))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _three_steps(model, ctx, ft, trainable)
     assert all(torch.equal(v, before[k]) for k, v in model.lm.state_dict().items())  # the LM stays frozen
     assert model.options.embed_w.abs().sum() > 0
     with torch.no_grad():
