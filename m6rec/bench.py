@@ -410,7 +410,7 @@ def bench_data(cfg: Any, args: Any) -> dict[str, Any]:
     from m6rec.data.benchmark import bench_data as run, bench_decode, format_decode_table, format_table
 
     if getattr(args, "dataset", None):  # only the reader's decoding, on datasets already prepared
-        result = bench_decode(args.dataset, cfg.data.stream)
+        result = bench_decode(args.dataset, cfg)
         print(format_decode_table(result))
         return result
     if not getattr(args, "config", None):

@@ -30,7 +30,7 @@ def test_bench_decode_compares_both_decoders_on_a_prepared_dataset(tmp_path):
     with pytest.warns(UserWarning):
         P.prepare(cfg.data, workers=1)
     fast = S.load_npy
-    r = bench_decode([str(tmp_path / "ds")], cfg.data.stream, batches=3, rounds=1)
+    r = bench_decode([str(tmp_path / "ds")], cfg, batches=3, rounds=1)
     assert S.load_npy is fast  # the A/B swap is undone
     (row,) = r["rows"]
     assert row["np_load_ms_per_batch"] > 0 and row["load_npy_ms_per_batch"] > 0 and row["speedup"] > 0

@@ -55,7 +55,7 @@ def bench_reader(dataset: Path, cfg: Config, num_workers: int, max_batches: int,
     seconds = time.perf_counter() - t1
     del first, it
     return dict(num_workers=num_workers, first_batch_s=round(t_first, 2), batches=n, seconds=round(seconds, 2),
-                samples_per_s=round(samples / seconds, 1), tokens_per_s=round(tokens / seconds, 1),
+                batches_per_s=n / seconds, samples_per_s=round(samples / seconds, 1), tokens_per_s=round(tokens / seconds, 1),
                 packing_efficiency=round(loader.packing_efficiency, 4))
 
 
@@ -124,10 +124,11 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_decode(datasets: list[str], stream, batches: int = 30, rounds: int = 3) -> dict:
-    """The reader in this process (0 workers) on prepared datasets, with the shard members' .npy
-    headers parsed by ``np.load`` and by :func:`m6rec.data.stream.load_npy`, alternated ``rounds``
-    times on the same batches so both meet the same machine load; the median of each."""
+def bench_decode(datasets: list[str], cfg: Config, batches: int = 100, rounds: int = 5) -> dict:
+    """The reader in this process (0 workers, :func:`bench_reader`) on prepared datasets at ``cfg``'s
+    batch shape, with the shard members' .npy headers parsed by ``np.load`` and by
+    :func:`m6rec.data.stream.load_npy`, alternated ``rounds`` times on the same batches so both meet the
+    same machine load; the median of each."""
     import m6rec.data.stream as S
 
     fast = S.load_npy
@@ -136,17 +137,8 @@ def bench_decode(datasets: list[str], stream, batches: int = 30, rounds: int = 3
         return np.load(io.BytesIO(data), allow_pickle=False)
 
     def batches_per_s(ds: str) -> tuple[float, float]:
-        loader = StreamLoader(ds, "train", dataclasses.replace(stream, num_workers=0), rank=0, world_size=1)
-        it = iter(loader)
-        next(it)
-        t, n, tokens = time.perf_counter(), 0, 0
-        for b in it:
-            n += 1
-            tokens += int((b["document_ids"] >= 0).sum())
-            if n == batches:
-                break
-        dt = time.perf_counter() - t
-        return n / dt, tokens / dt
+        r = bench_reader(Path(ds), cfg, 0, batches, float("inf"))
+        return r["batches_per_s"], r["tokens_per_s"]
 
     rows = []
     for ds in datasets:
@@ -163,7 +155,7 @@ def bench_decode(datasets: list[str], stream, batches: int = 30, rounds: int = 3
                          np_load_ms_per_batch=round(1e3 / med["np.load"][0], 1),
                          load_npy_ms_per_batch=round(1e3 / med["load_npy"][0], 1),
                          load_npy_tokens_per_s=round(med["load_npy"][1]), speedup=round(med["load_npy"][0] / med["np.load"][0], 2)))
-    return dict(seq_len=stream.seq_len, batch_size=stream.batch_size, rows=rows)
+    return dict(seq_len=cfg.data.stream.seq_len, batch_size=cfg.data.stream.batch_size, rows=rows)
 
 
 def format_decode_table(r: dict) -> str:
