@@ -163,5 +163,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The ``m6rec`` console script and ``launch/*.py``: :func:`main`, then the process
+    group torn down before the interpreter exits (NCCL otherwise warns that
+    destroy_process_group() was not called, and may hang at exit on some drivers).  ``main``
+    itself leaves the group up, because tests call it several times in one process."""
+    code = main(argv)
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as e:  # a teardown problem must not turn a finished run into a failure
+        print(f"m6rec: process group teardown: {e}", file=sys.stderr)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

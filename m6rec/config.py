@@ -164,6 +164,10 @@ class ModelConfig:
     embed_dropout: float = 0.0
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
+    # Label smoothing of the training cross-entropy (token and item losses; training mode only, so
+    # validation loss stays the plain one): the target puts 1 - eps on the label and eps spread
+    # evenly over all classes.  A regularizer for sparse data (docs/evaluation.md); 0.0 = off.
+    label_smoothing: float = 0.0
     # Items as cached text vectors (data.text.item_repr vector*): the vectors' width, taken from the
     # prepared dataset (0 = no item vectors), and the projection into the model's width
     # ("mlp": Linear -> GELU -> Linear; "linear": one matrix).  The MLP's hidden width (0 = 4*dim) and its

@@ -74,3 +74,19 @@ def test_cli_reports_config_error_and_exits_2():
 
 def test_float_written_without_a_dot():
     assert load_config(None, ["--train.peak_flops", "1e11"]).train.peak_flops == 1e11
+
+
+def test_console_entry_tears_the_process_group_down(tmp_path):
+    """`m6rec ...` / launch/*.py exit through cli.entry, which destroys a process group the command
+    left up (NCCL warns at exit otherwise); cli.main leaves it up for in-process callers."""
+    code = f"""
+import atexit, torch.distributed as dist
+from m6rec import cli
+dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+assert cli.main(["config", "--get", "train.steps"]) == 0 and dist.is_initialized()
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))
+cli.entry(["config", "--get", "train.steps"])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["100", "100", "initialized", "at", "exit:", "False"], r.stdout

@@ -45,7 +45,7 @@ def fake_smi(tmp_path: Path, case: str, *, query_fails: bool = False) -> Path:
     gpus = DATA / f"{case}.gpus"
     listing = DATA / f"{case}.list"
     head_rc = {"driver_not_loaded": 9, "no_devices": 6}.get(case, 0)
-    query = (f'echo \'Field "compute_cap" is not a valid field to query.\'; exit 2' if query_fails
+    query = ('echo \'Field "compute_cap" is not a valid field to query.\'; exit 2' if query_fails
              else f"cat '{gpus}'" if gpus.exists() else f"exit {head_rc}")
     lst = f"cat '{listing}'" if listing.exists() else f"exit {head_rc}"
     script = bindir / "nvidia-smi"

@@ -437,18 +437,19 @@ def test_compile_blocks_matches_eager(impl):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [3, 7, 1000])
-def test_chunked_linear_cross_entropy_matches_full_logits(dtype, chunk):
-    """Loss and both gradients of the chunked head equal F.cross_entropy over full fp32 logits."""
+@pytest.mark.parametrize("chunk,smoothing", [(3, 0.0), (7, 0.0), (1000, 0.0), (7, 0.1), (1000, 0.3)])
+def test_chunked_linear_cross_entropy_matches_full_logits(dtype, chunk, smoothing):
+    """Loss and both gradients of the chunked head equal F.cross_entropy over full fp32 logits,
+    with and without label smoothing."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(20, 16, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(50, 16, generator=g) * 0.3).to(dtype).requires_grad_()
     y = torch.randint(0, 50, (20,), generator=g)
-    got = tr.linear_cross_entropy(h, w, y, chunk=chunk) / 20
+    got = tr.linear_cross_entropy(h, w, y, chunk=chunk, smoothing=smoothing) / 20
     (got * 3.0).backward()  # a non-unit upstream gradient reaches both inputs
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    want = F.cross_entropy((h @ w.t()).float(), y)
+    want = F.cross_entropy((h @ w.t()).float(), y, label_smoothing=smoothing)
     (want * 3.0).backward()
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got, want, **tol)
@@ -456,7 +457,27 @@ def test_chunked_linear_cross_entropy_matches_full_logits(dtype, chunk):
     torch.testing.assert_close(gh.float(), h.grad.float(), **tol)
     torch.testing.assert_close(gw.float(), w.grad.float(), **tol)
     with torch.no_grad():  # the no-grad path (evaluation) gives the same sum
-        torch.testing.assert_close(tr.linear_cross_entropy(h, w, y, chunk=chunk) / 20, want, **tol)
+        torch.testing.assert_close(tr.linear_cross_entropy(h, w, y, chunk=chunk, smoothing=smoothing) / 20,
+                                   want, **tol)
+
+
+def test_label_smoothing_applies_in_training_mode_only():
+    """model.label_smoothing changes the training loss (the plain CE plus eps times the mean
+    over classes) and leaves the evaluation loss -- validation, selection -- the plain one."""
+    torch.manual_seed(0)
+    plain = build_model(tiny_args(vocab_size=40))
+    smooth = build_model(tiny_args(vocab_size=40, label_smoothing=0.2))
+    smooth.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 40, (2, 16))
+    labels = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        plain.eval(), smooth.eval()
+        assert torch.equal(plain(ids, labels=labels).loss, smooth(ids, labels=labels).loss)
+        plain.train(), smooth.train()
+        nll = plain(ids, labels=labels).loss
+        logits = plain(ids).logits.float()
+        uniform = (torch.logsumexp(logits, -1) - logits.mean(-1)).mean()
+        torch.testing.assert_close(smooth(ids, labels=labels).loss, 0.8 * nll + 0.2 * uniform)
 
 
 def test_host_label_index_and_mask_give_the_same_loss_and_grads():

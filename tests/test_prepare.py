@@ -5,7 +5,6 @@ import hashlib
 import io
 import json
 import subprocess
-import sys
 import tarfile
 from collections import Counter
 

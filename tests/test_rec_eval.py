@@ -1,10 +1,8 @@
 """The evaluation protocol on a real prepared dataset: saved targets, full catalog, history excluded."""
 import json
 
-import numpy as np
 import pytest
 
-from m6rec.config import load_config
 from m6rec.data.prepare import prepare
 from m6rec.rec.evaluate import EvalData, Popularity, evaluate, write_outputs
 from test_prepare import generic_cfg, write_generic_logs

@@ -1,7 +1,6 @@
 """Recommendation metrics against hand-computed cases."""
 import math
 
-import numpy as np
 import pytest
 
 from m6rec.rec import metrics as M

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from m6rec.config import DataConfig, TextConfig
+from m6rec.config import TextConfig
 
 # Special tokens.  Region and structure markers are single tokens so they can
 # never be split or forged by item text.

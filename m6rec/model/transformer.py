@@ -437,11 +437,12 @@ class M6Transformer(nn.Module):
             n = label_index.numel() + n_items
             out.n_tokens = torch.full((), n, dtype=torch.long, device=h.device)
             flat = h.flatten(0, 1)
+            smoothing = self.args.label_smoothing if self.training else 0.0
             total = h.sum().float() * 0.0  # a zero that keeps the graph when nothing is labelled
             if label_index.numel():
                 hs = flat.index_select(0, label_index)
                 ys = labels.flatten().index_select(0, label_index)
-                total = total + linear_cross_entropy(hs, self.head_weight, ys)
+                total = total + linear_cross_entropy(hs, self.head_weight, ys, smoothing=smoothing)
             if n_items:
                 catalog = self.catalog_embeddings(projected)
                 # training: the training catalog (held-out items are not in it); evaluation (validation loss,
@@ -449,7 +450,8 @@ class M6Transformer(nn.Module):
                 if self.item_loss_rows.numel() and self.training:
                     catalog = catalog.index_select(0, self.item_loss_rows)
                     item_targets = self.item_loss_position.index_select(0, item_targets)
-                total = total + linear_cross_entropy(flat.index_select(0, item_label_index), catalog, item_targets)
+                total = total + linear_cross_entropy(flat.index_select(0, item_label_index), catalog, item_targets,
+                                                     smoothing=smoothing)
             out.loss = total / max(n, 1)
         return out
 
@@ -558,7 +560,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     fp32 ``[tokens, vocab]`` tensor alive is one chunk's."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, chunk: int, smoothing: float = 0.0) -> Tensor:
         # The matmuls run in the autocast dtype when autocast is on (bf16 training with fp32
         # master weights), else in h's dtype; explicit casts, because ops with out= and
         # in-place accumulation do not mix with autocast.
@@ -574,10 +576,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 hc, yc = h[s:s + chunk].to(cdtype), labels[s:s + chunk]
                 logits = (hc @ w.t()).float()
                 lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-                # d(sum of losses)/d(logits) = softmax - onehot, written over the logits
+                nll = lse - logits.gather(1, yc[:, None]).squeeze(1)
+                if smoothing:  # target (1 - eps) * onehot + eps / V: eps * (lse - mean logit) joins the loss
+                    nll = (1.0 - smoothing) * nll + smoothing * (lse - logits.mean(dim=-1))
+                total += nll.sum()
+                # d(sum of losses)/d(logits) = softmax - target, written over the logits
                 dlogits = logits.sub_(lse[:, None]).exp_()
-                dlogits.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))
+                if smoothing:
+                    dlogits.sub_(smoothing / logits.shape[1])
+                dlogits.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -(1.0 - smoothing)))
                 dlogits = dlogits.to(cdtype)
                 if grad_h is not None:
                     if grad_h.dtype == cdtype:
@@ -599,20 +606,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         grad_h = next(saved) * grad_out if ctx.has_grad[0] else None  # keeps h's dtype (0-d fp32 factor)
         grad_w = (next(saved) * grad_out).to(ctx.weight_dtype) if ctx.has_grad[1] else None
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
-def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: Optional[int] = None) -> Tensor:
-    """Sum over tokens of ``cross_entropy(h @ weight.T, labels)`` in fp32, for
-    ``h [N, D]``, ``weight [V, D]``, ``labels [N]`` (all valid), never holding
+def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: Optional[int] = None,
+                         smoothing: float = 0.0) -> Tensor:
+    """Sum over tokens of ``cross_entropy(h @ weight.T, labels, label_smoothing=smoothing)``
+    in fp32, for ``h [N, D]``, ``weight [V, D]``, ``labels [N]`` (all valid), never holding
     more than one chunk's fp32 logits."""
     chunk = chunk or _chunk_tokens(weight.shape[0])
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, labels, chunk)
+        return _LinearCrossEntropy.apply(h, weight, labels, chunk, float(smoothing))
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], chunk):
         logits = (h[s:s + chunk] @ weight.t()).float()
-        total += F.cross_entropy(logits, labels[s:s + chunk], reduction="sum")
+        total += F.cross_entropy(logits, labels[s:s + chunk], reduction="sum", label_smoothing=smoothing)
     return total
 
 
