@@ -3,6 +3,8 @@
 #   bash scripts/reproduce_results.sh            # all stages
 #   bash scripts/reproduce_results.sh eval       # only the evaluations (runs already trained)
 #   bash scripts/reproduce_results.sh vectors    # items as text vectors vs item tokens (CPU, ~1.5 h)
+#   bash scripts/reproduce_results.sh options    # option tuning vs full fine-tuning, selected pair (~1 h)
+#   bash scripts/reproduce_results.sh beauty     # Amazon Beauty, the sparse-data preset (~1 h; needs ../shared)
 #   bash scripts/reproduce_results.sh --gpu      # on one H100/H200 (~8 min): scripts/gpu_next_item.sh
 # Each training process uses one thread (OMP_NUM_THREADS=1): the tiny model's small ops run
 # faster that way on a shared 2-core machine, and two stages can run side by side.
@@ -94,6 +96,31 @@ if [[ $stage == all || $stage == vectors ]]; then
       --resume auto
     "$M6" eval --ckpt runs/$c --split test --out $OUT/$c.json
   done
+fi
+
+# Option tuning on par (docs/option_tuning.md): the selected pair on validation, then test once.
+# Needs runs/ml1m-text (the pretrain stage).  The study's other rows: docs/option_tuning.md.
+if [[ $stage == all || $stage == options ]]; then
+  for seed in 0 1; do
+    sfx=$([[ $seed == 0 ]] && echo "" || echo "-s$seed")
+    M6="$M6" bash scripts/option_tuning.sh "full-lr3e-4$sfx" --finetune.method full --finetune.lr 3e-4 \
+      --finetune.seed $seed
+    M6="$M6" bash scripts/option_tuning.sh "lora2-norms-lr5e-3$sfx" --finetune.method option --finetune.lr 5e-3 \
+      --finetune.seed $seed
+  done
+  "$M6" eval --task retrieval --ckpt runs/ot-full-lr3e-4 --ckpt runs/ot-lora2-norms-lr5e-3 \
+    --split test --out $OUT/option_tuning/final-test.json
+fi
+
+# Sparse, short histories (docs/evaluation.md, "Sparse data"): Amazon Beauty from ../shared (not in the
+# project), the preset trains with checkpoint selection on validation users, the test split read once.
+if [[ $stage == all || $stage == beauty ]]; then
+  BEAUTY="${M6REC_DATA_ROOT:-../shared/data}/amazon-beauty"
+  PY="${PYTHON:-.venv/bin/python}"
+  "$PY" scripts/amazon_to_generic.py "$BEAUTY" data/amazon-beauty-generic
+  "$M6" prepare --config configs/rec/amazon-beauty.yaml
+  "$M6" train --config configs/rec/amazon-beauty.yaml --resume auto
+  "$M6" eval --ckpt runs/amazon-beauty --tag best --split test --out $OUT/amazon-beauty.json
 fi
 
 # One H100/H200 (docs/results.md, "On a GPU"): the engine benchmark, then item tokens, items as text

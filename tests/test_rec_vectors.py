@@ -379,3 +379,69 @@ def test_an_m6rec_text_run_as_the_item_encoder(shop, tmp_path):
     rec, _, ranked = _rank(run_dir, Path(cfg.data.output))
     assert rec.mode == "vector" and all(len(r) == 10 for r in ranked)
     assert load_run(run_dir).model.args.item_vector_dim == enc.model.args.dim
+
+
+def test_posters_join_the_item_vector_through_a_run_encoder(shop, tmp_path, capsys):
+    """data.text.images in a vector mode: each poster is encoded into its item's vector by a run
+    pretrained with posters (<|bos|><|item|>, the poster's image slots, the text), never written as
+    image slots into the behaviour text; a text-only encoder leaves the posters out and says so."""
+    import torch
+
+    from m6rec.data.stream import image_patches
+
+    root = shop["root"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _, text_run = _prepare_and_train(tmp_path, root, "textimg", "--data.text.item_repr", "text",
+                                         "--data.text.images", "true")
+        spec = f"run:{text_run}"
+        assert V.encoder_reads_images(spec) and not V.encoder_reads_images("minilm")
+        cfg, run_dir = _prepare_and_train(tmp_path, root, "vecimg", "--data.text.item_repr", "vector",
+                                          "--data.text.item_encoder", spec, "--data.text.images", "true")
+    ds = Path(cfg.data.output)
+    items = pd.read_parquet(ds / "items.parquet")
+    posters = V.load_posters(ds)
+    has = items["has_image"].to_numpy()
+    assert 0 < len(posters) == has.sum() and set(posters) == set(items.loc[has, "item_id"])
+    assert json.loads((ds / "manifest.json").read_text())["item_vectors"]["posters"] == len(posters)
+    for s in _samples(ds, "train"):  # the behaviour text: one vector slot per item, no image slots
+        assert not (np.load(io.BytesIO(s["mask.npy"])) & T.MASK_IMAGE).any()
+        assert not [k for k in s if k.startswith("img.")]
+    bank = V.ensure_bank(ds, spec)  # the cached bank prepare wrote
+    key = V.encoder_key(spec)
+    text_only = V.encode_with_run(items["text"].tolist(), key)
+    np.testing.assert_allclose(bank[~has], text_only[~has], atol=1e-5)  # no poster: the text alone
+    assert np.abs(bank[has] - text_only[has]).max() > 1e-2  # the poster moved every vector that has one
+    # one poster item through the run's model directly: slots right after <|item|>, the stored pixels there
+    enc = load_run(text_run)
+    args, i = enc.model.args, int(np.flatnonzero(has)[0])
+    tid = enc.tokenizer.token_to_id
+    ids = [tid(T.BOS), tid(T.ITEM)] + [tid(T.IMAGE)] * args.n_patches
+    ids += enc.tokenizer.encode(items["text"].iloc[i], add_special_tokens=False).ids
+    pix = torch.from_numpy(image_patches(posters[items["item_id"].iloc[i]], args.image_size, args.patch_size))
+    with torch.no_grad():
+        h = enc.model.hidden_states(torch.tensor([ids]), image_patches=pix[None],
+                                    image_positions=torch.tensor([[0, 2]]))
+    np.testing.assert_allclose(bank[i], torch.nn.functional.normalize(h[0].mean(0), dim=-1).numpy(), atol=1e-5)
+    # other posters are other vectors: the cache notices and encodes again
+    other = dict(posters)
+    other[items["item_id"].iloc[i]] = posters[items["item_id"].iloc[int(np.flatnonzero(has)[-1])]]
+    V.save_posters(ds, other)
+    again = V.ensure_bank(ds, spec)
+    assert not np.allclose(again[i], bank[i], atol=1e-4)
+    np.testing.assert_allclose(np.delete(again, i, 0), np.delete(bank, i, 0), atol=1e-5)
+    # the model trained on the bank ranks with it
+    rec, _, ranked = _rank(run_dir, ds)
+    assert rec.mode == "vector" and all(len(r) == 10 for r in ranked)
+    # a text-only encoder with images on: the posters stay out, on the console and in the report
+    capsys.readouterr()
+    plain = generic_cfg(root, tmp_path / "ds_minilm_img", "--data.text.item_repr", "vector",
+                        "--data.text.images", "true")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        P.prepare(plain.data, workers=1)
+    assert "posters are left out of the item vectors" in capsys.readouterr().err
+    out = Path(plain.data.output)
+    assert not (out / V.POSTERS_FILE).exists()
+    assert "reads text only" in json.loads((out / "prepare_report.json").read_text())["images_left_out"]
+    assert json.loads((out / "manifest.json").read_text())["item_vectors"]["posters"] == 0

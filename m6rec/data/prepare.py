@@ -97,12 +97,29 @@ def _load_images(items: pd.DataFrame, size: int) -> tuple[dict[str, bytes], list
     return out, failed
 
 
+def _wants_images(cfg: DataConfig) -> bool:
+    """Whether the item images are loaded.  In the vector modes a poster goes into the item's cached
+    vector, which only an item encoder that read posters in its own pretraining can do (an m6rec run
+    with data.text.images); with any other encoder the posters are left out, said on the console."""
+    if not cfg.text.images:
+        return False
+    if cfg.text.item_repr not in T.VECTOR_MODES or vectors.encoder_reads_images(cfg.text.item_encoder):
+        return True
+    msg = (f"data.text.images: the posters are left out of the item vectors: the item encoder "
+           f"{cfg.text.item_encoder!r} reads text only (a poster joins an item's vector through "
+           "data.text.item_encoder run:RUN_DIR, an m6rec run pretrained with posters); set data.text.images "
+           "false to silence this")
+    print(f"m6rec prepare: {msg}", file=sys.stderr)
+    return False
+
+
 def build(cfg: DataConfig) -> Prepared:
     t0 = time.time()
     raw = load_source(cfg)
     data = clean(raw, cfg.filters)
     timeline = leave_one_out(data.interactions)
-    images, failed = _load_images(data.items, cfg.images.size) if cfg.text.images else ({}, [])
+    wants_images = _wants_images(cfg)
+    images, failed = _load_images(data.items, cfg.images.size) if wants_images else ({}, [])
     items = data.items.copy()
     items["image"] = [p if iid in images else None for iid, p in zip(items["item_id"], items["image"])]
     catalog = T.build_catalog(items, data.users, data.tags, cfg.text)
@@ -111,6 +128,8 @@ def build(cfg: DataConfig) -> Prepared:
     report["malformed_examples"] = raw.malformed[:100]
     report["images_found"] = len(images)
     report["images_failed"] = failed
+    if cfg.text.images and not wants_images:
+        report["images_left_out"] = f"item encoder {cfg.text.item_encoder!r} reads text only"
     held_out = held_out_items(items["item_id"], cfg.cold_items, cfg.seed)
     if held_out:
         train_rows = timeline["split"] == "train"
@@ -329,6 +348,10 @@ def write_dataset_files(prep: Prepared, tok, root: Path) -> None:
     tmp = root / "items.parquet.tmp"
     items.to_parquet(tmp, index=False)
     os.replace(tmp, root / "items.parquet")
+    if prep.cfg.text.item_repr in T.VECTOR_MODES and prep.images:
+        # the posters (resized JPEGs) stay with the dataset: the item encoder reads them now, and again
+        # whenever the bank is re-encoded (another run as the encoder, a zero-shot target)
+        vectors.save_posters(root, prep.images)
     _write_json(root / "prepare_report.json", prep.report)
     _write_json(root / "held_out_items.json", sorted(prep.held_out))  # merge() puts it in the manifest
 

@@ -79,6 +79,18 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def image_patches(data: bytes, size: int, patch: int) -> np.ndarray:
+    """One stored image (JPEG bytes) as the model reads it: ``[P, 3*patch*patch]`` float32 in [0, 1],
+    RGB at ``size`` x ``size``, patches in row-major order, each patch's pixels row-major with the
+    channels last -- the same layout :meth:`PackedStream` gives a batch (prompts and the item
+    encoder use this; the stream does it for a whole batch at once)."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+    g = size // patch
+    arr = arr.reshape(g, patch, g, patch, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, patch * patch * 3)
+    return arr.astype(np.float32) / 255.0
+
+
 class CorruptShardError(RuntimeError):
     """A shard could not be read or decoded (strict mode); the message names its url."""
 

@@ -203,7 +203,8 @@ def window_segments(
             # vector there and, at <|item|>, scores every catalog item's vector
             slot = VECTOR if cfg.item_repr == "vector" else item_token(iid)
             segs.append(Segment(slot, target, True, vector_item=str(iid)))
-        if cfg.images and iid in catalog.item_image:
+        if cfg.images and iid in catalog.item_image and cfg.item_repr not in VECTOR_MODES:
+            # (in the vector modes the poster is encoded into the item's vector: m6rec/data/vectors.py)
             segs.append(Segment(IMAGE, target, True, image_item=iid))
         if cfg.item_repr in ("text", "both"):
             title = catalog.item_text.get(iid, iid)

@@ -22,8 +22,11 @@ Two kinds of encoder (``data.text.item_encoder``), nothing downloaded:
   sentence-transformers model directory;
 * ``"run:RUN_DIR"`` (or ``"run:RUN_DIR@TAG"``): an m6rec model pretrained on
   items as text (``item_repr: text``), M6-Rec's own choice of item encoder:
-  each item is written as that training wrote it (``<|bos|><|item|>`` and its
-  text, with the run's tokenizer) and its hidden states are mean-pooled.
+  each item is written as that training wrote it (``<|bos|><|item|>``, its
+  poster's image slots when the run was pretrained with posters and the
+  dataset has one, and its text, with the run's tokenizer) and its hidden
+  states are mean-pooled.  The posters are kept with the prepared dataset
+  (``item_posters.parquet``) for that; a text-only encoder leaves them out.
 
 Each encoder has its own cache file (``item_vectors.safetensors`` for
 ``minilm``, ``item_vectors-<hash>.safetensors`` otherwise), so a dataset
@@ -45,6 +48,7 @@ from m6rec.config import ConfigError
 log = logging.getLogger(__name__)
 
 BANK_FILE = "item_vectors.safetensors"
+POSTERS_FILE = "item_posters.parquet"  # vector modes with posters: what the item encoder reads besides the text
 
 
 RUN_PREFIX = "run:"
@@ -104,24 +108,92 @@ def texts_sha256(texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def encode_with_run(texts: Sequence[str], spec: str, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+def _run_config(spec: str):
+    """The saved configuration of a ``run:`` spec's run (RUN_DIR/config.yaml), or None."""
+    from m6rec.config import load_config
+
+    path = Path(_run_spec(spec)[0]) / "config.yaml"
+    return load_config(path) if path.is_file() else None
+
+
+def encoder_reads_images(spec: str) -> bool:
+    """Whether an item encoder can put a poster into an item's vector: an m6rec run pretrained with
+    posters (``data.text.images`` and items written as text).  Sentence encoders read text only."""
+    if not spec.startswith(RUN_PREFIX):
+        return False
+    cfg = _run_config(spec)
+    return bool(cfg is not None and cfg.data.text.images and cfg.data.text.item_repr in ("text", "both"))
+
+
+def save_posters(dataset_dir: str | Path, images: dict) -> None:
+    """``POSTERS_FILE``: each item's stored image (resized JPEG bytes, as prepare keeps them)."""
+    import pandas as pd
+
+    path = Path(dataset_dir) / POSTERS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    pd.DataFrame({"item_id": list(images), "jpeg": list(images.values())}).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def load_posters(dataset_dir: str | Path) -> dict:
+    """item_id -> JPEG bytes of a prepared dataset's posters ({} when it kept none)."""
+    import pandas as pd
+
+    path = Path(dataset_dir) / POSTERS_FILE
+    if not path.is_file():
+        return {}
+    df = pd.read_parquet(path)
+    return dict(zip(df["item_id"].astype(str), df["jpeg"]))
+
+
+class _Posters:
+    """What :func:`m6rec.rec.generative.collate` reads of a ContextBuilder, for the item encoder:
+    the run's image geometry and each item's patches (keyed by the item's row)."""
+
+    def __init__(self, posters: Sequence, image_size: int, patch_size: int):
+        self.posters, self.image_size, self.patch_size = posters, image_size, patch_size
+        self.P = (image_size // patch_size) ** 2
+        self.item_index: dict = {}
+
+    def pixels(self, row: int) -> np.ndarray:
+        from m6rec.data.stream import image_patches
+
+        return image_patches(self.posters[row], self.image_size, self.patch_size)
+
+
+def encode_with_run(texts: Sequence[str], spec: str, batch_size: int = 64, progress: bool = False,
+                    posters: Sequence | None = None) -> np.ndarray:
     """``run:RUN_DIR[@TAG]``: each text as an item of an ``item_repr: text`` training window
-    (``<|bos|><|item|>`` + the text's tokens, cut to the model's length), mean-pooled over its
-    positions by the run's model, L2-normalised: ``[len(texts), model dim]`` float32."""
+    (``<|bos|><|item|>``, the poster's image slots where ``posters[i]`` holds JPEG bytes, then the
+    text's tokens; cut to the model's length), mean-pooled over its positions by the run's model,
+    L2-normalised: ``[len(texts), model dim]`` float32."""
     import torch
 
     from m6rec.data import text as T
-    from m6rec.rec.generative import Prompt, batches_by_length, load_run
+    from m6rec.data.tokenizer import SegmentEncoder
+    from m6rec.rec.generative import Prompt, batches_by_length, collate, load_run
 
     run = load_run(*_run_spec(spec))
     if run.cfg.data.text.item_repr not in ("text", "both"):
         raise ConfigError(f"data.text.item_encoder {spec!r}: that run wrote items as "
                           f"{run.cfg.data.text.item_repr!r}, never as text; pretrain one with item_repr text")
+    posters = list(posters) if posters is not None else [None] * len(texts)
+    if any(p is not None for p in posters) and not encoder_reads_images(spec):
+        raise ConfigError(f"data.text.item_encoder {spec!r}: that run was pretrained without posters "
+                          "(data.text.images false); its image patches were never trained")
     tok, model = run.tokenizer, run.model
-    head = [tok.token_to_id(T.BOS), tok.token_to_id(T.ITEM)]
-    seqs = [np.asarray((head + e.ids)[: model.args.max_seq_len], dtype=np.int64)
-            for e in tok.encode_batch(list(texts), add_special_tokens=False)]
-    items = [Prompt(q, np.ones(len(q), dtype=bool), [], [], set()) for q in seqs]  # all context, as for_item
+    source = _Posters(posters, model.args.image_size, model.args.patch_size)
+    enc = SegmentEncoder(tok, source.P)
+    head = [T.Segment(T.BOS, False, True), T.Segment(T.ITEM, False, True)]
+    items = []
+    for row, (text, poster) in enumerate(zip(texts, posters)):
+        image = [T.Segment(T.IMAGE, False, True, image_item=row)] if poster is not None else []
+        ids, _ = enc.encode(head + image + [T.Segment(str(text), False)])
+        ids = ids.astype(np.int64)[: model.args.max_seq_len]
+        # causal, as the encoder always ran (no prefix region); a poster cut off by the length is dropped
+        keep = bool(image) and len(ids) >= 2 + source.P
+        items.append(Prompt(ids, np.zeros(len(ids), dtype=bool), [row] if keep else [], [2] if keep else [],
+                            set()))
     out = np.empty((len(items), model.args.dim), dtype=np.float32)
     bar = None
     if progress:
@@ -130,13 +202,9 @@ def encode_with_run(texts: Sequence[str], spec: str, batch_size: int = 64, progr
         bar = tqdm(total=len(items), desc="item vectors", unit="item")
     with torch.no_grad():
         for idx, batch in batches_by_length(items, batch_size):
-            L = max(len(p.ids) for p in batch)
-            ids = torch.zeros(len(idx), L, dtype=torch.long)
-            doc = torch.full((len(idx), L), -1, dtype=torch.long)  # -1: padding, outside every document
-            for r, p in enumerate(batch):
-                ids[r, :len(p.ids)] = torch.from_numpy(p.ids)
-                doc[r, :len(p.ids)] = 0
-            emb, _ = model.encode(ids, document_ids=doc, pool="mean", normalize=True)
+            b = collate(batch, source, 0, torch.device("cpu"))
+            emb, _ = model.encode(b["input_ids"], b["position_ids"], b["document_ids"], b["prefix_mask"],
+                                  b["image_patches"], b["image_positions"], pool="mean", normalize=True)
             out[idx] = emb.float().numpy()
             if bar is not None:
                 bar.update(len(idx))
@@ -145,10 +213,14 @@ def encode_with_run(texts: Sequence[str], spec: str, batch_size: int = 64, progr
     return out
 
 
-def encode_texts(texts: Sequence[str], spec: str, batch_size: int = 256, progress: bool = False) -> np.ndarray:
-    """``[len(texts), d]`` float32, L2-normalised, on the CPU (deterministic: same texts, same vectors)."""
+def encode_texts(texts: Sequence[str], spec: str, batch_size: int = 256, progress: bool = False,
+                 posters: Sequence | None = None) -> np.ndarray:
+    """``[len(texts), d]`` float32, L2-normalised, on the CPU (deterministic: same texts, same vectors).
+    ``posters``: JPEG bytes or None per text (``run:`` encoders pretrained with posters only)."""
     if spec.startswith(RUN_PREFIX):
-        return encode_with_run(texts, spec, progress=progress)
+        return encode_with_run(texts, spec, progress=progress, posters=posters)
+    if posters is not None and any(p is not None for p in posters):
+        raise ConfigError(f"data.text.item_encoder {spec!r} reads text only; it cannot encode posters")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory; never reach for a hub
     try:
         from sentence_transformers import SentenceTransformer
@@ -162,7 +234,9 @@ def encode_texts(texts: Sequence[str], spec: str, batch_size: int = 256, progres
 
 def ensure_bank(dataset_dir: str | Path, spec: str, progress: bool = True) -> np.ndarray:
     """The item vectors of a prepared dataset, encoding (and caching) them when the cache is missing
-    or was made from other texts or by another encoder.  Written atomically."""
+    or was made from other texts, other posters or by another encoder.  The dataset's posters
+    (``POSTERS_FILE``) go into the vectors when the encoder reads images (:func:`encoder_reads_images`);
+    a text-only encoder encodes the same dataset from its texts.  Written atomically."""
     import pandas as pd
     from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
@@ -171,22 +245,37 @@ def ensure_bank(dataset_dir: str | Path, spec: str, progress: bool = True) -> np
     items_file = dataset_dir / "items.parquet"
     if not items_file.is_file():
         raise ConfigError(f"{dataset_dir}: no items.parquet (not a prepared dataset)")
-    texts = pd.read_parquet(items_file, columns=["text"])["text"].astype(str).tolist()
+    items = pd.read_parquet(items_file, columns=["item_id", "text"])
+    texts = items["text"].astype(str).tolist()
     sha = texts_sha256(texts)
     key = encoder_key(spec)
+    stored = load_posters(dataset_dir) if encoder_reads_images(key) else {}
+    posters = [stored.get(str(i)) for i in items["item_id"]]
+    n_posters = sum(p is not None for p in posters)
+    posters_sha = ""  # no posters in the vectors (what banks made before posters existed record, by absence)
+    if n_posters:
+        h = hashlib.sha256()
+        for i, p in zip(items["item_id"], posters):
+            if p is not None:
+                h.update(str(i).encode() + b"\x00" + hashlib.sha256(p).digest())
+        posters_sha = h.hexdigest()
     path = dataset_dir / bank_file(spec)
     if path.is_file():
         with safe_open(str(path), "np") as f:
             meta = f.metadata() or {}
-        if meta.get("texts_sha256") == sha and meta.get("encoder") == key:
+        if (meta.get("texts_sha256") == sha and meta.get("encoder") == key
+                and meta.get("posters_sha256", "") == posters_sha):
             return load_file(str(path))["vectors"]
-        log.info("%s: made from other item texts or another encoder (%s); encoding again", path, meta.get("encoder"))
+        log.info("%s: made from other item texts, posters or another encoder (%s); encoding again", path,
+                 meta.get("encoder"))
     show = progress and (int(os.environ.get("RANK", "0")) == 0) and sys.stderr.isatty()
-    log.info("encoding %d item texts of %s with %s", len(texts), dataset_dir, key)
-    vecs = encode_texts(texts, key, progress=show)  # the key names the checkpoint it was keyed by
+    log.info("encoding %d item texts (%d with posters) of %s with %s", len(texts), n_posters, dataset_dir, key)
+    # the key names the checkpoint it was keyed by
+    vecs = encode_texts(texts, key, progress=show, posters=posters if n_posters else None)
     tmp = path.with_name(path.name + ".tmp")
     save_file({"vectors": vecs}, str(tmp), metadata={"encoder": key, "texts_sha256": sha, "dim": str(vecs.shape[1]),
-                                                     "items": str(len(texts))})
+                                                     "items": str(len(texts)), "posters": str(n_posters),
+                                                     "posters_sha256": posters_sha})
     os.replace(tmp, path)
     return vecs
 
@@ -199,7 +288,7 @@ def bank_info(dataset_dir: str | Path, spec: str = "minilm") -> dict:
     with safe_open(str(Path(dataset_dir) / name), "np") as f:
         meta = f.metadata() or {}
     return {"file": name, "encoder": meta.get("encoder"), "dim": int(meta["dim"]),
-            "items": int(meta["items"])}
+            "items": int(meta["items"]), "posters": int(meta.get("posters", 0))}
 
 
 def catalog_token_ids(tokenizer, item_ids: Sequence[str]) -> np.ndarray:

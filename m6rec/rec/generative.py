@@ -214,7 +214,9 @@ class ContextBuilder:
         self.enc = SegmentEncoder(tokenizer, self.P)
         self._pixels: dict[str, np.ndarray] = {}
         self._image_paths: dict[str, str] = {}
-        need_images = bool(self.text_cfg.images and self.items["has_image"].any())
+        # in the vector modes a poster is part of the item's cached vector, never a slot in the prompt
+        need_images = bool(self.text_cfg.images and self.text_cfg.item_repr not in T.VECTOR_MODES
+                           and self.items["has_image"].any())
         need_profiles = bool(self.text_cfg.profile_template)
         need_tags = bool(self.text_cfg.tags_template) and cfg.data.source == "ml-latest"
         if load_source is None:
@@ -251,20 +253,12 @@ class ContextBuilder:
     def pixels(self, item_id: str) -> np.ndarray:
         """``[P, 3*p*p]`` float32 in [0, 1] (patch order as in the stream)."""
         if item_id not in self._pixels:
-            import io
-
-            from PIL import Image
-
             from m6rec.data.prepare import _load_images
+            from m6rec.data.stream import image_patches
 
             sub = pd.DataFrame({"item_id": [item_id], "image": [self._image_paths[item_id]]})
             data, _ = _load_images(sub, self.image_size)
-            with Image.open(io.BytesIO(data[item_id])) as im:
-                im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.uint8)
-            g, p = self.image_size // self.patch_size, self.patch_size
-            arr = arr.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p * 3)
-            self._pixels[item_id] = arr.astype(np.float32) / 255.0
+            self._pixels[item_id] = image_patches(data[item_id], self.image_size, self.patch_size)
         return self._pixels[item_id]
 
     # -- rendering -----------------------------------------------------------
