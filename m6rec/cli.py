@@ -164,17 +164,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry(argv: list[str] | None = None) -> None:
-    """The ``m6rec`` console script and ``launch/*.py``: :func:`main`, then the process
-    group torn down before the interpreter exits (NCCL otherwise warns that
-    destroy_process_group() was not called, and may hang at exit on some drivers).  ``main``
-    itself leaves the group up, because tests call it several times in one process."""
+    """The ``m6rec`` console script and ``launch/*.py``: :func:`main`, then, when it succeeded,
+    the process group torn down before the interpreter exits (NCCL otherwise warns that
+    destroy_process_group() was not called).  ``main`` itself leaves the group up, because
+    tests call it several times in one process."""
     code = main(argv)
-    try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception as e:  # a teardown problem must not turn a finished run into a failure
-        print(f"m6rec: process group teardown: {e}", file=sys.stderr)
+    # Only after success: a rank that failed while the others wait in a collective must exit now (so
+    # srun --kill-on-bad-exit and the launcher end the job), not block in NCCL's communicator teardown
+    # (torchtitan made the same choice).  Only when torch is loaded: `m6rec config` never imports it.
+    dist = sys.modules.get("torch.distributed")
+    if code == 0 and dist is not None:
+        try:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception as e:  # a teardown problem must not turn a finished run into a failure
+            print(f"m6rec: process group teardown: {e}", file=sys.stderr)
     sys.exit(code)
 
 

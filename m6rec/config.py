@@ -166,7 +166,8 @@ class ModelConfig:
     resid_dropout: float = 0.0
     # Label smoothing of the training cross-entropy (token and item losses; training mode only, so
     # validation loss stays the plain one): the target puts 1 - eps on the label and eps spread
-    # evenly over all classes.  A regularizer for sparse data (docs/evaluation.md); 0.0 = off.
+    # evenly over all classes.  A regularizer for sparse data (docs/evaluation.md); 0.0 = off.  The
+    # logged training loss then includes the smoothing term (not comparable with validation loss).
     label_smoothing: float = 0.0
     # Items as cached text vectors (data.text.item_repr vector*): the vectors' width, taken from the
     # prepared dataset (0 = no item vectors), and the projection into the model's width
@@ -497,6 +498,8 @@ def _check(cfg: Config) -> None:
         v = getattr(m, key)
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"config key 'model.{key}': bad value {v!r}; allowed: 0 <= p < 1")
+    if not 0.0 <= m.label_smoothing < 1.0:
+        raise ConfigError(f"config key 'model.label_smoothing': bad value {m.label_smoothing!r}; allowed: 0 <= eps < 1")
     if m.item_proj_layers < 1:
         raise ConfigError(f"config key 'model.item_proj_layers': bad value {m.item_proj_layers!r}; allowed: >= 1")
     if m.item_proj_hidden < 0:

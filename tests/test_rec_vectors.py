@@ -411,7 +411,7 @@ def test_posters_join_the_item_vector_through_a_run_encoder(shop, tmp_path, caps
     key = V.encoder_key(spec)
     text_only = V.encode_with_run(items["text"].tolist(), key)
     np.testing.assert_allclose(bank[~has], text_only[~has], atol=1e-5)  # no poster: the text alone
-    assert np.abs(bank[has] - text_only[has]).max() > 1e-2  # the poster moved every vector that has one
+    assert np.abs(bank[has] - text_only[has]).max(axis=1).min() > 1e-2  # the poster moved every such vector
     # one poster item through the run's model directly: slots right after <|item|>, the stored pixels there
     enc = load_run(text_run)
     args, i = enc.model.args, int(np.flatnonzero(has)[0])
@@ -433,6 +433,14 @@ def test_posters_join_the_item_vector_through_a_run_encoder(shop, tmp_path, caps
     # the model trained on the bank ranks with it
     rec, _, ranked = _rank(run_dir, ds)
     assert rec.mode == "vector" and all(len(r) == 10 for r in ranked)
+    # the same catalog without its posters: text-only vectors, and ranking it says so
+    bare = tmp_path / "bare"
+    shutil.copytree(ds, bare)
+    (bare / V.POSTERS_FILE).unlink()
+    np.testing.assert_allclose(V.ensure_bank(bare, spec), text_only, atol=1e-5)
+    assert V.posters_lost(ds, bare, spec) and V.posters_lost(ds, ds, spec) is None
+    with pytest.warns(UserWarning, match="text only, but the model trained on vectors that held"):
+        _rank(run_dir, bare)
     # a text-only encoder with images on: the posters stay out, on the console and in the report
     capsys.readouterr()
     plain = generic_cfg(root, tmp_path / "ds_minilm_img", "--data.text.item_repr", "vector",

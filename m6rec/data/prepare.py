@@ -43,7 +43,9 @@ from m6rec.data.tokenizer import (
     train_tokenizer,
 )
 
-MANIFEST_FORMAT = 2  # 2: item_repr token also writes the rating/tag/time phrases
+# 2: item_repr token also writes the rating/tag/time phrases; 3: the vector modes write no image slots
+# (a poster goes into the item's vector)
+MANIFEST_FORMAT = 3
 SPLITS = ("train", "valid", "test")
 TOKENIZER_USERS = 300  # training windows of this many users (plus the whole catalog) teach the BPE its phrases
 
@@ -350,8 +352,10 @@ def write_dataset_files(prep: Prepared, tok, root: Path) -> None:
     os.replace(tmp, root / "items.parquet")
     if prep.cfg.text.item_repr in T.VECTOR_MODES and prep.images:
         # the posters (resized JPEGs) stay with the dataset: the item encoder reads them now, and again
-        # whenever the bank is re-encoded (another run as the encoder, a zero-shot target)
+        # whenever this dataset's bank is re-encoded (another run as the encoder, evaluation elsewhere)
         vectors.save_posters(root, prep.images)
+    else:  # never a stale file of an earlier attempt in this staging directory
+        (root / vectors.POSTERS_FILE).unlink(missing_ok=True)
     _write_json(root / "prepare_report.json", prep.report)
     _write_json(root / "held_out_items.json", sorted(prep.held_out))  # merge() puts it in the manifest
 

@@ -117,12 +117,36 @@ def _run_config(spec: str):
 
 
 def encoder_reads_images(spec: str) -> bool:
-    """Whether an item encoder can put a poster into an item's vector: an m6rec run pretrained with
-    posters (``data.text.images`` and items written as text).  Sentence encoders read text only."""
+    """Whether an item encoder can put a poster into an item's vector: an m6rec run pretrained on items
+    as text (``item_repr: text``, whose layout :func:`encode_with_run` writes) with posters
+    (``data.text.images``) that its dataset had (else its patch embedding never trained; when that
+    dataset is not on this machine, its config is taken at its word).  Sentence encoders read text only."""
     if not spec.startswith(RUN_PREFIX):
         return False
     cfg = _run_config(spec)
-    return bool(cfg is not None and cfg.data.text.images and cfg.data.text.item_repr in ("text", "both"))
+    if cfg is None or not cfg.data.text.images or cfg.data.text.item_repr != "text":
+        return False
+    items = Path(cfg.data.output) / "items.parquet"
+    if items.is_file():
+        import pandas as pd
+
+        return bool(pd.read_parquet(items, columns=["has_image"])["has_image"].any())
+    return True
+
+
+def posters_lost(trained_dir: str | Path, dataset_dir: str | Path, spec: str) -> str | None:
+    """A warning when a model whose training bank held posters ranks a dataset whose bank holds none
+    (a zero-shot target without posters, or prepared with images off): its vectors are text only."""
+    def posters(d) -> int | None:
+        f = Path(d) / bank_file(spec)
+        return bank_info(d, spec)["posters"] if f.is_file() else None
+
+    trained, target = posters(trained_dir), posters(dataset_dir)
+    if trained and target == 0:
+        return (f"{dataset_dir}: its item vectors are text only, but the model trained on vectors that held "
+                f"{trained} posters ({trained_dir}); prepare it with data.text.images true and its posters for "
+                "like-for-like vectors")
+    return None
 
 
 def save_posters(dataset_dir: str | Path, images: dict) -> None:

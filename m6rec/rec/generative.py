@@ -199,6 +199,11 @@ class ContextBuilder:
             warnings.warn(f"{self.dataset_dir} was prepared before item_repr 'token' wrote rating/tag/time phrases "
                           "(manifest format 1): prompts will carry phrases the model never trained on; prepare the "
                           "data again, or empty data.text.rating_template/tags_template and set time_unit none")
+        if (manifest.get("format", 1) < 3 and t.item_repr in T.VECTOR_MODES and t.images
+                and pd.read_parquet(self.dataset_dir / "items.parquet", columns=["has_image"])["has_image"].any()):
+            warnings.warn(f"{self.dataset_dir} was prepared before posters moved into the item vectors (manifest "
+                          "format < 3): its shards hold image slots, which prompts no longer write; prepare the data "
+                          "again (and retrain) for prompts that match the training text")
         self.image_size = manifest["image"]["size"]
         self.patch_size = manifest["image"]["patch_size"]
         self.P = manifest["image"]["patches"]
@@ -569,7 +574,12 @@ class GenerativeRecommender:
             # the catalog of the dataset ranked (its own vectors: zero-shot on another catalog works alike);
             # a model already holding it (train.select_by, in training) keeps its training catalog
             if getattr(model, "item_catalog_source", None) != str(Path(contexts.dataset_dir).resolve()):
+                from m6rec.data.vectors import posters_lost
+
                 attach_catalog(model, contexts.dataset_dir, contexts.text_cfg)
+                note = posters_lost(contexts.cfg.data.output, contexts.dataset_dir, contexts.text_cfg.item_encoder)
+                if note:
+                    warnings.warn(note)
             self.refresh()
         elif mode == "token":
             ids = [tok.token_to_id(T.item_token(i)) for i in contexts.catalog_ids]
