@@ -11,7 +11,8 @@
 #      image has no sentence encoder: the item-vector banks made here travel in .gpu/banks and are reused)
 #   2. item tokens, items as text vectors, both, and item tokens + behaviour in words, with the small model
 #      (25 M parameters, bf16, eager) through the `deepspeed` launcher, all four at once on the one GPU for
-#      the same wall-clock (GPU_TRAIN_SECONDS); each stops by RUN_DIR/STOP if its steps are not done
+#      the same wall-clock (GPU_TRAIN_SECONDS), or one after another (GPU_SEQUENTIAL=1); each stops by
+#      RUN_DIR/STOP if its steps are not done
 #   3. m6rec eval of the four on the test split (whole catalog, history excluded) -> $OUT/gpu-next-item.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +43,11 @@ if [ -n "${GPU_STEPS:-}" ]; then  # "ID VECTOR VECTOR_TOKEN RATED": e.g. each on
   (( ${#n[@]} == ${#CONFIGS[@]} )) || { echo "GPU_STEPS: give ${#CONFIGS[@]} numbers (${CONFIGS[*]})" >&2; exit 2; }
   for i in "${!CONFIGS[@]}"; do STEPS[${CONFIGS[$i]}]=${n[$i]}; done
 fi
-COMMON=(--data.stream.num_workers 2 --deepspeed.zero_stage 0 --train.log_every 50 --train.eval_every 0
-        --train.wandb.mode disabled)
+# GPU_WORKERS: loader processes per run (the first GPU table's runs waited for data 23-52 % of a step with 2
+# each, four runs sharing 16 cores); GPU_SEQUENTIAL=1: one run at a time, each with the GPU and the cores to
+# itself for GPU_TRAIN_SECONDS (the per-configuration timing; 4 x the wall-clock of the default, all at once)
+COMMON=(--data.stream.num_workers "${GPU_WORKERS:-2}" --deepspeed.zero_stage 0 --train.log_every 50
+        --train.eval_every 0 --train.wandb.mode disabled)
 
 log_tail() { { echo "=== $1"; tail -"${2:-60}" "$WORK/$1.log"; } >> "$OUT/logs.txt"; }
 
@@ -64,32 +68,42 @@ fi
 wait; echo "prepared seconds=$((SECONDS - t0))" >> "$OUT/stages.txt"
 for c in "${CONFIGS[@]}"; do log_tail "prep-$c" 5; done
 
-# --- 2. four configurations at once, the same wall-clock each ----------------------------------------
-t0=$SECONDS; pids=(); port=29610
-for c in "${CONFIGS[@]}"; do
-  port=$((port + 1))
-  rm -rf "$WORK/runs/$c"
-  # its own session: a run that ignores STOP is killed with its launcher's whole process group below
-  setsid deepspeed --num_gpus 1 --master_port $port launch/train.py --config configs/rec/$c.yaml "${MODEL[@]}" \
-    "${COMMON[@]}" --data.output "$WORK/data/$c" --train.steps "${STEPS[$c]}" --train.save_every "${STEPS[$c]}" \
-    --train.run_dir "$WORK/runs/$c" > "$WORK/train-$c.log" 2>&1 &
-  pids+=($!)
-done
-while (( SECONDS - t0 < CAP )); do
-  alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-  (( alive )) || break; sleep 2
-done
-for i in "${!CONFIGS[@]}"; do
-  c=${CONFIGS[$i]}; waited=$SECONDS
-  # STOP is read at every step; a run still starting up has no run directory yet, so make it (a finished
-  # run has no reader of the file)
-  while kill -0 "${pids[$i]}" 2>/dev/null && (( SECONDS - waited < 60 )); do
-    mkdir -p "$WORK/runs/$c"; touch "$WORK/runs/$c/STOP"; sleep 1
+# --- 2. the configurations for the same wall-clock each: all at once, or one at a time -----------------
+train_group() {  # start the given configurations together, stop them after CAP seconds (RUN_DIR/STOP)
+  local t0=$SECONDS pids=() c i alive waited
+  for c in "$@"; do
+    port=$((port + 1))
+    rm -rf "$WORK/runs/$c"
+    # its own session: a run that ignores STOP is killed with its launcher's whole process group below
+    setsid deepspeed --num_gpus 1 --master_port $port launch/train.py --config configs/rec/$c.yaml "${MODEL[@]}" \
+      "${COMMON[@]}" --data.output "$WORK/data/$c" --train.steps "${STEPS[$c]}" --train.save_every "${STEPS[$c]}" \
+      --train.run_dir "$WORK/runs/$c" > "$WORK/train-$c.log" 2>&1 &
+    pids+=($!)
   done
-  kill -0 "${pids[$i]}" 2>/dev/null && { echo "train-$c: no exit after STOP, killed" >> "$OUT/stages.txt"
-                                           kill -TERM -- -"${pids[$i]}"; sleep 5; kill -KILL -- -"${pids[$i]}"; }
-  wait "${pids[$i]}"; echo "train-$c rc=$? seconds=$((SECONDS - t0))" >> "$OUT/stages.txt"; log_tail "train-$c" 12
-done
+  while (( SECONDS - t0 < CAP )); do
+    alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    (( alive )) || break; sleep 2
+  done
+  i=0
+  for c in "$@"; do
+    waited=$SECONDS
+    # STOP is read at every step; a run still starting up has no run directory yet, so make it (a finished
+    # run has no reader of the file)
+    while kill -0 "${pids[$i]}" 2>/dev/null && (( SECONDS - waited < 60 )); do
+      mkdir -p "$WORK/runs/$c"; touch "$WORK/runs/$c/STOP"; sleep 1
+    done
+    kill -0 "${pids[$i]}" 2>/dev/null && { echo "train-$c: no exit after STOP, killed" >> "$OUT/stages.txt"
+                                             kill -TERM -- -"${pids[$i]}"; sleep 5; kill -KILL -- -"${pids[$i]}"; }
+    wait "${pids[$i]}"; echo "train-$c rc=$? seconds=$((SECONDS - t0))" >> "$OUT/stages.txt"; log_tail "train-$c" 12
+    i=$((i + 1))
+  done
+}
+port=29610
+if [ "${GPU_SEQUENTIAL:-0}" = 1 ]; then
+  for c in "${CONFIGS[@]}"; do train_group "$c"; done
+else
+  train_group "${CONFIGS[@]}"
+fi
 
 # --- 3. the test split, all four side by side ---------------------------------------------------------
 runs=(); for c in "${CONFIGS[@]}"; do [ -f "$WORK/runs/$c/summary.json" ] && runs+=(--ckpt "$WORK/runs/$c"); done

@@ -44,12 +44,14 @@ def test_gpu_check_script_runs_every_stage(tmp_path):
 @pytest.mark.slow
 def test_gpu_next_item_script_in_its_tiny_cpu_form(tmp_path, shared_data):
     """scripts/gpu_next_item.sh (issue 11's GPU table) with two of its configurations, tiny, on the CPU:
-    prepared from the real ml-1m-partial files, trained through the `deepspeed` launcher side by side,
-    stopped by the wall-clock cap (RUN_DIR/STOP, checkpoint), then evaluated together.  The bench stage
-    is test_gpu_check_script_runs_every_stage's."""
+    prepared from the real ml-1m-partial files, trained through the `deepspeed` launcher one after the
+    other (GPU_SEQUENTIAL; all at once is the same train_group with both, as the first GPU run did),
+    one stopped by the wall-clock cap (RUN_DIR/STOP, checkpoint), then evaluated together.  The bench
+    stage is test_gpu_check_script_runs_every_stage's."""
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OUT": str(out), "GPU_WORK": str(work), "GPU_CHECK_TINY": "1", "SKIP_BENCH": "1",
            "GPU_CONFIGS": "ml1m-id ml1m-vector", "GPU_STEPS": "100000 6", "GPU_TRAIN_SECONDS": "45",
+           "GPU_SEQUENTIAL": "1", "GPU_WORKERS": "1",
            "M6REC_DATA_ROOT": str(shared_data), "WANDB_MODE": "offline",
            "PYTHON": str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").is_dir() else "python3"}
     venv_bin = ROOT / ".venv" / "bin"
@@ -73,3 +75,8 @@ def test_gpu_next_item_script_in_its_tiny_cpu_form(tmp_path, shared_data):
     assert {Path(m["run_dir"]).name: m["checkpoint"] for m in meta["models"]} == {
         c: f"step{runs[c]['step']:08d}" for c in ("ml1m-id", "ml1m-vector")}
     assert len(list(out.iterdir())) <= 8  # a lent machine returns at most 8 files from $OUT
+    # one at a time: the second run started after the first had finished; GPU_WORKERS reached the loaders
+    first, second = work / "runs" / "ml1m-id", work / "runs" / "ml1m-vector"
+    assert (second / "config.yaml").stat().st_mtime >= (first / "summary.json").stat().st_mtime
+    for run in (first, second):
+        assert "num_workers: 1" in (run / "config.yaml").read_text()
