@@ -110,6 +110,17 @@ if [[ $stage == all || $stage == options ]]; then
   done
   "$M6" eval --task retrieval --ckpt runs/ot-full-lr3e-4 --ckpt runs/ot-lora2-norms-lr5e-3 \
     --split test --out $OUT/option_tuning/final-test.json
+  # the same pair on a base pretrained 4 x longer (docs/option_tuning.md, "A stronger base")
+  "$M6" train --config configs/rec/ml1m-text.yaml --train.steps 1600 --train.eval_every 800 \
+    --train.save_every 800 --train.run_dir runs/ml1m-text-1600 --resume auto
+  for seed in 0 1; do
+    BASE=runs/ml1m-text-1600 M6="$M6" bash scripts/option_tuning.sh "b1600-full-lr3e-4-s$seed" \
+      --finetune.method full --finetune.lr 3e-4 --finetune.seed $seed
+    BASE=runs/ml1m-text-1600 M6="$M6" bash scripts/option_tuning.sh "b1600-lora2-norms-lr5e-3-s$seed" \
+      --finetune.method option --finetune.lr 5e-3 --finetune.seed $seed
+    "$M6" eval --task retrieval --ckpt "runs/ot-b1600-full-lr3e-4-s$seed" \
+      --ckpt "runs/ot-b1600-lora2-norms-lr5e-3-s$seed" --split test --out "$OUT/option_tuning/b1600-final-test-s$seed.json"
+  done
 fi
 
 # Sparse, short histories (docs/evaluation.md, "Sparse data"): Amazon Beauty from ../shared (not in the
