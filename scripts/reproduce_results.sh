@@ -113,7 +113,7 @@ if [[ $stage == all || $stage == options ]]; then
   # the same pair on a base pretrained 4 x longer (docs/option_tuning.md, "A stronger base")
   "$M6" train --config configs/rec/ml1m-text.yaml --train.steps 1600 --train.eval_every 800 \
     --train.save_every 800 --train.run_dir runs/ml1m-text-1600 --resume auto
-  for seed in 0 1; do
+  for seed in 0 1 2; do
     BASE=runs/ml1m-text-1600 M6="$M6" bash scripts/option_tuning.sh "b1600-full-lr3e-4-s$seed" \
       --finetune.method full --finetune.lr 3e-4 --finetune.seed $seed
     BASE=runs/ml1m-text-1600 M6="$M6" bash scripts/option_tuning.sh "b1600-lora2-norms-lr5e-3-s$seed" \
