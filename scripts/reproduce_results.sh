@@ -118,8 +118,11 @@ if [[ $stage == all || $stage == options ]]; then
       --finetune.method full --finetune.lr 3e-4 --finetune.seed $seed
     BASE=runs/ml1m-text-1600 M6="$M6" bash scripts/option_tuning.sh "b1600-lora2-norms-lr5e-3-s$seed" \
       --finetune.method option --finetune.lr 5e-3 --finetune.seed $seed
+    BASE=runs/ml1m-text-1600 M6="$M6" bash scripts/option_tuning.sh "b1600-lora3-norms-lr5e-3-s$seed" \
+      --finetune.method option --finetune.lora_rank 3 --finetune.lr 5e-3 --finetune.seed $seed
     "$M6" eval --task retrieval --ckpt "runs/ot-b1600-full-lr3e-4-s$seed" \
-      --ckpt "runs/ot-b1600-lora2-norms-lr5e-3-s$seed" --split test --out "$OUT/option_tuning/b1600-final-test-s$seed.json"
+      --ckpt "runs/ot-b1600-lora2-norms-lr5e-3-s$seed" --ckpt "runs/ot-b1600-lora3-norms-lr5e-3-s$seed" \
+      --split test --out "$OUT/option_tuning/b1600-final-test-s$seed.json"
   done
 fi
 
