@@ -118,11 +118,13 @@ if [[ $stage == all || $stage == options ]]; then
       --finetune.method full --finetune.lr 3e-4 --finetune.seed $seed
     BASE=runs/ml1m-text-1600 M6="$M6" bash scripts/option_tuning.sh "b1600-lora2-norms-lr5e-3-s$seed" \
       --finetune.method option --finetune.lr 5e-3 --finetune.seed $seed
-    BASE=runs/ml1m-text-1600 M6="$M6" bash scripts/option_tuning.sh "b1600-lora3-norms-lr5e-3-s$seed" \
-      --finetune.method option --finetune.lora_rank 3 --finetune.lr 5e-3 --finetune.seed $seed
+    for lr in 5e-3 1e-2; do  # LoRA 3: lr 1e-2 is the variant selected on validation
+      BASE=runs/ml1m-text-1600 M6="$M6" bash scripts/option_tuning.sh "b1600-lora3-norms-lr$lr-s$seed" \
+        --finetune.method option --finetune.lora_rank 3 --finetune.lr $lr --finetune.seed $seed
+    done
     "$M6" eval --task retrieval --ckpt "runs/ot-b1600-full-lr3e-4-s$seed" \
       --ckpt "runs/ot-b1600-lora2-norms-lr5e-3-s$seed" --ckpt "runs/ot-b1600-lora3-norms-lr5e-3-s$seed" \
-      --split test --out "$OUT/option_tuning/b1600-final-test-s$seed.json"
+      --ckpt "runs/ot-b1600-lora3-norms-lr1e-2-s$seed" --split test --out "$OUT/option_tuning/b1600-final-test-s$seed.json"
   done
 fi
 
