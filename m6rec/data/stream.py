@@ -79,16 +79,24 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def image_patches(data: bytes, size: int, patch: int) -> np.ndarray:
-    """One stored image (JPEG bytes) as the model reads it: ``[P, 3*patch*patch]`` float32 in [0, 1],
-    RGB at ``size`` x ``size``, patches in row-major order, each patch's pixels row-major with the
-    channels last -- the same layout :meth:`PackedStream` gives a batch (prompts and the item
-    encoder use this; the stream does it for a whole batch at once)."""
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Stored image bytes -> uint8 ``[size, size, 3]`` RGB, resized as the model reads it."""
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
-    g = size // patch
-    arr = arr.reshape(g, patch, g, patch, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, patch * patch * 3)
-    return arr.astype(np.float32) / 255.0
+        return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def patchify(images: np.ndarray, patch: int) -> np.ndarray:
+    """uint8 ``[N, S, S, 3]`` -> float32 ``[N, P, 3*patch*patch]`` in [0, 1]: the one patch layout of the
+    batch contract (patches in row-major order, each patch's pixels row-major with the channels last)."""
+    n, g = len(images), images.shape[1] // patch
+    arr = images.reshape(n, g, patch, g, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+    return arr.reshape(n, g * g, patch * patch * 3).astype(np.float32) / 255.0
+
+
+def image_patches(data: bytes, size: int, patch: int) -> np.ndarray:
+    """One stored image as the model reads it, ``[P, 3*patch*patch]`` (prompts and the item encoder;
+    the stream patchifies a whole batch at once)."""
+    return patchify(decode_image(data, size)[None], patch)[0]
 
 
 class CorruptShardError(RuntimeError):
@@ -528,9 +536,7 @@ class PackedStream(IterableDataset):
             data = s.get(image_member(item))
             if data is None:
                 raise ValueError(f"sample {key}: no image member for item {item!r}")
-            with Image.open(io.BytesIO(data)) as im:
-                im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
-                images[k] = np.asarray(im, dtype=np.uint8)
+            images[k] = decode_image(data, self.image_size)
         vector_pos = np.flatnonzero(mask & MASK_VECTOR).astype(np.int64)
         vector_items = np.zeros(0, dtype=np.int64)
         if len(vector_pos) or "vec.npy" in s:
@@ -652,10 +658,8 @@ class PackedStream(IterableDataset):
                 vec_items.extend(int(i) for i in s.vector_items[keep])
                 o += n
                 keys[b].append(s.key)
-        g = self.image_size // p
         if images:
-            arr = np.stack(images).reshape(len(images), g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
-            patches = torch.from_numpy(arr.reshape(len(images), g * g, p * p * 3).astype(np.float32) / 255.0)
+            patches = torch.from_numpy(patchify(np.stack(images), p))
         else:
             patches = torch.zeros((0, P, 3 * p * p), dtype=torch.float32)
         return {
