@@ -199,15 +199,15 @@ class ContextBuilder:
             warnings.warn(f"{self.dataset_dir} was prepared before item_repr 'token' wrote rating/tag/time phrases "
                           "(manifest format 1): prompts will carry phrases the model never trained on; prepare the "
                           "data again, or empty data.text.rating_template/tags_template and set time_unit none")
-        if (manifest.get("format", 1) < 3 and t.item_repr in T.VECTOR_MODES and t.images
-                and pd.read_parquet(self.dataset_dir / "items.parquet", columns=["has_image"])["has_image"].any()):
-            warnings.warn(f"{self.dataset_dir} was prepared before posters moved into the item vectors (manifest "
-                          "format < 3): its shards hold image slots, which prompts no longer write; prepare the data "
-                          "again (and retrain) for prompts that match the training text")
         self.image_size = manifest["image"]["size"]
         self.patch_size = manifest["image"]["patch_size"]
         self.P = manifest["image"]["patches"]
         self.items = pd.read_parquet(self.dataset_dir / "items.parquet")
+        if (manifest.get("format", 1) < 3 and t.item_repr in T.VECTOR_MODES and t.images
+                and self.items["has_image"].any()):
+            warnings.warn(f"{self.dataset_dir} was prepared before posters moved into the item vectors (manifest "
+                          "format < 3): its shards hold image slots, which prompts no longer write; prepare the data "
+                          "again (and retrain) for prompts that match the training text")
         self.catalog_ids = self.items["item_id"].tolist()
         self.item_index = {i: n for n, i in enumerate(self.catalog_ids)}
         self.titles = dict(zip(self.items["item_id"], self.items["title"]))
