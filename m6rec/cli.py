@@ -30,7 +30,8 @@ COMMANDS = {
     "recommend": ("m6rec.rec.commands", "recommend_main", "top-k items for a user id or a free-text history"),
     "finetune": ("m6rec.rec.finetune", "main", "adapt a pretrained run to retrieval or ranking (full or option tuning)"),
     "clean-shm": ("m6rec.train.engine", "clean_shm_main",
-                  "remove DeepSpeed CPU all-reduce buffers that runs left in /dev/shm (no process maps them)"),
+                  "remove what killed DeepSpeed runs leave: CPU all-reduce buffers in /dev/shm no process maps, "
+                  "JIT build locks no process holds"),
 }
 
 

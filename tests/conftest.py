@@ -25,17 +25,20 @@ def pytest_sessionstart(session) -> None:
     """Say so (even under -q) when memory is short or DeepSpeed buffers were left in /dev/shm:
     DeepSpeed's CPU ranks each map a 69 MB file there, and runs that did not unlink theirs
     fill /dev/shm (= RAM) run after run until multi-rank tests crawl or die."""
-    from m6rec.train.engine import stale_shm_buffers
+    from m6rec.train.engine import stale_build_locks, stale_shm_buffers
 
     avail = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                   if line.startswith("MemAvailable:")), None)
     stale = stale_shm_buffers()
-    if stale or (avail is not None and avail < 4096):
+    locks = stale_build_locks()  # every multi-rank test would hang on one of these
+    if stale or locks or (avail is not None and avail < 4096):
         size = sum(f.stat().st_size for f in stale if f.exists()) // 2**20
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"m6rec tests: memory available {avail} MiB; stale DeepSpeed buffers in /dev/shm: "
-                                f"{len(stale)} ({size} MiB){'; `m6rec clean-shm` frees them' if stale else ''}")
+                                f"{len(stale)} ({size} MiB); stale JIT build locks: "
+                                f"{', '.join(map(str, locks)) or 0}"
+                                f"{'; `m6rec clean-shm` frees them' if stale or locks else ''}")
 
 
 @pytest.fixture

@@ -361,3 +361,43 @@ def test_clean_shm_removes_only_unmapped_deepspeed_buffers(capsys):
     finally:
         stale.unlink(missing_ok=True)
         live.unlink(missing_ok=True)
+
+
+def test_stale_jit_build_locks_are_named_and_cleaned(tmp_path, monkeypatch, capsys):
+    """A DeepSpeed JIT build killed mid-way leaves its lock file, and every later run that needs the op
+    waits for it silently.  Real lock files in a real TORCH_EXTENSIONS_DIR: one left by a killed build,
+    one held open by a live process (as torch holds it while it builds)."""
+    import os
+    import subprocess
+    import sys
+
+    from m6rec.cli import main
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert E.torch_extensions_root() == tmp_path and E.stale_build_locks() == []
+    # torch's layouts: <TORCH_EXTENSIONS_DIR>/<op>/lock, <default root>/<python>_<device>/<op>/lock
+    stale = tmp_path / "deepspeed_shm_comm" / "lock"
+    held = tmp_path / "py311_cpu" / "fused_adam" / "lock"
+    for f in (stale, held):
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"")
+    builder = subprocess.Popen([sys.executable, "-c", f"import os, sys, time; fd = os.open({str(held)!r}, os.O_RDONLY); "
+                                "print('holding', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline().strip() == "holding"
+        assert E.stale_build_locks() == [stale]
+        assert E.warn_stale_build_locks() == [stale]
+        err = capsys.readouterr().err
+        assert str(stale) in err and "deepspeed_shm_comm" in err and "m6rec clean-shm" in err
+        assert str(held) not in err
+        assert main(["clean-shm", "--dry-run"]) == 0
+        assert stale.exists() and f"would remove stale JIT build lock {stale}" in capsys.readouterr().out
+        assert main(["clean-shm"]) == 0
+        assert not stale.exists() and held.exists()
+        assert f"removed stale JIT build lock {stale}" in capsys.readouterr().out
+    finally:
+        builder.kill()
+        builder.wait()
+    # once the builder is gone, its lock is a leftover too
+    assert E.stale_build_locks() == [held]
+    assert os.path.exists(held)

@@ -150,8 +150,52 @@ def stale_shm_buffers() -> list[Path]:
     return [f for f in files if str(f) not in mapped]
 
 
+def torch_extensions_root() -> Path:
+    """Where torch builds JIT extensions (DeepSpeed's ops among them): ``TORCH_EXTENSIONS_DIR`` or
+    torch's default (``~/.cache/torch_extensions``)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def stale_build_locks() -> list[Path]:
+    """JIT build locks that no process on this machine holds: ``<root>/<op>/lock`` under
+    ``TORCH_EXTENSIONS_DIR``, ``<root>/<python>_<device>/<op>/lock`` under torch's default root.
+
+    torch takes the lock by creating the file and keeps it open until the build ends, then removes
+    it; every other process that needs the op waits -- with no message and no timeout -- for the file
+    to go.  A build killed mid-way (Ctrl-C, ``scancel``, a test timeout) leaves the file behind, and
+    from then on every run that needs the op hangs at start-up (DeepSpeed builds its CPU
+    communication op, ``deepspeed_shm_comm``, in ``init_distributed``).  A lock no live process has
+    open is such a leftover -- on this machine: a build on another node of a shared home directory
+    is invisible here."""
+    root = torch_extensions_root()
+    locks = sorted({*root.glob("*/lock"), *root.glob("*/*/lock")})
+    if not locks:
+        return []
+    held = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):  # a process that exits while we read, or not ours
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    held.add(os.readlink(fd))
+    return [f for f in locks if str(f.resolve()) not in held]
+
+
+def warn_stale_build_locks() -> list[Path]:
+    """Say on the console, before DeepSpeed waits on them forever, which build locks are stale."""
+    stale = stale_build_locks()
+    for f in stale:
+        print(f"m6rec: WARNING: {f} was left by a killed JIT build and no process on this machine holds it; "
+              f"DeepSpeed waits for it to go before building {f.parent.name}, with no timeout. `m6rec clean-shm` "
+              "removes it (with a home directory shared between machines, first make sure none of them is "
+              "building).", file=sys.stderr, flush=True)
+    return stale
+
+
 def clean_shm_main(cfg: Config, args) -> int:
-    """`m6rec clean-shm`: remove :func:`stale_shm_buffers` (``--dry-run``: only list them)."""
+    """`m6rec clean-shm`: remove :func:`stale_shm_buffers` and :func:`stale_build_locks`
+    (``--dry-run``: only list them)."""
     stale = stale_shm_buffers()
     total = 0
     for f in stale:
@@ -161,6 +205,11 @@ def clean_shm_main(cfg: Config, args) -> int:
                 f.unlink()
     verb = "would remove" if args.dry_run else "removed"
     print(f"m6rec clean-shm: {verb} {len(stale)} stale DeepSpeed buffer(s) in /dev/shm, {total / 2**20:.0f} MiB")
+    locks = stale_build_locks()
+    for f in locks:
+        print(f"m6rec clean-shm: {verb} stale JIT build lock {f}")
+        if not args.dry_run:
+            f.unlink(missing_ok=True)
     return 0
 
 
@@ -174,6 +223,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     if not dist.is_initialized():
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine; on CPU the next call builds an op
+            warn_stale_build_locks()
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         if not on_gpu:
             unlink_shm_buffer()
