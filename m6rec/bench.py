@@ -405,10 +405,23 @@ def bench_data(cfg: Any, args: Any) -> dict[str, Any]:
 
     ``--config`` defaults to configs/data/ml-1m-partial.yaml; work files go to
     ``<data.output>.bench/``.  ``--dataset DIR`` (repeatable): only the reader's .npy decoding on
-    prepared datasets, np.load against load_npy, at ``data.stream``'s batch shape."""
-    from m6rec.config import load_config
-    from m6rec.data.benchmark import bench_data as run, bench_decode, format_decode_table, format_table
+    prepared datasets, np.load against load_npy, at ``data.stream``'s batch shape; with
+    ``--step-seconds S`` instead: the data wait of a training step of S seconds (bench_wait)."""
+    from m6rec.config import ConfigError, load_config
+    from m6rec.data.benchmark import (bench_data as run, bench_decode, bench_wait, format_decode_table, format_table,
+                                      format_wait_table)
 
+    if getattr(args, "step_seconds", None) is not None:  # the data wait a GPU's step would see
+        if not getattr(args, "dataset", None):
+            raise ConfigError("bench data --step-seconds needs --dataset DIR (a prepared dataset)")
+        if args.step_seconds <= 0:
+            raise ConfigError(f"bench data --step-seconds: bad value {args.step_seconds!r}; allowed: > 0")
+        if cfg.data.stream.num_workers < 1:
+            raise ConfigError("bench data --step-seconds measures DataLoader workers: set "
+                              "--data.stream.num_workers to 1 or more")
+        result = bench_wait(args.dataset, cfg, args.step_seconds)
+        print(format_wait_table(result))
+        return result
     if getattr(args, "dataset", None):  # only the reader's decoding, on datasets already prepared
         result = bench_decode(args.dataset, cfg)
         print(format_decode_table(result))

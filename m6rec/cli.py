@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="recommend: torch threads (0 = torch's default)")
     p.add_argument("--dataset", action="append", default=None,
                    help="data: only the reader's .npy decoding on this prepared dataset (repeat to compare)")
+    p.add_argument("--step-seconds", type=float, default=None,
+                   help="data, with --dataset: the data wait of training whose step takes this long with the host "
+                        "idle (as while a GPU computes), torch's loader defaults against m6rec's, side by side")
     p = sub.add_parser("export", help=COMMANDS["export"][2])
     p.add_argument("--ckpt", required=True, help="RUN_DIR/checkpoints (the newest complete one) or .../checkpoints/TAG")
     p.add_argument("--to", choices=["fp32", "hf"], default="fp32",

@@ -90,6 +90,11 @@ class StreamConfig:
     seq_len: int = 1024  # packed row length in tokens
     batch_size: int = 8  # rows per micro-batch on one rank
     num_workers: int = 2  # DataLoader workers per rank
+    # Batches each worker keeps ready (torch's prefetch_factor; its default is 2).  A worker pauses
+    # while it reads its next block of shards (shuffle_shards of them, ~1 s for two ml-1m shards),
+    # and torch takes batches from the workers in strict turn: the buffer has to outlast that pause
+    # or the step waits for data (`m6rec bench data --dataset D --step-seconds S` measures it).
+    prefetch_factor: int = 8
     shuffle_shards: int = 2  # shards loaded together and shuffled as one block
     seed: int = 1234
     strict: bool = False  # True: a corrupt shard is an error instead of being skipped
@@ -486,6 +491,9 @@ def _check(cfg: Config) -> None:
         )
     if d.stream.num_workers < 0:
         raise ConfigError(f"config key 'data.stream.num_workers': bad value {d.stream.num_workers!r}; allowed: >= 0")
+    if d.stream.prefetch_factor < 1:
+        raise ConfigError(f"config key 'data.stream.prefetch_factor': bad value {d.stream.prefetch_factor!r}; "
+                          "allowed: >= 1")
     if d.filters.min_user_interactions < 3:
         raise ConfigError(
             f"config key 'data.filters.min_user_interactions': bad value {d.filters.min_user_interactions!r}; "

@@ -468,3 +468,53 @@ def test_load_npy_equals_np_load_and_falls_back_for_the_rest():
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError):
         load_npy(buf.getvalue())  # objects: never unpickled
+
+
+def test_next_epoch_workers_start_ahead_and_change_nothing(ds):
+    """Real DataLoader workers: the next epoch's workers are running before the current epoch's last
+    batch (so a fast accelerator does not wait for their start-up at the boundary), and the batches
+    of three epochs are the ones the in-process reader gives.  A state saved inside the look-ahead
+    window resumes exactly, in a fresh loader and in the same one (whose early workers are dropped)."""
+    root, _ = ds
+
+    def loader(**kw):
+        return StreamLoader(root, "train", cfg(num_workers=2, prefetch_factor=3), rank=0, world_size=1, **kw)
+
+    ref = loader(inline_workers=True)
+    steps = ref.steps_per_epoch
+    expected = [batch_digest(b) for _ in range(3) for b in ref]
+    assert steps >= 6
+
+    live = loader()
+    live.next_epoch_lookahead = 3
+    got, children_at = [], {}
+    for epoch in range(3):
+        for i, b in enumerate(live):
+            got.append(batch_digest(b))
+            children_at[(epoch, i)] = len(multiprocessing.active_children())
+    assert got == expected
+    # two workers before the window; four (this epoch's and the next one's) from steps - 3 on,
+    # and never more than four (each set ends with its epoch)
+    assert children_at[(0, 0)] == 2 and children_at[(0, steps - 5)] == 2
+    assert children_at[(0, steps - 3)] == 4 and children_at[(1, 0)] <= 4
+    assert max(children_at.values()) == 4
+
+    # a state saved at steps - 2 of epoch 1 (the next epoch's workers already started)
+    a = loader()
+    a.next_epoch_lookahead = 3
+    it, seen = iter(a), []
+    for _ in range(steps + steps - 2):
+        b = next(it, None)
+        if b is None:  # the epoch's end: the trainer iterates the loader again
+            it = iter(a)
+            b = next(it)
+        seen.append(batch_digest(b))
+    state = json.loads(json.dumps(a.state_dict()))
+    assert a._next is not None and a._next[0] == (2, 0)
+    fresh = loader()
+    fresh.load_state_dict(state)
+    rest = [batch_digest(b) for b in fresh] + [batch_digest(b) for b in fresh]
+    assert seen + rest == expected
+    # the same loader, rewound to that state: the batches of the early workers are not used
+    a.load_state_dict(json.loads(json.dumps(ref.state_dict() | {"epoch": 0, "step_in_epoch": 1})))
+    assert [batch_digest(b) for b in a] == expected[1:steps]

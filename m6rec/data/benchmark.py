@@ -166,3 +166,65 @@ def format_decode_table(r: dict) -> str:
         lines.append(f"| {x['dataset']} | {x['np_load_ms_per_batch']} | {x['load_npy_ms_per_batch']} | "
                      f"{x['load_npy_tokens_per_s']:,} | {x['speedup']}x |")
     return "\n".join(lines)
+
+
+def bench_wait(datasets: list[str], cfg: Config, step_seconds: float, epochs: int = 3, max_steps: int = 600) -> dict:
+    """The data wait of training with a step of ``step_seconds`` during which this process idles, as it
+    does while a GPU computes (a CPU-measurable stand-in for the GPU's data wait): ``epochs`` epochs (at
+    most ``max_steps`` steps) of the train split with ``data.stream.num_workers`` real DataLoader
+    workers, three loaders side by side on the same batches:
+
+    * torch's defaults: 2 batches ready per worker, the next epoch's workers started at its first batch;
+    * ``data.stream.prefetch_factor`` batches ready per worker;
+    * that, and the next epoch's workers started :attr:`StreamLoader.NEXT_EPOCH_LOOKAHEAD` steps ahead
+      (m6rec's loader).
+
+    The first batch (start-up, the same for all) is not counted; the first epoch (workers filling
+    their buffers together) and the later ones (what a long run sees) are reported apart."""
+    variants = [("torch defaults (prefetch 2, workers restart per epoch)", 2, False),
+                (f"prefetch {cfg.data.stream.prefetch_factor}", cfg.data.stream.prefetch_factor, False),
+                (f"prefetch {cfg.data.stream.prefetch_factor}, next epoch {StreamLoader.NEXT_EPOCH_LOOKAHEAD} steps ahead"
+                 " (m6rec)", cfg.data.stream.prefetch_factor, True)]
+    rows = []
+    for ds in datasets:
+        for name, prefetch, ahead in variants:
+            stream = dataclasses.replace(cfg.data.stream, prefetch_factor=prefetch)
+            loader = StreamLoader(ds, "train", stream, rank=0, world_size=1)
+            if not ahead:
+                loader.next_epoch_lookahead = 0
+            per_epoch = loader.steps_per_epoch
+            waits, boundary = [], 0.0
+            for e in range(epochs):
+                it = iter(loader)
+                for i in range(per_epoch):
+                    if len(waits) == max_steps:
+                        break
+                    t = time.perf_counter()
+                    next(it)
+                    w = time.perf_counter() - t
+                    waits.append(w)
+                    if i == 0 and e > 0:
+                        boundary += w
+                    time.sleep(step_seconds)  # the accelerator's step: the host waits for it, idle
+                del it
+            first, later = waits[1:per_epoch], waits[per_epoch:]
+            rows.append(dict(dataset=ds, loader=name, steps=len(waits), steps_per_epoch=per_epoch,
+                             first_epoch_wait_s=round(sum(first), 2), later_wait_s=round(sum(later), 2),
+                             later_wait_share=round(sum(later) / max(1e-9, sum(later) + step_seconds * len(later)), 4),
+                             epoch_boundary_wait_s=round(boundary, 2),
+                             later_max_wait_s=round(max(later, default=0), 3)))
+            del loader
+    return dict(step_seconds=step_seconds, num_workers=cfg.data.stream.num_workers,
+                seq_len=cfg.data.stream.seq_len, batch_size=cfg.data.stream.batch_size, rows=rows)
+
+
+def format_wait_table(r: dict) -> str:
+    lines = [f"data wait at a {r['step_seconds']} s step (the host idle, as while a GPU computes); "
+             f"{r['num_workers']} workers, {r['batch_size']} x {r['seq_len']} tokens a batch", "",
+             "| dataset | loader | steps (per epoch) | wait, first epoch s | wait, later epochs s | share of their "
+             "step time | of it at epoch starts s | longest later wait s |", "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['dataset']} | {x['loader']} | {x['steps']} ({x['steps_per_epoch']}) | "
+                     f"{x['first_epoch_wait_s']} | {x['later_wait_s']} | {x['later_wait_share']:.1%} | "
+                     f"{x['epoch_boundary_wait_s']} | {x['later_max_wait_s']} |")
+    return "\n".join(lines)

@@ -736,6 +736,11 @@ class StreamLoader:
         )
         self.pin_memory = pin_memory
         self.inline_workers = inline_workers
+        self.prefetch_factor = stream.prefetch_factor
+        # Training only (an evaluation pass is not followed by another): the next epoch's workers
+        # start this many batches before the epoch ends (see __iter__).
+        self.next_epoch_lookahead = self.NEXT_EPOCH_LOOKAHEAD if train else 0
+        self._next: Optional[tuple[tuple[int, int], Iterator[dict]]] = None  # ((epoch, step), started batches)
         self.epoch = 0
         self.step_in_epoch = 0
         self._stats: dict[int, dict] = {}
@@ -865,23 +870,43 @@ class StreamLoader:
         return sum(d.shard_tokens) / (rows * d.seq_len) if rows else 0.0
 
     # ---- iteration ------------------------------------------------------
+    #: Batches before an epoch's end at which the next epoch's DataLoader workers are started.  A new
+    #: epoch's workers take ~1-2 s to start and read their first block of shards; on a GPU that steps
+    #: in 0.1-0.2 s, restarting them at the boundary was most of the data wait of small datasets
+    #: (`m6rec bench data --dataset D --step-seconds S`).  32 steps ahead hides it; the early workers
+    #: fill their prefetch buffers and then sit idle until their epoch comes.
+    NEXT_EPOCH_LOOKAHEAD = 32
+
+    def _start(self, epoch: int, step: int) -> Iterator[dict]:
+        """This rank's batches of ``epoch`` from ``step`` on; with DataLoader workers they start now."""
+        ds = self.dataset
+        ds.epoch, ds.start_step = epoch, step
+        ds.plan(epoch)  # plan once here; forked workers inherit it, spawned ones unpickle it
+        if self.inline_workers or ds.num_workers == 0:
+            return self._round_robin()
+        # iter() forks the workers with the dataset as it is now (this epoch and step): setting up the
+        # next epoch while this one's workers still run changes nothing for them
+        return iter(DataLoader(ds, batch_size=None, num_workers=ds.num_workers, collate_fn=_identity,
+                               pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor))
+
     def __iter__(self) -> Iterator[dict]:
         if self.step_in_epoch >= self.steps_per_epoch:  # state saved right at an epoch's end
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        ds = self.dataset
-        ds.epoch, ds.start_step = self.epoch, self.step_in_epoch
-        ds.plan(self.epoch)  # plan once here; forked workers inherit it, spawned ones unpickle it
+        epoch, ahead = self.epoch, self._next
+        self._next = None
+        if ahead is not None and ahead[0] == (epoch, self.step_in_epoch):
+            batches = ahead[1]
+        else:  # nothing started ahead, or for another position (a state was loaded): its workers end here
+            del ahead
+            batches = self._start(epoch, self.step_in_epoch)
         self._stats = {}
-        if self.inline_workers or ds.num_workers == 0:
-            batches = self._round_robin()
-        else:
-            batches = DataLoader(
-                ds, batch_size=None, num_workers=ds.num_workers, collate_fn=_identity, pin_memory=self.pin_memory
-            )
+        lookahead = self.next_epoch_lookahead if self.dataset.num_workers and not self.inline_workers else 0
         for batch in batches:
             self.step_in_epoch += 1  # counted when handed over: a state saved after it excludes it
             st = batch["stream_stats"]
             self._stats[st["slot"]] = st
+            if lookahead and self._next is None and self.steps_per_epoch - self.step_in_epoch <= lookahead:
+                self._next = ((epoch + 1, 0), self._start(epoch + 1, 0))
             yield batch
         if self.step_in_epoch != self.steps_per_epoch:
             raise RuntimeError(f"stream delivered {self.step_in_epoch} of {self.steps_per_epoch} planned steps")
