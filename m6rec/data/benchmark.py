@@ -40,6 +40,7 @@ def bench_prepare(cfg: Config, workers: int, out_dir: Path) -> dict:
 def bench_reader(dataset: Path, cfg: Config, num_workers: int, max_batches: int, max_seconds: float) -> dict:
     stream = dataclasses.replace(cfg.data.stream, num_workers=num_workers)
     loader = StreamLoader(dataset, "train", stream, rank=0, world_size=1)
+    loader.next_epoch_lookahead = 0  # throughput of one epoch's workers, none started ahead beside them
     t0 = time.perf_counter()
     it = iter(loader)
     first = next(it)
@@ -207,6 +208,7 @@ def bench_wait(datasets: list[str], cfg: Config, step_seconds: float, epochs: in
                         boundary += w
                     time.sleep(step_seconds)  # the accelerator's step: the host waits for it, idle
                 del it
+            loader.close()
             first, later = waits[1:per_epoch], waits[per_epoch:]
             rows.append(dict(dataset=ds, loader=name, steps=len(waits), steps_per_epoch=per_epoch,
                              first_epoch_wait_s=round(sum(first), 2), later_wait_s=round(sum(later), 2),

@@ -736,7 +736,8 @@ class StreamLoader:
         )
         self.pin_memory = pin_memory
         self.inline_workers = inline_workers
-        self.prefetch_factor = stream.prefetch_factor
+        # evaluation reads a few batches per pass: a deep queue would only read blocks it never uses
+        self.prefetch_factor = stream.prefetch_factor if train else min(2, stream.prefetch_factor)
         # Training only (an evaluation pass is not followed by another): the next epoch's workers
         # start this many batches before the epoch ends (see __iter__).
         self.next_epoch_lookahead = self.NEXT_EPOCH_LOOKAHEAD if train else 0
@@ -782,7 +783,14 @@ class StreamLoader:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
+            self.close()
             self.epoch, self.step_in_epoch = epoch, 0
+
+    def close(self) -> None:
+        """End the workers started ahead for the next epoch, if any (a new position, or the end)."""
+        ahead, self._next = self._next, None
+        if ahead is not None and hasattr(ahead[1], "_shutdown_workers"):
+            ahead[1]._shutdown_workers()  # what the iterator's __del__ does, now instead of at collection
 
     @property
     def fingerprint(self) -> dict:
@@ -823,6 +831,7 @@ class StreamLoader:
                 + "; ".join(diff)
             )
         epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        self.close()  # workers started ahead were planned for the position this replaces
         d = self.dataset
         saved_world, saved_w = int(saved.get("world_size", d.world_size)), int(saved.get("num_workers", d.W))
         cont = state.get("continuation")
@@ -886,8 +895,12 @@ class StreamLoader:
             return self._round_robin()
         # iter() forks the workers with the dataset as it is now (this epoch and step): setting up the
         # next epoch while this one's workers still run changes nothing for them
+        # The workers draw no random numbers (the stream has its own seeds), but each DataLoader iterator
+        # draws a base seed: from a generator of its own, so starting workers ahead moves no draw of
+        # torch's global generator (dropout on CPU, saved and restored with checkpoints).
         return iter(DataLoader(ds, batch_size=None, num_workers=ds.num_workers, collate_fn=_identity,
-                               pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor))
+                               pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                               generator=torch.Generator().manual_seed(ds.seed * 1_000_003 + epoch)))
 
     def __iter__(self) -> Iterator[dict]:
         if self.step_in_epoch >= self.steps_per_epoch:  # state saved right at an epoch's end
@@ -896,8 +909,10 @@ class StreamLoader:
         self._next = None
         if ahead is not None and ahead[0] == (epoch, self.step_in_epoch):
             batches = ahead[1]
-        else:  # nothing started ahead, or for another position (a state was loaded): its workers end here
-            del ahead
+        else:  # nothing started ahead, or for another position: its workers end here
+            if ahead is not None:
+                self._next = ahead
+                self.close()
             batches = self._start(epoch, self.step_in_epoch)
         self._stats = {}
         lookahead = self.next_epoch_lookahead if self.dataset.num_workers and not self.inline_workers else 0

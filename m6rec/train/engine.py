@@ -168,18 +168,29 @@ def stale_build_locks() -> list[Path]:
     from then on every run that needs the op hangs at start-up (DeepSpeed builds its CPU
     communication op, ``deepspeed_shm_comm``, in ``init_distributed``).  A lock no live process has
     open is such a leftover -- on this machine: a build on another node of a shared home directory
-    is invisible here."""
+    is invisible here.  Only this user's locks are judged (another user's processes cannot be
+    seen), and only those unheld in two scans apart: torch closes the file before removing it."""
     root = torch_extensions_root()
-    locks = sorted({*root.glob("*/lock"), *root.glob("*/*/lock")})
-    if not locks:
-        return []
-    held = set()
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        with contextlib.suppress(OSError):  # a process that exits while we read, or not ours
-            for fd in fd_dir.iterdir():
-                with contextlib.suppress(OSError):
-                    held.add(os.readlink(fd))
-    return [f for f in locks if str(f.resolve()) not in held]
+
+    def unheld(locks: list[Path]) -> list[Path]:
+        held = set()
+        for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+            with contextlib.suppress(OSError):  # a process that exits while we read
+                for fd in fd_dir.iterdir():
+                    with contextlib.suppress(OSError):
+                        held.add(os.readlink(fd))
+        out = []
+        for f in locks:
+            with contextlib.suppress(FileNotFoundError):  # gone: the build ended
+                if f.stat().st_uid == os.getuid() and str(f.resolve()) not in held:
+                    out.append(f)
+        return out
+
+    stale = unheld(sorted({*root.glob("*/lock"), *root.glob("*/*/lock")}))
+    if stale:
+        time.sleep(0.2)
+        stale = unheld(stale)
+    return stale
 
 
 def warn_stale_build_locks() -> list[Path]:
@@ -992,12 +1003,13 @@ def train(cfg: Config, resume: str = "none") -> dict:
     """Run training; returns a summary (last step, why it stopped, ...)."""
     stop = StopFlag()  # first: a signal during start-up still ends in a clean stop after one step
     try:
-        return _train(cfg, resume, stop)
+        with contextlib.ExitStack() as cleanup:
+            return _train(cfg, resume, stop, cleanup)
     finally:
         stop.restore()
 
 
-def _train(cfg: Config, resume: str, stop: StopFlag) -> dict:
+def _train(cfg: Config, resume: str, stop: StopFlag, cleanup: contextlib.ExitStack) -> dict:
     from m6rec.data.stream import StreamLoader
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
@@ -1073,6 +1085,10 @@ def _train(cfg: Config, resume: str, stop: StopFlag) -> dict:
     shared = {"signalled": 0.0, "stop_file": 0.0, "skipped": 0.0, "corrupt": 0.0, "infilled": 0.0}
     pending: list[tuple[int, StepStats]] = []  # queued steps whose numbers are not read yet (at most one)
     batches = iter(train_loader)
+    # the loaders' worker processes (the next epoch's among them) end with the loop, however it ends
+    cleanup.callback(val_loader.close)
+    cleanup.callback(train_loader.close)
+    cleanup.callback(lambda: batches.close())  # the current epoch's (``batches`` is rebound per epoch)
 
     def next_batch() -> dict:
         nonlocal batches
