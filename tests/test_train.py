@@ -401,3 +401,49 @@ def test_stale_jit_build_locks_are_named_and_cleaned(tmp_path, monkeypatch, caps
     # once the builder is gone, its lock is a leftover too
     assert E.stale_build_locks() == [held]
     assert os.path.exists(held)
+
+
+def test_cpu_ranks_start_without_a_compiler_and_one_rank_builds_nothing(tmp_path):
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce at init.  Real processes,
+    a fresh TORCH_EXTENSIONS_DIR: one rank builds nothing (no compiler needed, no compile wait); two
+    ranks with no C++ compiler (CXX pointing nowhere; before, the build failed and took
+    init_distributed down) start, say why the op is off, and all-reduce correctly through gloo."""
+    import os
+    import subprocess
+    import sys
+
+    assert E.cpu_comm_op_off_reason({"WORLD_SIZE": "1"}) == "one rank"
+    assert E.cpu_comm_op_off_reason({"WORLD_SIZE": "2", "CXX": "/nowhere/c++"}) == "no C++ compiler ('/nowhere/c++' not found)"
+    if E.shutil.which("c++"):
+        assert E.cpu_comm_op_off_reason({"WORLD_SIZE": "2"}) is None
+
+    script = ("import torch, torch.distributed as dist\n"
+              "from m6rec.train.engine import init_distributed\n"
+              "rank, world, _ = init_distributed()\n"
+              "x = torch.tensor([float(rank + 1)])\n"
+              "dist.all_reduce(x)\n"
+              "print('sum', world, x.item(), flush=True)\n"
+              "dist.destroy_process_group()\n")  # as m6rec's entry does: gloo aborts at exit otherwise
+
+    def run(world: int, **extra) -> list[subprocess.CompletedProcess]:
+        port = str(E._free_port())
+        procs = []
+        for rank in range(world):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                       LOCAL_WORLD_SIZE=str(world), LOCAL_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                       TORCH_EXTENSIONS_DIR=str(tmp_path / f"ext{world}"), OMP_NUM_THREADS="1", **extra)
+            procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        return [subprocess.CompletedProcess(p.args, p.wait(timeout=240), *p.communicate()) for p in procs]
+
+    (one,) = run(1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "sum 1 1.0" in one.stdout
+    assert not (tmp_path / "ext1" / E.SHM_COMM_OP).exists()  # nothing compiled
+    ranks = run(2, CXX=str(tmp_path / "no-such-compiler"))
+    for r in ranks:
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "sum 2 3.0" in r.stdout
+    assert "no C++ compiler" in ranks[0].stderr and "gloo does the all-reduce" in ranks[0].stderr
+    assert "no C++ compiler" not in ranks[1].stderr  # said once per machine
+    assert not (tmp_path / "ext2" / E.SHM_COMM_OP).exists()

@@ -95,11 +95,12 @@ def _init_rank(rank: int, world: int, port: int, threads: int) -> None:
     torch.set_num_threads(threads)
     import deepspeed
 
-    from m6rec.train.engine import unlink_shm_buffer, warn_stale_build_locks
+    from m6rec.train.engine import prepare_cpu_comm, unlink_shm_buffer, warn_stale_build_locks
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if rank == 0:
         warn_stale_build_locks()
+    prepare_cpu_comm(say=rank == 0)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     unlink_shm_buffer()
 
@@ -604,11 +605,13 @@ def _overhead_worker(spec: dict, out: str) -> None:
 
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
-    from m6rec.train.engine import build_engine, prepare_inputs, unlink_shm_buffer, warn_stale_build_locks
+    from m6rec.train.engine import (build_engine, prepare_cpu_comm, prepare_inputs, unlink_shm_buffer,
+                                    warn_stale_build_locks)
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         warn_stale_build_locks()
+    prepare_cpu_comm(say=False)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     unlink_shm_buffer()
     margs = ModelArgs.from_dict(spec["model_args"])

@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -204,6 +205,45 @@ def warn_stale_build_locks() -> list[Path]:
     return stale
 
 
+#: DeepSpeed's JIT-built op for all-reduce between CPU ranks of one machine (ops/op_builder/cpu/comm.py)
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def cpu_comm_op_off_reason(env=None) -> Optional[str]:
+    """Why DeepSpeed's CPU backend should not build :data:`SHM_COMM_OP` for this run, or None.
+
+    ``deepspeed.init_distributed`` on the CPU accelerator JIT-compiles that op (a C++ compiler with
+    OpenMP; 30-60 s on the first launch of a machine).  It only speeds up the all-reduce between
+    ranks of one machine, so:
+
+    * one rank has nothing to reduce: the first launch neither needs a compiler nor waits for one;
+    * without a C++ compiler the build failed and took ``init_distributed`` down with it, even for
+      the README's first command; gloo's own all-reduce does the work instead.
+    """
+    env = os.environ if env is None else env
+    if int(env.get("WORLD_SIZE") or 1) <= 1:
+        return "one rank"
+    cxx = env.get("CXX") or "c++"  # what torch's extension build calls
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not found)"
+    return None
+
+
+def prepare_cpu_comm(say: bool) -> None:
+    """Before ``deepspeed.init_distributed`` on the CPU: turn :data:`SHM_COMM_OP` off where
+    :func:`cpu_comm_op_off_reason` says so (DeepSpeed skips an op its compatibility table marks
+    off); ``say``: the one process per machine that tells the console."""
+    why = cpu_comm_op_off_reason()
+    if why is None:
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    if say and why != "one rank":
+        print(f"m6rec: {why}: DeepSpeed's shared-memory all-reduce for CPU ranks is not built; gloo does the "
+              "all-reduce (slower between ranks of one machine; install g++ to have it)", file=sys.stderr, flush=True)
+
+
 def clean_shm_main(cfg: Config, args) -> int:
     """`m6rec clean-shm`: remove :func:`stale_shm_buffers` and :func:`stale_build_locks`
     (``--dry-run``: only list them)."""
@@ -234,8 +274,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     if not dist.is_initialized():
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine; on CPU the next call builds an op
+        first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"
+        if first_on_machine:  # on the CPU the next call may build an op
             warn_stale_build_locks()
+        if not on_gpu:
+            prepare_cpu_comm(say=first_on_machine)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         if not on_gpu:
             unlink_shm_buffer()
