@@ -93,16 +93,10 @@ def _init_rank(rank: int, world: int, port: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    import deepspeed
-
-    from m6rec.train.engine import prepare_cpu_comm, unlink_shm_buffer, warn_stale_build_locks
+    from m6rec.train.engine import init_deepspeed_comm
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if rank == 0:
-        warn_stale_build_locks()
-    prepare_cpu_comm(say=rank == 0)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    unlink_shm_buffer()
+    init_deepspeed_comm("gloo")
 
 
 def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
@@ -601,19 +595,12 @@ def _overhead_worker(spec: dict, out: str) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import deepspeed
-
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
-    from m6rec.train.engine import (build_engine, prepare_cpu_comm, prepare_inputs, unlink_shm_buffer,
-                                    warn_stale_build_locks)
+    from m6rec.train.engine import build_engine, init_deepspeed_comm, prepare_inputs
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        warn_stale_build_locks()
-    prepare_cpu_comm(say=False)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    unlink_shm_buffer()
+    init_deepspeed_comm("gloo")
     margs = ModelArgs.from_dict(spec["model_args"])
     T, B = spec["seq_len"], spec["rows"]
     batch = _batch(margs.vocab_size, B, T, seed=0)

@@ -244,6 +244,23 @@ def prepare_cpu_comm(say: bool) -> None:
               "all-reduce (slower between ranks of one machine; install g++ to have it)", file=sys.stderr, flush=True)
 
 
+def init_deepspeed_comm(backend: str) -> None:
+    """``deepspeed.init_distributed`` with what every m6rec process does around it: the stale build
+    locks named first (one process per machine), on the CPU (gloo) the shm op decided
+    (:func:`prepare_cpu_comm`) before and the /dev/shm names unlinked after (:func:`unlink_shm_buffer`)."""
+    import deepspeed
+
+    first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"
+    if first_on_machine:  # on the CPU the init may build an op
+        warn_stale_build_locks()
+    on_cpu = backend == "gloo"
+    if on_cpu:
+        prepare_cpu_comm(say=first_on_machine)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if on_cpu:
+        unlink_shm_buffer()
+
+
 def clean_shm_main(cfg: Config, args) -> int:
     """`m6rec clean-shm`: remove :func:`stale_shm_buffers` and :func:`stale_build_locks`
     (``--dry-run``: only list them)."""
@@ -271,17 +288,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
         # Ranks sharing a CPU split its cores instead of oversubscribing them.
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size()))
-    import deepspeed
-
     if not dist.is_initialized():
-        first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"
-        if first_on_machine:  # on the CPU the next call may build an op
-            warn_stale_build_locks()
-        if not on_gpu:
-            prepare_cpu_comm(say=first_on_machine)
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
-        if not on_gpu:
-            unlink_shm_buffer()
+        init_deepspeed_comm("nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if on_gpu:
         local = int(os.environ.get("LOCAL_RANK", 0))
