@@ -891,7 +891,7 @@ class StreamLoader:
         ds = self.dataset
         ds.epoch, ds.start_step = epoch, step
         ds.plan(epoch)  # plan once here; forked workers inherit it, spawned ones unpickle it
-        if self.inline_workers or ds.num_workers == 0:
+        if not self._worker_processes:
             return self._round_robin()
         # iter() forks the workers with the dataset as it is now (this epoch and step): setting up the
         # next epoch while this one's workers still run changes nothing for them
@@ -902,20 +902,21 @@ class StreamLoader:
                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
                                generator=torch.Generator().manual_seed(ds.seed * 1_000_003 + epoch)))
 
+    @property
+    def _worker_processes(self) -> bool:
+        return not self.inline_workers and self.dataset.num_workers > 0
+
     def __iter__(self) -> Iterator[dict]:
         if self.step_in_epoch >= self.steps_per_epoch:  # state saved right at an epoch's end
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        epoch, ahead = self.epoch, self._next
-        self._next = None
-        if ahead is not None and ahead[0] == (epoch, self.step_in_epoch):
-            batches = ahead[1]
+        epoch = self.epoch
+        if self._next is not None and self._next[0] == (epoch, self.step_in_epoch):
+            batches, self._next = self._next[1], None
         else:  # nothing started ahead, or for another position: its workers end here
-            if ahead is not None:
-                self._next = ahead
-                self.close()
+            self.close()
             batches = self._start(epoch, self.step_in_epoch)
         self._stats = {}
-        lookahead = self.next_epoch_lookahead if self.dataset.num_workers and not self.inline_workers else 0
+        lookahead = self.next_epoch_lookahead if self._worker_processes else 0
         for batch in batches:
             self.step_in_epoch += 1  # counted when handed over: a state saved after it excludes it
             st = batch["stream_stats"]
