@@ -7,7 +7,7 @@
     srun python launch/train.py --config ...          (ranks from SLURM_PROCID / SLURM_NTASKS)
     python launch/train.py --config ...               (one plain process)
 
-It only parses arguments and calls m6rec.train.engine.train(); `m6rec train`
+It only parses arguments and calls m6rec.train.trainer.train(); `m6rec train`
 is the same thing.
 """
 import sys

@@ -23,13 +23,13 @@ COMMANDS = {
     "prepare": ("m6rec.data.prepare", "main", "raw logs -> M6-Rec text -> tokenizer -> WebDataset shards"),
     "model-info": ("m6rec.model.info", "main", "parameters, FLOPs/token and ZeRO memory of a model preset"),
     "bench": ("m6rec.bench", "main", "benchmarks: data | model | train | gpu | recommend"),
-    "train": ("m6rec.train.engine", "main", "pretrain with DeepSpeed (one machine; launch/train.py for clusters)"),
+    "train": ("m6rec.train.trainer", "main", "pretrain with DeepSpeed (one machine; launch/train.py for clusters)"),
     "plot": ("m6rec.train.plot", "main", "draw a run's metrics.jsonl to a PNG"),
     "export": ("m6rec.train.export", "main", "a ZeRO checkpoint -> fp32 safetensors or a Hugging Face Llama directory"),
     "eval": ("m6rec.rec.commands", "eval_main", "rank the whole catalog for every user: popularity vs checkpoints"),
     "recommend": ("m6rec.rec.commands", "recommend_main", "top-k items for a user id or a free-text history"),
     "finetune": ("m6rec.rec.finetune", "main", "adapt a pretrained run to retrieval or ranking (full or option tuning)"),
-    "clean-shm": ("m6rec.train.engine", "clean_shm_main",
+    "clean-shm": ("m6rec.train.leftovers", "clean_shm_main",
                   "remove what killed DeepSpeed runs leave: CPU all-reduce buffers in /dev/shm no process maps, "
                   "JIT build locks no process holds"),
 }

@@ -207,7 +207,7 @@ def _run(args) -> int:
     t0 = _stage(2, f"pretrain the {cfg.model.preset} model: {cfg.train.steps} steps -> {run_dir}")
     threads = _set_threads(args.threads)
     _say(f"torch CPU threads: {threads or 'the engine default (cores per rank)'}")
-    from m6rec.train.engine import NonFiniteLossError, train
+    from m6rec.train.trainer import NonFiniteLossError, train
     from m6rec.train.plot import plot_run
 
     try:

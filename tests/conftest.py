@@ -25,7 +25,7 @@ def pytest_sessionstart(session) -> None:
     """Say so (even under -q) when memory is short or DeepSpeed buffers were left in /dev/shm:
     DeepSpeed's CPU ranks each map a 69 MB file there, and runs that did not unlink theirs
     fill /dev/shm (= RAM) run after run until multi-rank tests crawl or die."""
-    from m6rec.train.engine import stale_build_locks, stale_shm_buffers
+    from m6rec.train.leftovers import stale_build_locks, stale_shm_buffers
 
     avail = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                   if line.startswith("MemAvailable:")), None)

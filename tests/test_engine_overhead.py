@@ -12,7 +12,10 @@ import torch
 
 from m6rec.config import ConfigError, load_config
 from m6rec.model import ModelArgs, build_model
-from m6rec.train import engine as E
+from m6rec.train import distributed as DIST
+from m6rec.train import ds_config as DSC
+from m6rec.train import optim as OPT
+from m6rec.train import step as ST
 from m6rec.train.benchmark import OVERHEAD_MODEL, HostSyncCounter, _batch, _device_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +38,9 @@ def test_shipped_configs_build_no_deepspeed_op(preset, monkeypatch):
     monkeypatch.setattr(OpBuilder, "jit_load", lambda self, *a, **k: built.append(self.name))
     cfg = load_config(preset)
     assert cfg.train.optimizer == "adamw"
-    opt = E.build_optimizer(cfg, tiny(), on_gpu=True)
-    assert isinstance(opt, E.StepOnDevice) and opt.defaults["fused"] and not built
-    ds = E.deepspeed_config(cfg, 8, on_gpu=True, optimizer_clips=E.clips_on_device(cfg, 8))
+    opt = OPT.build_optimizer(cfg, tiny(), on_gpu=True)
+    assert isinstance(opt, OPT.StepOnDevice) and opt.defaults["fused"] and not built
+    ds = DSC.deepspeed_config(cfg, 8, on_gpu=True, optimizer_clips=DSC.clips_on_device(cfg, 8))
     assert "optimizer" not in ds and ds["timers"]["throughput"] == {"enabled": False, "synchronized": False}
     if cfg.deepspeed.offload_optimizer:  # torch's AdamW steps the offloaded state: DeepSpeed must allow it
         assert ds["zero_force_ds_cpu_optimizer"] is False
@@ -46,10 +49,10 @@ def test_shipped_configs_build_no_deepspeed_op(preset, monkeypatch):
 def test_deepspeed_jit_optimizers_stay_available_by_name():
     cfg = load_config(None, ["--train.optimizer", "fused_adam"])
     with pytest.raises(ConfigError, match="'train.optimizer': 'fused_adam' is a DeepSpeed CUDA op"):
-        E.build_optimizer(cfg, tiny(), on_gpu=False)
+        OPT.build_optimizer(cfg, tiny(), on_gpu=False)
     cfg = load_config(None, ["--train.optimizer", "cpu_adam", "--deepspeed.zero_stage", "2"])
     with pytest.raises(ConfigError, match="deepspeed.offload_optimizer: true"):
-        E.build_optimizer(cfg, tiny(), on_gpu=True)
+        OPT.build_optimizer(cfg, tiny(), on_gpu=True)
     with pytest.raises(ConfigError, match="train.optimizer"):
         load_config(None, ["--train.optimizer", "lamb"])
 
@@ -67,7 +70,7 @@ def test_cuda_arch_list_repaired_for_deepspeed_jit(value, want, monkeypatch):
         monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     else:
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
-    changed = E._cuda_arch_list_for_jit(capabilities=[(9, 0), (9, 0)])
+    changed = OPT._cuda_arch_list_for_jit(capabilities=[(9, 0), (9, 0)])
     if want is None:
         assert changed is None and os.environ["TORCH_CUDA_ARCH_LIST"] == value
     else:
@@ -82,7 +85,7 @@ def test_step_on_device_equals_clip_then_adamw_and_skips_on_the_flag():
     w = [torch.nn.Parameter(p.detach().clone()) for p in ref_w]
     ref = torch.optim.AdamW([{"params": ref_w[:1], "weight_decay": 0.1}, {"params": ref_w[1:], "weight_decay": 0.0}],
                             lr=0.05, fused=True)
-    opt = E.StepOnDevice([{"params": w[:1], "weight_decay": 0.1}, {"params": w[1:], "weight_decay": 0.0}],
+    opt = OPT.StepOnDevice([{"params": w[:1], "weight_decay": 0.1}, {"params": w[1:], "weight_decay": 0.0}],
                          lr=0.05, fused=True)
     opt.clip_norm, opt.measure_norm = 1.0, True
     for step in range(3):
@@ -115,15 +118,15 @@ def test_step_on_device_equals_clip_then_adamw_and_skips_on_the_flag():
 
 def test_one_rank_asks_deepspeed_for_nothing_it_cannot_use():
     cfg = load_config(ROOT / "configs/pretrain/base.yaml")  # ZeRO 2, overlap_comm, bf16
-    one = E.deepspeed_config(cfg, 1, on_gpu=True, optimizer_clips=E.clips_on_device(cfg, 1))
-    assert E.effective_zero_stage(cfg, 1) == 0 and one["zero_optimization"]["stage"] == 0
+    one = DSC.deepspeed_config(cfg, 1, on_gpu=True, optimizer_clips=DSC.clips_on_device(cfg, 1))
+    assert DSC.effective_zero_stage(cfg, 1) == 0 and one["zero_optimization"]["stage"] == 0
     assert one["zero_optimization"]["overlap_comm"] is False
     assert one["gradient_clipping"] == 0.0 and one["bf16"]["check_grad_overflow"] is False  # StepOnDevice clips
-    many = E.deepspeed_config(cfg, 8, on_gpu=True, optimizer_clips=E.clips_on_device(cfg, 8))
+    many = DSC.deepspeed_config(cfg, 8, on_gpu=True, optimizer_clips=DSC.clips_on_device(cfg, 8))
     assert many["zero_optimization"]["stage"] == 2 and many["zero_optimization"]["overlap_comm"] is True
     assert many["gradient_clipping"] == cfg.train.grad_clip  # ZeRO 2 steps partitions: DeepSpeed clips
     off = load_config(ROOT / "configs/deepspeed/zero2_offload.yaml")
-    assert E.effective_zero_stage(off, 1) == 2  # offload is a memory choice: kept on one rank
+    assert DSC.effective_zero_stage(off, 1) == 2  # offload is a memory choice: kept on one rank
 
 
 def test_counter_counts_device_reads_only():
@@ -150,7 +153,7 @@ def test_engine_step_reads_the_device_once(monkeypatch):
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(E._free_port())).items():
+                     MASTER_PORT=str(DIST.free_port())).items():
         monkeypatch.setenv(k, v)
     if not dist.is_initialized():  # left up: DeepSpeed caches its groups for the process
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
@@ -158,12 +161,12 @@ def test_engine_step_reads_the_device_once(monkeypatch):
                              "train": {"grad_clip": 1.0}})
     torch.manual_seed(0)
     model = build_model(ModelArgs(**{**OVERHEAD_MODEL, "n_layers": 4}))
-    engine, opt, runner, ds_config = E.build_engine(cfg, model, 1, torch.device("cpu"))
+    engine, opt, runner, ds_config = ST.build_engine(cfg, model, 1, torch.device("cpu"))
     assert engine.zero_optimization_stage() == 0 and ds_config["gradient_clipping"] == 0  # StepOnDevice clips
     batch = _batch(512, 2, 64, seed=0)
-    prev = runner.run(0, 1e-3, [batch], [0.0] * 6)
+    prev = runner.run(0, 1e-3, [batch])
     with HostSyncCounter(_device_tensors(engine.module, engine.optimizer) + [prev.host]) as c:
-        now = runner.run(1, 1e-3, [batch], [0.0] * 6)
+        now = runner.run(1, 1e-3, [batch])
         v = prev.values()
     assert c.total == 1 and dict(c.syncs) == {"tolist": 1}, c.syncs
     assert v["nonfinite"] == 0 and v["tokens"] == 128 and v["loss_sum"] > 0
@@ -178,7 +181,7 @@ def test_bf16_without_zero_trains_under_autocast_with_fp32_weights(monkeypatch):
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(E._free_port())).items():
+                     MASTER_PORT=str(DIST.free_port())).items():
         monkeypatch.setenv(k, v)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
@@ -186,13 +189,13 @@ def test_bf16_without_zero_trains_under_autocast_with_fp32_weights(monkeypatch):
                              "train": {"grad_clip": 1.0, "precision": "bf16"}})
     torch.manual_seed(0)
     model = build_model(ModelArgs(**{**OVERHEAD_MODEL, "n_layers": 2}))
-    engine, opt, runner, ds_config = E.build_engine(cfg, model, 1, torch.device("cpu"))
+    engine, opt, runner, ds_config = ST.build_engine(cfg, model, 1, torch.device("cpu"))
     assert ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds_config["bf16"]["enabled"]
     before = {n: p.detach().clone() for n, p in engine.module.named_parameters() if "patch_embed" not in n}
     batch = _batch(512, 2, 64, seed=0)
-    prev = runner.run(0, 1e-3, [batch], [0.0] * 6)
+    prev = runner.run(0, 1e-3, [batch])
     with HostSyncCounter(_device_tensors(engine.module, engine.optimizer) + [prev.host]) as c:
-        now = runner.run(1, 1e-3, [batch], [0.0] * 6)
+        now = runner.run(1, 1e-3, [batch])
         v = prev.values()
     assert c.total == 1, c.syncs
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())

@@ -29,7 +29,7 @@ MODEL = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "
 
 
 def _prepare_and_train(tmp, root, name, zero_stage, *extra):
-    from m6rec.train.engine import train
+    from m6rec.train.trainer import train
 
     cfg = generic_cfg(root, tmp / f"ds_{name}", *MODEL, "--train.run_dir", str(tmp / f"run_{name}"),
                       "--deepspeed.zero_stage", str(zero_stage), *extra)

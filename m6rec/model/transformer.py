@@ -649,7 +649,7 @@ def build_model(cfg, *, device: str | torch.device = "cpu", meta: bool = False, 
         model = M6Transformer(args)
     if meta:
         return model
-    if args.init_from and not args.init_from.startswith("run:"):  # run:RUN_DIR is the trainer's (engine.py)
+    if args.init_from and not args.init_from.startswith("run:"):  # run:RUN_DIR is the trainer's (train/trainer.py)
         if not args.init_from.startswith("hf:"):
             raise ValueError(f"model.init_from: 'hf:DIR' or 'run:RUN_DIR' expected, got {args.init_from!r}")
         from m6rec.model.hf import load_hf_weights

@@ -509,7 +509,8 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
     import deepspeed
     import torch.distributed as dist
 
-    from m6rec.train.engine import deepspeed_config, init_distributed
+    from m6rec.train.distributed import init_distributed
+    from m6rec.train.ds_config import deepspeed_config
     from m6rec.train.metrics import MetricsLogger, progress
 
     base = Path(base)

@@ -3,8 +3,8 @@
 For each world size (1, then 2) one group of processes is spawned (gloo, one
 CPU thread per rank: a rank is one "device"), and inside it every ZeRO stage
 in turn builds the ``small`` preset, wraps it in DeepSpeed exactly as the
-trainer does (:func:`m6rec.train.engine.build_optimizer`,
-:func:`~m6rec.train.engine.deepspeed_config`), runs ``warmup`` steps, then
+trainer does (:func:`m6rec.train.optim.build_optimizer`,
+:func:`~m6rec.train.ds_config.deepspeed_config`), runs ``warmup`` steps, then
 times ``steps`` optimizer steps on synthetic packed rows (two documents per
 row, half prefix, half targets).  Reported per (stage, world):
 
@@ -93,7 +93,7 @@ def _init_rank(rank: int, world: int, port: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from m6rec.train.engine import init_deepspeed_comm
+    from m6rec.train.distributed import init_deepspeed_comm
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init_deepspeed_comm("gloo")
@@ -108,7 +108,8 @@ def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
     from m6rec.model.info import flops_per_token
-    from m6rec.train.engine import build_optimizer, deepspeed_config
+    from m6rec.train.ds_config import deepspeed_config
+    from m6rec.train.optim import build_optimizer
     from m6rec.train.metrics import measure_matmul_flops
 
     margs = ModelArgs.from_dict(spec["model_args"])
@@ -198,7 +199,7 @@ def _bench_model(cfg: Any, args: Any):
 def bench_scaling(cfg: Any, args: Any) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
-    from m6rec.train.engine import _free_port
+    from m6rec.train.distributed import free_port
 
     t0 = time.perf_counter()
     margs, T, B = _bench_model(cfg, args)
@@ -208,7 +209,7 @@ def bench_scaling(cfg: Any, args: Any) -> dict[str, Any]:
     for world in WORLDS:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
-        mp.start_processes(_worker, args=(world, _free_port(), spec, out), nprocs=world, start_method="spawn")
+        mp.start_processes(_worker, args=(world, free_port(), spec, out), nprocs=world, start_method="spawn")
         got = json.loads(Path(out).read_text())
         os.unlink(out)
         rows += got["results"]
@@ -285,7 +286,7 @@ def _checkpoint_worker(rank: int, world: int, port: int, spec: dict, out: str) -
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
     from m6rec.train import checkpoint as ckpt
-    from m6rec.train.engine import build_engine
+    from m6rec.train.step import build_engine
 
     margs = ModelArgs.from_dict(spec["model_args"])
     T, B = spec["seq_len"], spec["rows"]
@@ -305,7 +306,7 @@ def _checkpoint_worker(rank: int, world: int, port: int, spec: dict, out: str) -
         for i in range(spec["warmup"] + spec["steps"]):
             dist.barrier()
             t = time.perf_counter()
-            runner.run(i, 1e-4, [batch], [0.0] * 6).values()
+            runner.run(i, 1e-4, [batch]).values()
             dist.barrier()
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - t)
@@ -346,7 +347,7 @@ def _checkpoint_worker(rank: int, world: int, port: int, spec: dict, out: str) -
             ckpt.load(engine, ckpt_dir, tag)
             dist.barrier()
             loads[kind] = time.perf_counter() - t
-        runner.run(99, 1e-4, [batch], [0.0] * 6).values()  # the loaded engine still steps
+        runner.run(99, 1e-4, [batch]).values()  # the loaded engine still steps
         mine = dict(times=times, saves=saves, fsyncs=fsyncs, snapshot_s=snapshot_s, loads=loads)
         every = [None] * world
         dist.all_gather_object(every, mine)
@@ -391,7 +392,7 @@ def bench_checkpoint(cfg: Any, args: Any, *, warmup: int = 1, steps: int = 3, sa
     ``$TMPDIR`` (default /tmp): point it at the file system the runs save to."""
     import torch.multiprocessing as mp
 
-    from m6rec.train.engine import _free_port
+    from m6rec.train.distributed import free_port
 
     t0 = time.perf_counter()
     load_start = os.getloadavg()
@@ -403,7 +404,7 @@ def bench_checkpoint(cfg: Any, args: Any, *, warmup: int = 1, steps: int = 3, sa
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     try:
-        mp.start_processes(_checkpoint_worker, args=(world, _free_port(), spec, out), nprocs=world,
+        mp.start_processes(_checkpoint_worker, args=(world, free_port(), spec, out), nprocs=world,
                            start_method="spawn")
         rows = json.loads(Path(out).read_text())
     finally:
@@ -597,7 +598,8 @@ def _overhead_worker(spec: dict, out: str) -> None:
     torch.set_num_threads(spec["threads"])
     from m6rec.model import build_model
     from m6rec.model.args import ModelArgs
-    from m6rec.train.engine import build_engine, init_deepspeed_comm, prepare_inputs
+    from m6rec.train.distributed import init_deepspeed_comm
+    from m6rec.train.step import build_engine, prepare_inputs
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init_deepspeed_comm("gloo")
@@ -619,7 +621,7 @@ def _overhead_worker(spec: dict, out: str) -> None:
 
         def engine_step(i):
             # as the trainer runs it on a step that does not log: queue this step, read the previous one
-            queued = runner.run(i, 1e-4, [batch], [0.0] * 6)
+            queued = runner.run(i, 1e-4, [batch])
             if prev[0] is not None:
                 prev[0].values()
             prev[0] = queued
@@ -683,9 +685,9 @@ def _overhead_worker(spec: dict, out: str) -> None:
         torch.manual_seed(0)
         bmodel = build_model(margs)
         bengine, bopt, brunner, _ = build_engine(bcfg, bmodel, 1, cpu)
-        bprev = brunner.run(0, 1e-4, [batch], [0.0] * 6)
+        bprev = brunner.run(0, 1e-4, [batch])
         with HostSyncCounter(_device_tensors(bengine.module, bengine.optimizer) + [bprev.host]) as c:
-            brunner.run(1, 1e-4, [batch], [0.0] * 6)
+            brunner.run(1, 1e-4, [batch])
             bprev.values()
         counts["engine_bf16"] = dict(ops=c.ops, syncs=dict(c.syncs), total=c.total)
         del bengine, bopt, bmodel, brunner, bprev
@@ -718,11 +720,11 @@ def bench_overhead(warmup: int = 8, steps: int = 30, threads: int = 1) -> dict[s
     import torch.multiprocessing as mp
 
     from m6rec.model.args import ModelArgs
-    from m6rec.train.engine import _free_port
+    from m6rec.train.distributed import free_port
 
     margs = ModelArgs(**OVERHEAD_MODEL)
     spec = dict(model_args=margs.to_dict(), seq_len=OVERHEAD_SHAPE["seq_len"], rows=OVERHEAD_SHAPE["rows"],
-                warmup=warmup, steps=steps, threads=threads, port=_free_port())
+                warmup=warmup, steps=steps, threads=threads, port=free_port())
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     t0 = time.perf_counter()

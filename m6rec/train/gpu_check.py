@@ -7,7 +7,7 @@ On a CUDA device, at the ``350m`` shape (4 x 2048 tokens, bf16), one process mea
   packed prefix rows (FlexAttention), and transformers' ``LlamaForCausalLM`` of the
   same shape and weights (eager, layers compiled);
 * the engine: DeepSpeed initialised exactly as ``m6rec train`` does it
-  (:func:`~m6rec.train.engine.build_optimizer`, :func:`deepspeed_config`,
+  (:func:`~m6rec.train.optim.build_optimizer`, :func:`deepspeed_config`,
   :class:`TrainStep`, which also reads each step's numbers one step late as the
   trainer does) on the same packed prefix rows, for each ZeRO stage;
 
@@ -70,7 +70,9 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
     from m6rec.model.args import ModelArgs
     from m6rec.model.info import flops_per_token
     from m6rec.model.transformer import apply_compile, build_model
-    from m6rec.train.engine import build_engine, effective_zero_stage, init_distributed, prepare_inputs
+    from m6rec.train.distributed import init_distributed
+    from m6rec.train.ds_config import effective_zero_stage
+    from m6rec.train.step import build_engine, prepare_inputs
     from m6rec.train.metrics import peak_flops
 
     t0 = time.perf_counter()
@@ -157,7 +159,7 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
             i = [0]
 
             def engine_step():
-                queued = runner.run(i[0], 1e-4, [batches["packed_prefix"]], [0.0] * 6)
+                queued = runner.run(i[0], 1e-4, [batches["packed_prefix"]])
                 if pending[0] is not None:
                     pending[0].values()  # the trainer reads each step one step late
                 pending[0] = queued
