@@ -14,14 +14,20 @@ import importlib
 import os
 import sys
 
-from m6rec.config import ConfigError, load_config
+import yaml
+
+from m6rec.config import ConfigError, load_config, to_dict
+from m6rec.hardware import GpuUnusable, check_gpus_usable
+
+#: the free-text history `m6rec quickstart` recommends for by default
+DEFAULT_HISTORY = "Toy Story (1995); Finding Nemo (2003); Up (2009)"
 
 # name -> (module, function, help). Each function takes (cfg, args).
 COMMANDS = {
     "quickstart": ("m6rec.quickstart", "main", "built-in data: prepare -> pretrain -> evaluate vs popularity -> recommend"),
     "config": ("m6rec.cli", "show_config", "print the resolved configuration (or one key with --get)"),
     "prepare": ("m6rec.data.prepare", "main", "raw logs -> M6-Rec text -> tokenizer -> WebDataset shards"),
-    "model-info": ("m6rec.model.info", "main", "parameters, FLOPs/token and ZeRO memory of a model preset"),
+    "model-info": ("m6rec.train.zero_memory", "main", "parameters, FLOPs/token and ZeRO memory of a model preset"),
     "bench": ("m6rec.bench", "main", "benchmarks: data | model | train | gpu | recommend"),
     "train": ("m6rec.train.trainer", "main", "pretrain with DeepSpeed (one machine; launch/train.py for clusters)"),
     "plot": ("m6rec.train.plot", "main", "draw a run's metrics.jsonl to a PNG"),
@@ -42,8 +48,6 @@ GPU_UNUSABLE_EXIT = 3
 
 
 def _check_gpus(command: str) -> int:
-    from m6rec.hardware import GpuUnusable, check_gpus_usable
-
     local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     try:
         note = check_gpus_usable(command)
@@ -60,11 +64,71 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML preset (configs/...); dotted overrides may follow")
 
 
+def add_quickstart_arguments(p) -> None:
+    p.add_argument("--config", default=None,
+                   help="YAML preset (default: the shipped m6rec/configs/quickstart.yaml); dotted overrides may follow")
+    p.add_argument("--out", default=None, help="run directory (default train.run_dir of the preset: runs/quickstart)")
+    p.add_argument("--split", choices=["test", "valid"], default="test",
+                   help="split of the reported table (default test: reported once, nothing is selected on it)")
+    p.add_argument("--users", default=None, help="comma-separated user ids to recommend for (default: two drawn "
+                   "with a fixed seed)")
+    p.add_argument("--history", default=DEFAULT_HISTORY, help="a free-text history to recommend for ('' = none)")
+    p.add_argument("--k", type=int, default=10, help="recommendations per user")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for training (default: OMP_NUM_THREADS, else 1; 0 = cores per rank)")
+    p.add_argument("--force-prepare", action="store_true", help="prepare the data even when it is up to date")
+
+
+def add_eval_arguments(p) -> None:
+    p.add_argument("--ckpt", required=True, action="append",
+                   help="a run directory (newest complete checkpoint); repeat to put several models in one table")
+    p.add_argument("--tag", default=None, help="a checkpoint tag like step00001000, or best (RUN_DIR/best.json of "
+                   "train.select_by), for every --ckpt run (default: each run's newest complete checkpoint)")
+    p.add_argument("--task", default="next_item",
+                   help="next_item (generative: item-token softmax or trie beam search), retrieval (two-tower, "
+                        "a run of `m6rec finetune`), ranking (P(yes) of held-out targets: AUC, log loss)")
+    p.add_argument("--baseline", action="append", default=None,
+                   help="retrieval tables: also rank with this next-item run (e.g. the item-token baseline), "
+                        "same split and catalog; repeatable")
+    p.add_argument("--dataset", default=None,
+                   help="evaluate on this prepared dataset instead of the model's own: zero-shot when it differs "
+                        "(prepare it with the model's tokenizer: --data.tokenizer.path RUN_DATA/tokenizer.json)")
+    p.add_argument("--split", choices=["valid", "test"], default="valid",
+                   help="valid for model selection; test once, for the reported number")
+    p.add_argument("--max-users", type=int, default=0, help="a seeded random subset of users (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --max-users subset")
+    p.add_argument("--ks", default=None, help="cutoffs, e.g. 1,5,10,20,50 (default: eval.ks of the run's config)")
+    _add_model_arguments(p)
+    p.add_argument("--out", required=True, help="FILE.json (FILE.md and FILE.png are written beside it)")
+
+
+def add_recommend_arguments(p) -> None:
+    p.add_argument("--ckpt", required=True, help="a run directory (newest complete checkpoint)")
+    p.add_argument("--tag", default=None, help="a checkpoint tag like step00001000")
+    p.add_argument("--user", default=None, help="a user id of the dataset")
+    p.add_argument("--history", default=None, help='a free-text history: "Toy Story (1995); Heat (1995)"')
+    p.add_argument("--k", type=int, default=10, help="how many items")
+    _add_model_arguments(p)
+
+
+def _add_model_arguments(p) -> None:
+    p.add_argument("--mode", choices=["auto", "text", "token"], default="auto",
+                   help="auto: item tokens when the data has them, else text (trie beam search)")
+    p.add_argument("--beam", type=int, default=0, help="beam width of text mode (at least the largest k)")
+    p.add_argument("--length-norm", type=float, default=1.0,
+                   help="text mode: score = log p(item text + END) / (tokens + 1) ** this (1 = mean per token, "
+                        "0 = the item's probability)")
+    p.add_argument("--batch-size", type=int, default=16, help="users per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0 = torch's default); beam search is many small ops, and one thread "
+                        "measured faster than two on a shared 2-core machine")
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)  # the run's own config.yaml is read
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m6rec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from m6rec.quickstart import add_arguments as add_quickstart_arguments
-
     add_quickstart_arguments(sub.add_parser("quickstart", help=COMMANDS["quickstart"][2]))
     p = sub.add_parser("config", help=COMMANDS["config"][2])
     _add_common(p)
@@ -92,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--only", choices=["scaling", "overhead", "checkpoint"], default=None,
                    help="train: only the ZeRO scaling table, the engine overhead table or the checkpoint cost table")
+    p.add_argument("--quick", action="store_true",
+                   help="train: a shortened run (what CI runs): ZeRO stages 0 and 2, 1 warm-up and 2 timed steps "
+                        "in each part, one checkpoint save, the tiny preset at 64 tokens x 2 rows unless --config")
     p.add_argument("--tiny", action="store_true", help="gpu: a tiny fp32 model on the CPU (what CI runs)")
     p.add_argument("--ckpt", action="append", default=None, help="recommend: a run directory (repeat to compare)")
     p.add_argument("--users", type=int, default=200, help="recommend: timed requests per run (after 10 warm-up)")
@@ -107,8 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32: consolidated model.safetensors; hf: transformers Llama directory")
     p.add_argument("out", help="output directory (fp32 also takes a FILE.safetensors)")
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
-    from m6rec.rec.commands import add_eval_arguments, add_recommend_arguments
-
     add_eval_arguments(sub.add_parser("eval", help=COMMANDS["eval"][2]))
     add_recommend_arguments(sub.add_parser("recommend", help=COMMANDS["recommend"][2]))
     p = sub.add_parser("finetune", help=COMMANDS["finetune"][2])
@@ -124,10 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def show_config(cfg, args) -> int:
     """`m6rec config`: scripts (slurm/*.sbatch) read resolved values through this."""
-    import yaml
-
-    from m6rec.config import to_dict
-
     tree = to_dict(cfg)
     if args.get:
         node = tree

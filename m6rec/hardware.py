@@ -155,7 +155,7 @@ def check_gpus_usable(command: str = "m6rec train") -> str | None:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return f"{command}: {gpus.describe()} hidden by CUDA_VISIBLE_DEVICES={visible!r}: training on the CPU"
-    import torch
+    import torch  # torch: this module also runs before torch is installed (scripts/install.sh)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -187,7 +187,7 @@ def main() -> int:
     if note:
         print(note)
         return 0
-    import torch
+    import torch  # torch: this module also runs before torch is installed (scripts/install.sh)
 
     print(f"m6rec hardware: {gpus.describe()}; PyTorch {torch.__version__} (CUDA {torch.version.cuda}) "
           f"sees {torch.cuda.device_count()} of them")

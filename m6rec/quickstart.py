@@ -29,11 +29,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from m6rec.config import Config, ConfigError, load_config, to_dict
+from m6rec.data.prepare import prepare, summary
+from m6rec.data.prompts import contexts_for
+from m6rec.rec.commands import evaluate_runs
+from m6rec.rec.evaluate import EvalData
+from m6rec.rec.generative import GenerativeRecommender
+from m6rec.train.plot import plot_run
+from m6rec.train.run_dir import load_run
+from m6rec.train.trainer import NonFiniteLossError, train
 
 PRESET = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 MARKER = "quickstart.json"  # written first into the run directory: "this directory is a quickstart run"
-DEFAULT_HISTORY = "Toy Story (1995); Finding Nemo (2003); Up (2009)"
 # Data settings that change where and how training reads a prepared dataset, not what it holds.
 _READ_TIME_KEYS = ("output", "stream", "shards", "workers")
 
@@ -98,8 +108,6 @@ def _wandb_files(run_dir: Path) -> list[Path]:
 def _recommend(run_dir: Path, users: list[str], history: str, k: int) -> list[dict]:
     """Top-k for ``users`` (whole timeline excluded, as ``m6rec recommend --user``) and for a
     free-text ``history`` (as ``m6rec recommend --history``), loading the run once."""
-    from m6rec.rec.generative import GenerativeRecommender, contexts_for, load_run
-
     run = load_run(run_dir)
     ctx = contexts_for(run.cfg, run.tokenizer, run.dataset_dir)
     rec = GenerativeRecommender(run.model, ctx, batch_size=1)
@@ -137,14 +145,7 @@ def _print_top(rec, prompt, k: int, text: dict, **who) -> dict:
 
 def _eval(run_dir: Path, split: str, out: Path) -> dict:
     """``m6rec eval --ckpt RUN_DIR --split SPLIT --out OUT`` with that command's defaults."""
-    from m6rec.cli import build_parser
-    from m6rec.rec.commands import eval_main
-
-    args = build_parser().parse_args(["eval", "--ckpt", str(run_dir), "--split", split, "--out", str(out)])
-    rc = eval_main(None, args)
-    if rc:
-        raise RuntimeError(f"evaluation failed (exit status {rc})")
-    return json.loads(out.read_text())
+    return evaluate_runs([run_dir], out, split=split)
 
 
 def _headline(results: list[dict]) -> list[str]:
@@ -160,7 +161,6 @@ def _headline(results: list[dict]) -> list[str]:
 def main(cfg: Config, args) -> int:
     """``m6rec quickstart``.  ``cfg`` (the CLI's defaults + overrides) is not used: the
     shipped preset, or ``--config``, is loaded here with the same overrides."""
-    import torch
 
     omp, threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
     try:
@@ -195,8 +195,6 @@ def _run(args) -> int:
         _say(f"{cfg.data.output} is already prepared with these data settings: skipped (--force-prepare redoes it)")
         record["prepared"] = False
     else:
-        from m6rec.data.prepare import prepare, summary
-
         _say(f"preparing: {why}")
         manifest = prepare(cfg.data, cfg.data.workers)
         _say(summary(manifest))
@@ -207,9 +205,6 @@ def _run(args) -> int:
     t0 = _stage(2, f"pretrain the {cfg.model.preset} model: {cfg.train.steps} steps -> {run_dir}")
     threads = _set_threads(args.threads)
     _say(f"torch CPU threads: {threads or 'the engine default (cores per rank)'}")
-    from m6rec.train.trainer import NonFiniteLossError, train
-    from m6rec.train.plot import plot_run
-
     try:
         result = train(cfg, resume="none")
     except NonFiniteLossError as e:
@@ -235,8 +230,6 @@ def _run(args) -> int:
     if args.users:
         users = [u.strip() for u in args.users.split(",") if u.strip()]
     else:  # two users drawn with a fixed seed: the same ones every run, not picked for looking good
-        import numpy as np
-
         ids = sorted({q.user_id for q in _queries(cfg, args.split)})
         users = [str(u) for u in np.random.default_rng(0).choice(ids, size=min(2, len(ids)), replace=False)]
     record["recommendations"] = _recommend(run_dir, users, args.history, args.k)
@@ -281,7 +274,6 @@ def _set_threads(threads: int | None) -> int:
     engine's default (the cores split between the ranks of this machine).  One thread: on a
     2-core machine that other jobs share, two OpenMP threads spin-wait for each other and the
     tiny model trains ~6x slower (measured: docs/training.md#quickstart)."""
-    import torch
 
     if threads is None:
         threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
@@ -292,21 +284,4 @@ def _set_threads(threads: int | None) -> int:
 
 
 def _queries(cfg: Config, split: str):
-    from m6rec.rec.evaluate import EvalData
-
     return EvalData.load(cfg.data.output).queries(split)
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--config", default=None,
-                   help="YAML preset (default: the shipped m6rec/configs/quickstart.yaml); dotted overrides may follow")
-    p.add_argument("--out", default=None, help="run directory (default train.run_dir of the preset: runs/quickstart)")
-    p.add_argument("--split", choices=["test", "valid"], default="test",
-                   help="split of the reported table (default test: reported once, nothing is selected on it)")
-    p.add_argument("--users", default=None, help="comma-separated user ids to recommend for (default: two drawn "
-                   "with a fixed seed)")
-    p.add_argument("--history", default=DEFAULT_HISTORY, help="a free-text history to recommend for ('' = none)")
-    p.add_argument("--k", type=int, default=10, help="recommendations per user")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for training (default: OMP_NUM_THREADS, else 1; 0 = cores per rank)")
-    p.add_argument("--force-prepare", action="store_true", help="prepare the data even when it is up to date")

@@ -153,7 +153,7 @@ def batch_digest(batch: dict) -> str:
 def consume(args: argparse.Namespace) -> None:
     """Run one rank's stream: record every batch; optionally stop after N batches and save the state."""
     from m6rec.config import StreamConfig
-    from m6rec.data.stream import StreamLoader
+    from m6rec.data.loader import StreamLoader
 
     cfg = StreamConfig(seq_len=args.seq_len, batch_size=args.batch_size, num_workers=args.workers,
                        shuffle_shards=args.shuffle_shards, seed=args.seed)

@@ -7,7 +7,7 @@ import pytest
 
 from m6rec.cli import build_parser
 from m6rec.config import load_config
-from m6rec.train.benchmark import _rank_of_file, bench_checkpoint, format_checkpoint_table
+from m6rec.bench.checkpoint import _rank_of_file, bench_checkpoint, checkpoint_table
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -47,6 +47,6 @@ def test_bench_checkpoint_saves_and_loads_per_stage_on_two_ranks():
     zero0, zero2 = rows[0]["bytes_per_rank"], rows[2]["bytes_per_rank"]
     assert zero0[0] > 12 * p and zero0[1] < 0.05 * zero0[0]
     assert zero2[1] > 6 * p and zero2[0] > zero2[1] + 3.5 * p
-    table = format_checkpoint_table(r["results"], r["save_every"])
+    table = checkpoint_table(r["results"], r["save_every"])
     assert len(table) == 4 and "cost at save_every 50" in table[0]
     print("\n".join(table))

@@ -1,7 +1,7 @@
 """`m6rec bench data` machinery on a small generated dataset (numbers are not asserted: benchmarks print them)."""
 import pytest
 
-from m6rec.data.benchmark import bench_data, format_table
+from m6rec.bench.data import bench_decode, bench_pipeline, decode_table, pipeline_table
 from test_prepare import generic_cfg, write_generic_logs
 
 
@@ -10,19 +10,18 @@ def test_bench_data_runs_side_by_side(tmp_path):
     cfg = generic_cfg(root, tmp_path / "unused", "--data.shard_size", "40", "--data.stream.seq_len", "256",
                       "--data.stream.batch_size", "2")
     with pytest.warns(UserWarning):
-        r = bench_data(cfg, tmp_path / "bench", prepare_workers=(1, 2), loader_workers=(0, 1),
+        r = bench_pipeline(cfg, tmp_path / "bench", prepare_workers=(1, 2), loader_workers=(0, 1),
                        model_preset="configs/model/tiny.yaml", max_batches=5, max_seconds=5, train_steps=2)
     assert [p["workers"] for p in r["prepare"]] == [1, 2]
     assert r["prepare"][0]["samples"] == r["prepare"][1]["samples"] > 0
     assert [x["num_workers"] for x in r["reader"]] == [0, 1]
     assert all(x["tokens_per_s"] > 0 and x["x_ahead_of_training"] > 0 for x in r["reader"])
     assert r["train_rank"]["tokens_per_s"] > 0
-    assert "one training rank" in format_table(r)
+    assert "one training rank" in pipeline_table(r)
 
 
 def test_bench_decode_compares_both_decoders_on_a_prepared_dataset(tmp_path):
     from m6rec.data import prepare as P
-    from m6rec.data.benchmark import bench_decode, format_decode_table
     from m6rec.data import stream as S
 
     root = write_generic_logs(tmp_path / "logs", n_users=80, n_items=50)
@@ -34,7 +33,7 @@ def test_bench_decode_compares_both_decoders_on_a_prepared_dataset(tmp_path):
     assert S.load_npy is fast  # the A/B swap is undone
     (row,) = r["rows"]
     assert row["np_load_ms_per_batch"] > 0 and row["load_npy_ms_per_batch"] > 0 and row["speedup"] > 0
-    assert "speed-up" in format_decode_table(r)
+    assert "speed-up" in decode_table(r)
 
 
 def test_bench_data_wait_compares_three_loaders_through_the_cli(tmp_path, capsys):

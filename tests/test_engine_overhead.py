@@ -16,7 +16,8 @@ from m6rec.train import distributed as DIST
 from m6rec.train import ds_config as DSC
 from m6rec.train import optim as OPT
 from m6rec.train import step as ST
-from m6rec.train.benchmark import OVERHEAD_MODEL, HostSyncCounter, _batch, _device_tensors
+from m6rec.bench.common import synthetic_batch
+from m6rec.bench.overhead import OVERHEAD_MODEL, HostSyncCounter, bench_overhead, device_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted([*(ROOT / "configs").glob("*/*.yaml"), ROOT / "m6rec" / "configs" / "quickstart.yaml"])
@@ -95,7 +96,7 @@ def test_step_on_device_equals_clip_then_adamw_and_skips_on_the_flag():
         want_norm = torch.nn.utils.clip_grad_norm_(ref_w, 1.0)
         ref.step()
         opt.shared_loss = torch.tensor(2.5)
-        with HostSyncCounter(_device_tensors(torch.nn.ParameterList(w), opt)) as c:
+        with HostSyncCounter(device_tensors(torch.nn.ParameterList(w), opt)) as c:
             opt.step()
         assert c.total == 0, c.syncs
         torch.testing.assert_close(opt.grad_norm, want_norm)
@@ -163,9 +164,9 @@ def test_engine_step_reads_the_device_once(monkeypatch):
     model = build_model(ModelArgs(**{**OVERHEAD_MODEL, "n_layers": 4}))
     engine, opt, runner, ds_config = ST.build_engine(cfg, model, 1, torch.device("cpu"))
     assert engine.zero_optimization_stage() == 0 and ds_config["gradient_clipping"] == 0  # StepOnDevice clips
-    batch = _batch(512, 2, 64, seed=0)
+    batch = synthetic_batch(512, 2, 64, seed=0)
     prev = runner.run(0, 1e-3, [batch])
-    with HostSyncCounter(_device_tensors(engine.module, engine.optimizer) + [prev.host]) as c:
+    with HostSyncCounter(device_tensors(engine.module, engine.optimizer) + [prev.host]) as c:
         now = runner.run(1, 1e-3, [batch])
         v = prev.values()
     assert c.total == 1 and dict(c.syncs) == {"tolist": 1}, c.syncs
@@ -192,9 +193,9 @@ def test_bf16_without_zero_trains_under_autocast_with_fp32_weights(monkeypatch):
     engine, opt, runner, ds_config = ST.build_engine(cfg, model, 1, torch.device("cpu"))
     assert ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds_config["bf16"]["enabled"]
     before = {n: p.detach().clone() for n, p in engine.module.named_parameters() if "patch_embed" not in n}
-    batch = _batch(512, 2, 64, seed=0)
+    batch = synthetic_batch(512, 2, 64, seed=0)
     prev = runner.run(0, 1e-3, [batch])
-    with HostSyncCounter(_device_tensors(engine.module, engine.optimizer) + [prev.host]) as c:
+    with HostSyncCounter(device_tensors(engine.module, engine.optimizer) + [prev.host]) as c:
         now = runner.run(1, 1e-3, [batch])
         v = prev.values()
     assert c.total == 1, c.syncs
@@ -208,8 +209,6 @@ def test_bf16_without_zero_trains_under_autocast_with_fp32_weights(monkeypatch):
 def test_overhead_bench_runs_and_counts_one_read_per_step():
     """`m6rec bench train --only overhead` end to end, shortened (timings are not asserted: a
     benchmark's numbers live in docs/training.md, not in tests)."""
-    from m6rec.train.benchmark import bench_overhead
-
     r = bench_overhead(warmup=1, steps=2)
     assert [x["stage"] for x in r["results"]] == [0, 1, 2, 3]
     for x in r["results"]:

@@ -13,6 +13,7 @@ import torch
 
 from m6rec.config import Config
 from m6rec.train import metrics as M
+from m6rec.train import peak
 from m6rec.train.plot import main as plot_main
 from m6rec.train.plot import plot_run, read_metrics
 
@@ -438,7 +439,7 @@ def test_peak_flops_table(monkeypatch, gpu, precision, tf32, expected):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high" if tf32 else "highest")
     calls = []
-    flops, source = M.peak_flops(precision, "cuda:0", measure=lambda dtype, dev: calls.append(dtype) or 7.0)
+    flops, source = peak.peak_flops(precision, "cuda:0", measure=lambda dtype, dev: calls.append(dtype) or 7.0)
     assert flops == expected, source
     assert ("measured" in source) == (expected == 7.0) and (gpu in source)
     assert calls == ([torch.bfloat16] if expected == 7.0 else [])
@@ -446,21 +447,21 @@ def test_peak_flops_table(monkeypatch, gpu, precision, tf32, expected):
 
 def test_peak_flops_configured_and_cpu():
     never = lambda *a: pytest.fail("must not measure")  # noqa: E731
-    assert M.peak_flops("bf16", "cuda", configured=123e12, measure=never) == (123e12, "configured (train.peak_flops)")
+    assert peak.peak_flops("bf16", "cuda", configured=123e12, measure=never) == (123e12, "configured (train.peak_flops)")
     dtypes = []
-    flops, source = M.peak_flops("fp32", "cpu", measure=lambda dtype, dev: dtypes.append(dtype) or 5e10)
+    flops, source = peak.peak_flops("fp32", "cpu", measure=lambda dtype, dev: dtypes.append(dtype) or 5e10)
     assert flops == 5e10 and dtypes == [torch.float32] and source == "measured float32 matmul peak on cpu"
     M._measured_peaks.clear()
-    first = M.measure_matmul_flops(torch.float32, "cpu", seconds=0.15)
+    first = peak.measured_matmul_flops(torch.float32, "cpu", seconds=0.15)
     assert 1e8 < first < 1e15
-    assert M.measure_matmul_flops(torch.float32, "cpu", seconds=100) == first  # cached: returns at once
+    assert peak.measured_matmul_flops(torch.float32, "cpu", seconds=100) == first  # cached: returns at once
 
 
 def test_mfu_and_step_timer():
     # 2,000 tokens/s/device of a model at 6e9 FLOPs/token on a 312 TFLOP/s GPU.
-    assert M.mfu(2000, 6e9, 312e12) == pytest.approx(12e12 / 312e12)
+    assert peak.mfu(2000, 6e9, 312e12) == pytest.approx(12e12 / 312e12)
     with pytest.raises(ValueError):
-        M.mfu(1, 1, 0)
+        peak.mfu(1, 1, 0)
 
     ticks = [0.0, 0.0, 0.5, 10.0, 14.0, 20.0]  # start, data 0->0.5, paused 10->14, report at 20
     timer = M.StepTimer(clock=lambda: ticks.pop(0) if ticks else 20.0)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from m6rec.model import ModelArgs, build_model
 from m6rec.model import masks as masks_mod
 from m6rec.model import transformer as tr
+from m6rec.model.loss import linear_cross_entropy
 from m6rec.model.decode import KVCache, decode
 from m6rec.model.masks import bidirectional_region, build_attention_mask
 
@@ -445,7 +446,7 @@ def test_chunked_linear_cross_entropy_matches_full_logits(dtype, chunk, smoothin
     h = torch.randn(20, 16, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(50, 16, generator=g) * 0.3).to(dtype).requires_grad_()
     y = torch.randint(0, 50, (20,), generator=g)
-    got = tr.linear_cross_entropy(h, w, y, chunk=chunk, smoothing=smoothing) / 20
+    got = linear_cross_entropy(h, w, y, chunk=chunk, smoothing=smoothing) / 20
     (got * 3.0).backward()  # a non-unit upstream gradient reaches both inputs
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
@@ -457,7 +458,7 @@ def test_chunked_linear_cross_entropy_matches_full_logits(dtype, chunk, smoothin
     torch.testing.assert_close(gh.float(), h.grad.float(), **tol)
     torch.testing.assert_close(gw.float(), w.grad.float(), **tol)
     with torch.no_grad():  # the no-grad path (evaluation) gives the same sum
-        torch.testing.assert_close(tr.linear_cross_entropy(h, w, y, chunk=chunk, smoothing=smoothing) / 20,
+        torch.testing.assert_close(linear_cross_entropy(h, w, y, chunk=chunk, smoothing=smoothing) / 20,
                                    want, **tol)
 
 
@@ -627,7 +628,7 @@ def test_chunked_linear_cross_entropy_under_bf16_autocast():
     w = (torch.randn(40, 16, generator=g) * 0.3).requires_grad_()
     y = torch.randint(0, 40, (24,), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = tr.linear_cross_entropy(h, w, y, chunk=5) / 24
+        got = linear_cross_entropy(h, w, y, chunk=5) / 24
     got.backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None

@@ -19,7 +19,7 @@ from m6rec.config import ConfigError, load_config
 from m6rec.data import prepare as P
 from m6rec.data import text as T
 from m6rec.data.split import load_split
-from m6rec.data.stream import StreamLoader
+from m6rec.data.loader import StreamLoader
 
 
 def write_generic_logs(root, n_users=40, n_items=60, seed=0):

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from m6rec import quickstart as Q
+from m6rec.cli import DEFAULT_HISTORY
 from m6rec.cli import main as cli_main
 from m6rec.config import load_config, to_dict
 from test_metrics import read_wandb_records, wandb_history
@@ -125,7 +126,7 @@ def test_recommendations_printed(quickstart):
     items = pd.read_parquet(quickstart["data"] / "items.parquet")
     text = dict(zip(items["item_id"], items["text"]))
     recs = json.loads((quickstart["run"] / Q.MARKER).read_text())["recommendations"]
-    assert [r.get("user") for r in recs] == ["1", None] and recs[1]["history"] == Q.DEFAULT_HISTORY
+    assert [r.get("user") for r in recs] == ["1", None] and recs[1]["history"] == DEFAULT_HISTORY
     assert "user nobody: not in the dataset, skipped" in out
     printed = [ROW.match(line) for line in out.split("=== [4/4] recommend")[1].splitlines()]
     printed = [m for m in printed if m]

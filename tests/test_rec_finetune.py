@@ -22,9 +22,11 @@ from m6rec.cli import main as cli_main
 from m6rec.config import ConfigError, FinetuneConfig
 from m6rec.data import prepare as P
 from m6rec.rec.evaluate import EvalData
-from m6rec.rec.finetune import (Examples, Options, Retriever, TaskModel, answer_ids, load_task_run,
-                                ranking_examples, with_options)
-from m6rec.rec.generative import ContextBuilder, collate, load_run
+from m6rec.data.prompts import ContextBuilder, collate
+from m6rec.model.options import Options
+from m6rec.rec.finetune import (Examples, Retriever, TaskModel, answer_ids, load_task_run, ranking_examples,
+                                with_options)
+from m6rec.train.run_dir import load_run
 from test_prepare import generic_cfg, write_generic_logs
 from test_rec_generative import _prepare_and_train
 

@@ -19,7 +19,9 @@ from m6rec.cli import main as cli_main
 from m6rec.data import prepare as P
 from m6rec.data import text as T
 from m6rec.rec.evaluate import EvalData, evaluate
-from m6rec.rec.generative import ContextBuilder, GenerativeRecommender, ItemTrie, batches_by_length, load_run
+from m6rec.data.prompts import ContextBuilder, batches_by_length, collate
+from m6rec.rec.generative import GenerativeRecommender, ItemTrie
+from m6rec.train.run_dir import load_run
 from test_prepare import generic_cfg, write_generic_logs
 
 MODEL = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.ffn_hidden", "128",
@@ -242,6 +244,35 @@ def test_eval_command_writes_one_table(runs, tmp_path, capsys):
     assert cli_main(["eval", "--ckpt", str(runs["text"].run_dir), "--task", "ctr", "--out", str(out)]) == 2
 
 
+def _run_with_tags(src, dst, tags):
+    """A run directory ``dst`` whose checkpoints ``tags`` are all ``src``'s newest one (linked), newest named last."""
+    (dst / "checkpoints").mkdir(parents=True)
+    (dst / "config.yaml").write_bytes((src / "config.yaml").read_bytes())
+    for tag in tags:
+        (dst / "checkpoints" / tag).symlink_to(src / "checkpoints" / "step00000006", target_is_directory=True)
+    (dst / "checkpoints" / "latest").write_text(tags[-1])
+    return dst
+
+
+def test_eval_tag_applies_to_every_run(runs, tmp_path, capsys):
+    """--tag with several --ckpt ranks each run's tagged checkpoint, not its newest; a run without it is refused."""
+    a = _run_with_tags(runs["text"].run_dir, tmp_path / "a", ["step00000003", "step00000006"])
+    b = _run_with_tags(runs["token"].run_dir, tmp_path / "b", ["step00000003", "step00000006"])
+    out = tmp_path / "eval.json"
+    assert cli_main(["eval", "--ckpt", str(a), "--ckpt", str(b), "--tag", "step00000003", "--split", "test",
+                     "--max-users", "3", "--ks", "1,5", "--out", str(out)]) == 0
+    meta = json.loads(out.read_text())["meta"]
+    assert [m["checkpoint"] for m in meta["models"]] == ["step00000003", "step00000003"]
+    capsys.readouterr()
+    c = _run_with_tags(runs["token"].run_dir, tmp_path / "c", ["step00000006"])
+    assert cli_main(["eval", "--ckpt", str(a), "--ckpt", str(c), "--tag", "step00000003", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"m6rec eval: --ckpt {c} --tag step00000003: ") and "not a complete checkpoint" in err
+    assert len(err.splitlines()) == 1
+    assert cli_main(["eval", "--ckpt", str(a), "--ckpt", str(b), "--tag", "best", "--out", str(out)]) == 2
+    assert f"--ckpt {a} --tag best: {a / 'best.json'} missing" in capsys.readouterr().err
+
+
 def _printed_items(out):
     return [line.split()[1] for line in out.splitlines() if line[:4].strip().rstrip(".").isdigit()]
 
@@ -321,7 +352,7 @@ def test_item_marker_labels_only_where_they_end_a_title(runs):
     # the config key reaches the stream
     import dataclasses
 
-    from m6rec.data.stream import StreamLoader
+    from m6rec.data.loader import StreamLoader
     data = runs["token"].run.cfg.data
     forced = dataclasses.replace(data, output=str(runs["token"].run.dataset_dir),
                                  stream=dataclasses.replace(data.stream, item_marker_loss=True, num_workers=1))
@@ -349,8 +380,6 @@ def test_padded_static_shapes_rank_the_same(runs, attn_impl):
         s.model.args.attn_impl = old
     assert [[i for i, _ in r] for r in a] == [[i for i, _ in r] for r in b]
     assert [sc for r in a for _, sc in r] == pytest.approx([sc for r in b for _, sc in r], abs=1e-4)
-    from m6rec.rec.generative import collate
-
     batch = collate([s.ctx.for_query(q) for q in queries[:3]], s.ctx, padded.pad_id, "cpu", rows=8, multiple=128)
     assert batch["input_ids"].shape == (8, 128) and batch["lengths"].shape == (3,)
     assert (batch["document_ids"][3:] == -1).all()

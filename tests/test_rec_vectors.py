@@ -19,9 +19,11 @@ from m6rec.config import ConfigError
 from m6rec.data import prepare as P
 from m6rec.data import text as T
 from m6rec.data import vectors as V
-from m6rec.data.stream import StreamLoader
+from m6rec.data.loader import StreamLoader
 from m6rec.rec.evaluate import EvalData
-from m6rec.rec.generative import ContextBuilder, GenerativeRecommender, load_run
+from m6rec.data.prompts import ContextBuilder
+from m6rec.rec.generative import GenerativeRecommender
+from m6rec.train.run_dir import load_run
 from m6rec.train.step import prepare_inputs
 from test_prepare import generic_cfg, write_generic_logs
 from test_rec_generative import MODEL
@@ -387,7 +389,7 @@ def test_posters_join_the_item_vector_through_a_run_encoder(shop, tmp_path, caps
     image slots into the behaviour text; a text-only encoder leaves the posters out and says so."""
     import torch
 
-    from m6rec.data.stream import image_patches
+    from m6rec.data.images import image_patches
 
     root = shop["root"]
     with warnings.catch_warnings():

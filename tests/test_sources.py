@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from m6rec.config import ConfigError, DataConfig, FilterConfig, GenericSourceConfig, ImageConfig
-from m6rec.data import sources
+from m6rec.data import raw_files
 from m6rec.data.sources import RawData, clean, load_source
 
 
@@ -117,7 +117,7 @@ def test_ml100k_generated_with_malformed_lines(tmp_path):
 
 
 def test_malformed_list_is_capped_but_every_row_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "MAX_LISTED_MALFORMED", 2)
+    monkeypatch.setattr(raw_files, "MAX_LISTED_MALFORMED", 2)
     write_ml100k(tmp_path)
     raw = load("ml-100k", tmp_path)
     assert len(raw.malformed) == 2 and raw.counts["malformed_rows"] == 4

@@ -15,14 +15,13 @@ import pytest
 from PIL import Image
 
 from m6rec.config import DataConfig, StreamConfig
+from m6rec.data.loader import StreamLoader
+from m6rec.data.packing import assign_shards, ffd_pack
 from m6rec.data.stream import (
     CorruptShardError,
     CorruptShardWarning,
     DroppedDataWarning,
-    StreamLoader,
     StreamStateError,
-    assign_shards,
-    ffd_pack,
     shard_locations,
 )
 

@@ -187,11 +187,11 @@ def test_checkpoint_bookkeeping(tmp_path):
     ckpt._prune(d, keep_last=2, keep="step00000040")
     assert sorted(p.name for p in d.iterdir()) == ["latest", "step00000020", "step00000040", "step00000050"]
 
-    from m6rec.train.export import resolve
+    from m6rec.train.run_dir import resolve_checkpoint
 
-    assert resolve(tmp_path) == (d, "step00000020")
+    assert resolve_checkpoint(tmp_path) == (d, "step00000020")
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
-        resolve(d / "step00000050")
+        resolve_checkpoint(d / "step00000050")
 
 
 

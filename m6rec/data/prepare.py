@@ -19,7 +19,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
 from m6rec.config import ConfigError, DataConfig, to_dict
 from m6rec.data import text as T
 from m6rec.data import vectors
+from m6rec.data.images import load_images
 from m6rec.data.sources import clean, load_source
 from m6rec.data.split import leave_one_out, save_split
 from m6rec.data.tokenizer import (
@@ -79,26 +78,6 @@ def held_out_items(item_ids, fraction: float, seed: int) -> list[str]:
     return sorted(ids[i] for i in rng.choice(len(ids), size=n, replace=False))
 
 
-def _load_images(items: pd.DataFrame, size: int) -> tuple[dict[str, bytes], list[str]]:
-    """Decode and resize each item image once; stored at ``size`` so shards stay small."""
-    out: dict[str, bytes] = {}
-    failed: list[str] = []
-    for iid, path in zip(items["item_id"], items["image"]):
-        if not isinstance(path, str) or not path:  # None or NaN: the item has no image
-            continue
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-                buf = io.BytesIO()
-                im.save(buf, format="JPEG", quality=90)
-                out[iid] = buf.getvalue()
-        except Exception as e:  # PIL raises many types for bad files
-            failed.append(f"{path}: cannot decode image ({type(e).__name__}: {e}); item {iid} has no image")
-    for msg in failed:
-        warnings.warn(msg)
-    return out, failed
-
-
 def _wants_images(cfg: DataConfig) -> bool:
     """Whether the item images are loaded.  In the vector modes a poster goes into the item's cached
     vector, which only an item encoder that read posters in its own pretraining can do (an m6rec run
@@ -121,7 +100,7 @@ def build(cfg: DataConfig) -> Prepared:
     data = clean(raw, cfg.filters)
     timeline = leave_one_out(data.interactions)
     wants_images = _wants_images(cfg)
-    images, failed = _load_images(data.items, cfg.images.size) if wants_images else ({}, [])
+    images, failed = load_images(data.items, cfg.images.size) if wants_images else ({}, [])
     items = data.items.copy()
     items["image"] = [p if iid in images else None for iid, p in zip(items["item_id"], items["image"])]
     catalog = T.build_catalog(items, data.users, data.tags, cfg.text)

@@ -21,11 +21,6 @@ tables touch rows one by one in Python.
 """
 from __future__ import annotations
 
-import codecs
-import csv
-import gzip
-import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +30,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 
 from m6rec.config import ConfigError, DataConfig, FilterConfig, GenericSourceConfig
+from m6rec.data.raw_files import (Malformed, read_delimited, read_table, require_file,
+                                  separator_hint, unreadable)
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "builtin"
-MAX_LISTED_MALFORMED = 1000  # every malformed row is counted; only this many are listed (reports stay small)
 EPOCH = pd.Timestamp(0, tz="UTC")
 
 # ML-100K u.genre order; used when u.genre is absent.  "unknown" is dropped from item
@@ -73,7 +67,7 @@ class RawData:
     items: pd.DataFrame
     users: pd.DataFrame
     tags: pd.DataFrame
-    malformed: list[str] = field(default_factory=list)  # "path:line: reason", first MAX_LISTED_MALFORMED
+    malformed: list[str] = field(default_factory=list)  # "path:line: reason", the first raw_files.MAX_LISTED_MALFORMED
     counts: dict = field(default_factory=dict)
 
 
@@ -106,7 +100,7 @@ def resolve_root(root: str) -> Path:
 def load_source(data_cfg: DataConfig) -> RawData:
     """Read ``data_cfg.source`` from ``data_cfg.root`` into :class:`RawData` (uncleaned)."""
     root = resolve_root(data_cfg.root)
-    log = _Malformed()
+    log = Malformed()
     readers = {"ml-100k": _load_ml100k, "ml-1m": _load_ml1m, "ml-latest": _load_ml_latest}
     if data_cfg.source == "generic":
         interactions, items, users, tags = _load_generic(root, data_cfg.generic, log)
@@ -211,181 +205,6 @@ def clean(raw: RawData, filters_cfg: FilterConfig) -> CleanData:
 
 
 # --------------------------------------------------------------------------
-# Reading files into string columns plus a "line" column
-# --------------------------------------------------------------------------
-class _Malformed:
-    """Skipped rows: every one is counted, the first MAX_LISTED_MALFORMED are listed."""
-
-    def __init__(self) -> None:
-        self.listed: list[str] = []
-        self.count = 0
-
-    def add(self, path: Path, lines, reason: str) -> None:
-        lines = np.asarray(lines)
-        self.count += len(lines)
-        room = max(MAX_LISTED_MALFORMED - len(self.listed), 0)
-        self.listed.extend(f"{path}:{n}: {reason}" for n in lines[:room])
-
-
-def _require(path: Path, key: str, what: str = "") -> Path:
-    if not path.is_file():
-        raise ConfigError(f"config key '{key}': file not found: {path}{what}")
-    return path
-
-
-def _read_bytes(path: Path) -> bytes:
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
-
-
-def _separator_hint(first_line: str) -> str:
-    for sep, name in (("::", "'::'"), ("\t", "tabs"), ("|", "'|'"), (";", "';'"), (",", "commas")):
-        if sep in first_line:
-            return f"; its first line looks separated by {name}"
-    return ""
-
-
-def _unreadable(path: Path, n_rows: int, first: str, first_line: str, expect: str) -> ConfigError:
-    return ConfigError(f"{path}: none of its {n_rows} rows could be read (first: {first})"
-                       f"{_separator_hint(first_line)}. Expected {expect}")
-
-
-def _read_delimited(path: Path, log: _Malformed, expect: str, *, sep: str, names: Optional[list[str]] = None,
-                    encoding: str = "utf-8", quoted: bool = True) -> pd.DataFrame:
-    """Delimited text (optionally gzipped) -> all-string columns plus ``line``.
-
-    ``names`` None: the first line is a header.  ``quoted`` False for MovieLens
-    ``::``/``|``/tab files, whose titles may contain bare quote characters.
-    """
-    raw = _read_bytes(path)
-    if not raw.strip():
-        raise ConfigError(f"{path}: the file is empty. Expected {expect}")
-    try:
-        text, undecodable = raw.decode(encoding), False
-    except UnicodeDecodeError:  # such rows are marked with U+FFFD and skipped below
-        text, undecodable = raw.decode(encoding, errors="replace"), True
-    first_line = text.split("\n", 1)[0].rstrip("\r")
-    header = names is None  # only CSV/TSV files have a header, so sep is one character here
-    if header:
-        names = [n.strip() for n in next(csv.reader([first_line], delimiter=sep))]
-    pa_sep = sep
-    if len(sep) > 1:  # pyarrow splits on one character (ML-1M has no ':::' where this could go wrong)
-        text, pa_sep = text.replace(sep, "\x1f"), "\x1f"
-
-    wrong_width = []  # (record number, fields, text): pyarrow calls back only for these rows
-
-    def on_invalid_row(row):
-        wrong_width.append((row.number, row.actual_columns, row.text))
-        return "skip"
-
-    table = pa_csv.read_csv(
-        io.BytesIO(text.encode("utf-8")),
-        read_options=pa_csv.ReadOptions(column_names=names, skip_rows=int(header), use_threads=False),
-        parse_options=pa_csv.ParseOptions(delimiter=pa_sep, quote_char='"' if quoted else False,
-                                          ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
-        convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                              strings_can_be_null=False),
-    )
-    # pyarrow numbers records, not lines: a quoted value with newlines spans several lines.
-    # Every record is a parsed row or a skipped one, so lines follow from the record spans.
-    n_records = int(header) + table.num_rows + len(wrong_width)
-    spans = np.ones(n_records, dtype=np.int64)
-    skipped = np.zeros(n_records, dtype=bool)
-    if wrong_width:
-        numbers = np.array([w[0] for w in wrong_width]) - 1
-        skipped[numbers] = True
-        spans[numbers] += [w[2].count("\n") for w in wrong_width]
-    parsed = np.flatnonzero(~skipped)[int(header):]
-    if quoted and table.num_rows:
-        spans[parsed] += sum(pc.count_substring(col, "\n").to_numpy(zero_copy_only=False)
-                             for col in table.columns)
-    first_lines = np.cumsum(spans) - spans + 1
-
-    df = table.to_pandas()
-    df["line"] = first_lines[parsed]
-    df = df[(df[names] != "").any(axis=1)]  # blank lines
-    if wrong_width:
-        sep_name = "tab" if sep == "\t" else repr(sep)
-        by_width: dict[int, list[int]] = {}
-        for number, fields, _ in wrong_width:
-            by_width.setdefault(fields, []).append(first_lines[number - 1])
-        for fields, lines in by_width.items():
-            log.add(path, lines, f"expected {len(names)} fields separated by {sep_name}, got {fields}")
-        if df.empty:
-            number, fields, _ = wrong_width[0]
-            first = f"line {first_lines[number - 1]}: {len(names)} fields expected, {fields} found"
-            raise _unreadable(path, len(wrong_width), first, first_line, expect)
-    if undecodable:
-        bad = np.zeros(len(df), dtype=bool)
-        for n in names:
-            bad |= df[n].str.contains("\ufffd", regex=False).to_numpy()
-        log.add(path, df["line"][bad], f"not valid {encoding}")
-        df = df[~bad]
-    return df
-
-
-def _read_jsonl(path: Path, log: _Malformed, expect: str) -> pd.DataFrame:
-    raw = _read_bytes(path)
-    if not raw.strip():
-        raise ConfigError(f"{path}: the file is empty. Expected {expect}")
-    n_lines = raw.count(b"\n") + (1 if raw and not raw.endswith(b"\n") else 0)
-    try:  # fast path: pyarrow reads the whole file, one row per line
-        df = pa_json.read_json(io.BytesIO(raw)).to_pandas()
-        if len(df) == n_lines:
-            df["line"] = np.arange(1, len(df) + 1)
-            return df
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    # slow path for files pyarrow rejects as a whole (a broken line, mixed value types)
-    records, lines, bad = [], [], {}
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line.decode("utf-8"))
-            reason = None if isinstance(obj, dict) else "not a JSON object"
-        except UnicodeDecodeError:
-            reason = "not valid utf-8"
-        except json.JSONDecodeError as e:
-            reason = f"not valid JSON ({e.msg})"
-        if reason:
-            bad.setdefault(reason, []).append(n)
-        else:
-            records.append(obj)
-            lines.append(n)
-    for reason, bad_lines in bad.items():
-        log.add(path, bad_lines, reason)
-    if not records and bad:
-        reason, bad_lines = next(iter(bad.items()))
-        raise _unreadable(path, sum(map(len, bad.values())), f"line {bad_lines[0]}: {reason}", "",
-                          expect + " as JSON Lines (one object a line)")
-    df = pd.DataFrame.from_records(records)
-    df["line"] = lines
-    return df
-
-
-def _read_table(path: Path, log: _Malformed, expect: str, key: str) -> pd.DataFrame:
-    """A generic-format file, its format chosen by extension (a trailing .gz is allowed for text)."""
-    suffixes = [s.lower() for s in path.suffixes]
-    kind = suffixes[-2] if len(suffixes) > 1 and suffixes[-1] == ".gz" else (suffixes[-1] if suffixes else "")
-    if kind in (".csv", ".tsv"):
-        return _read_delimited(path, log, expect, sep="," if kind == ".csv" else "\t")
-    if kind in (".jsonl", ".json", ".ndjson"):
-        return _read_jsonl(path, log, expect)
-    if kind == ".parquet":
-        try:
-            df = pd.read_parquet(path)
-        except Exception as e:  # pyarrow raises several types for a corrupt file
-            raise ConfigError(f"config key '{key}': {path} is not a readable Parquet file ({e})") from None
-        if df.empty:
-            raise ConfigError(f"{path}: the file has no rows. Expected {expect}")
-        df["line"] = np.arange(1, len(df) + 1)
-        return df
-    raise ConfigError(f"config key '{key}': cannot tell the format of {path} from its extension; "
-                      "use .jsonl/.json (JSON Lines), .csv/.tsv or .parquet")
-
-
-# --------------------------------------------------------------------------
 # Typing columns; bad values are logged and their rows dropped
 # --------------------------------------------------------------------------
 def _as_text(s: pd.Series) -> pd.Series:
@@ -443,7 +262,7 @@ def _timestamps(s: pd.Series, iso: bool) -> tuple[np.ndarray, np.ndarray]:
     return secs, bad
 
 
-def _drop_bad(df: pd.DataFrame, path: Path, log: _Malformed, checks: list[tuple[str, np.ndarray]],
+def _drop_bad(df: pd.DataFrame, path: Path, log: Malformed, checks: list[tuple[str, np.ndarray]],
               expect: str) -> pd.DataFrame:
     """Drop rows failing a check; each is logged under the first check it fails."""
     failed = np.zeros(len(df), dtype=bool)
@@ -456,7 +275,7 @@ def _drop_bad(df: pd.DataFrame, path: Path, log: _Malformed, checks: list[tuple[
             first = first or f"line {df['line'].to_numpy()[new][0]}: {reason}"
         failed |= mask
     if len(df) and failed.all():
-        raise _unreadable(path, len(df), first, "", expect)
+        raise unreadable(path, len(df), first, "", expect)
     return df[~failed]
 
 
@@ -464,11 +283,11 @@ def _check_columns(df: pd.DataFrame, path: Path, required: list[str], key: str) 
     missing = [c for c in required if c not in df.columns]
     if missing:
         found = [c for c in df.columns if c != "line"]
-        hint = _separator_hint(found[0]) if len(found) == 1 else ""
+        hint = separator_hint(found[0]) if len(found) == 1 else ""
         raise ConfigError(f"config key '{key}': {path} lacks column(s) {missing}; found {found}{hint}")
 
 
-def _interactions(df: pd.DataFrame, path: Path, log: _Malformed, expect: str, *, strict: bool) -> pd.DataFrame:
+def _interactions(df: pd.DataFrame, path: Path, log: Malformed, expect: str, *, strict: bool) -> pd.DataFrame:
     """Type an interactions table.  ``strict`` (MovieLens): integer ids, integer timestamps,
     a rating on every row.  Otherwise ids are any non-empty text, timestamps may be ISO-8601
     and rating/event are optional."""
@@ -490,14 +309,14 @@ def _interactions(df: pd.DataFrame, path: Path, log: _Malformed, expect: str, *,
     return out.drop(columns="line")
 
 
-def _dedupe(df: pd.DataFrame, path: Path, log: _Malformed, id_col: str) -> pd.DataFrame:
+def _dedupe(df: pd.DataFrame, path: Path, log: Malformed, id_col: str) -> pd.DataFrame:
     dup = df[id_col].duplicated().to_numpy()
     if dup.any():
         log.add(path, df["line"].to_numpy()[dup], f"duplicate {id_col} (the first row is kept)")
     return df[~dup]
 
 
-def _items(df: pd.DataFrame, path: Path, log: _Malformed, expect: str, *, strict: bool,
+def _items(df: pd.DataFrame, path: Path, log: Malformed, expect: str, *, strict: bool,
            genres: list, text: Optional[list] = None) -> pd.DataFrame:
     ids = _as_text(df["item_id"])
     items = pd.DataFrame({"item_id": ids, "title": _as_text(df["title"]).fillna(""), "line": df["line"].to_numpy()},
@@ -509,7 +328,7 @@ def _items(df: pd.DataFrame, path: Path, log: _Malformed, expect: str, *, strict
     return _dedupe(items, path, log, "item_id").drop(columns="line")
 
 
-def _users(ids: pd.Series, attributes: list[dict], lines, path: Path, log: _Malformed, expect: str,
+def _users(ids: pd.Series, attributes: list[dict], lines, path: Path, log: Malformed, expect: str,
            strict: bool) -> pd.DataFrame:
     users = pd.DataFrame({"user_id": _as_text(ids), "attributes": attributes, "line": np.asarray(lines)})
     users = _drop_bad(users, path, log, [(f"user_id {_id_problem(strict)}", _bad_id(users["user_id"], strict))],
@@ -551,12 +370,12 @@ def _empty_tags() -> pd.DataFrame:
 # --------------------------------------------------------------------------
 # Layouts
 # --------------------------------------------------------------------------
-def _load_ml100k(root: Path, log: _Malformed):
+def _load_ml100k(root: Path, log: Malformed):
     layout = " (data.source 'ml-100k' expects the official layout: u.data, u.item, u.user)"
-    data = _require(root / "u.data", "data.root", layout)
-    item_file = _require(root / "u.item", "data.root", layout)
+    data = require_file(root / "u.data", "data.root", layout)
+    item_file = require_file(root / "u.item", "data.root", layout)
     expect = "ml-100k u.data lines 'user<TAB>item<TAB>rating<TAB>timestamp' (data.source)"
-    ratings = _read_delimited(data, log, expect, sep="\t", names=["user_id", "item_id", "rating", "timestamp"],
+    ratings = read_delimited(data, log, expect, sep="\t", names=["user_id", "item_id", "rating", "timestamp"],
                               encoding="latin-1", quoted=False)
     interactions = _interactions(ratings, data, log, expect, strict=True)
 
@@ -567,7 +386,7 @@ def _load_ml100k(root: Path, log: _Malformed):
         names = [name for name, _ in sorted(pairs, key=lambda p: int(p[1]))]
     expect = f"ml-100k u.item lines 'id|title|release|video release|url|{len(names)} genre flags' (data.source)"
     cols = ["item_id", "title", "release", "video_release", "url"] + [f"g{i}" for i in range(len(names))]
-    raw_items = _read_delimited(item_file, log, expect, sep="|", names=cols, encoding="latin-1", quoted=False)
+    raw_items = read_delimited(item_file, log, expect, sep="|", names=cols, encoding="latin-1", quoted=False)
     flags = raw_items[cols[5:]].to_numpy() == "1"
     genres = [[g for g, on in zip(names, row) if on and g != "unknown"] for row in flags]
     items = _items(raw_items, item_file, log, expect, strict=True, genres=genres)
@@ -576,7 +395,7 @@ def _load_ml100k(root: Path, log: _Malformed):
     user_file = root / "u.user"
     if user_file.is_file():
         expect = "ml-100k u.user lines 'id|age|gender|occupation|zip' (data.source)"
-        raw_users = _read_delimited(user_file, log, expect, sep="|",
+        raw_users = read_delimited(user_file, log, expect, sep="|",
                                     names=["user_id", "age", "gender", "occupation", "zip"],
                                     encoding="latin-1", quoted=False)
         ages = pd.to_numeric(raw_users["age"], errors="coerce")
@@ -588,21 +407,21 @@ def _load_ml100k(root: Path, log: _Malformed):
     return interactions, items, users, _empty_tags()
 
 
-def _load_ml1m(root: Path, log: _Malformed):
+def _load_ml1m(root: Path, log: Malformed):
     layout = (" (data.source 'ml-1m' expects the official layout: ratings.dat[.gz] or ratings*.dat.gz, "
               "movies.dat, users.dat)")
     # the official ratings.dat, gzipped or not, else every gzipped part (ratings_users1-2999.dat.gz, ...)
     rating_files = [root / n for n in ("ratings.dat", "ratings.dat.gz") if (root / n).is_file()][:1] \
-        or sorted(root.glob("ratings*.dat.gz")) or [_require(root / "ratings.dat", "data.root", layout)]
-    movie_file = _require(root / "movies.dat", "data.root", layout)
+        or sorted(root.glob("ratings*.dat.gz")) or [require_file(root / "ratings.dat", "data.root", layout)]
+    movie_file = require_file(root / "movies.dat", "data.root", layout)
     expect = "ml-1m lines 'UserID::MovieID::Rating::Timestamp' (data.source)"
     interactions = pd.concat([
-        _interactions(_read_delimited(f, log, expect, sep="::", names=["user_id", "item_id", "rating", "timestamp"],
+        _interactions(read_delimited(f, log, expect, sep="::", names=["user_id", "item_id", "rating", "timestamp"],
                                       encoding="latin-1", quoted=False), f, log, expect, strict=True)
         for f in rating_files], ignore_index=True)
 
     expect = "ml-1m movies.dat lines 'MovieID::Title::Genres' (data.source)"
-    raw_items = _read_delimited(movie_file, log, expect, sep="::", names=["item_id", "title", "genres"],
+    raw_items = read_delimited(movie_file, log, expect, sep="::", names=["item_id", "title", "genres"],
                                 encoding="latin-1", quoted=False)
     items = _items(raw_items, movie_file, log, expect, strict=True, genres=_split_genres(raw_items["genres"]))
 
@@ -610,7 +429,7 @@ def _load_ml1m(root: Path, log: _Malformed):
     user_file = root / "users.dat"
     if user_file.is_file():
         expect = "ml-1m users.dat lines 'UserID::Gender::Age::Occupation::Zip-code' (data.source)"
-        raw_users = _read_delimited(user_file, log, expect, sep="::",
+        raw_users = read_delimited(user_file, log, expect, sep="::",
                                     names=["user_id", "gender", "age", "occupation", "zip"],
                                     encoding="latin-1", quoted=False)
         occupations = {str(code): name for code, name in enumerate(ML1M_OCCUPATIONS)}
@@ -621,18 +440,18 @@ def _load_ml1m(root: Path, log: _Malformed):
     return interactions, items, users, _empty_tags()
 
 
-def _load_ml_latest(root: Path, log: _Malformed):
+def _load_ml_latest(root: Path, log: Malformed):
     layout = " (data.source 'ml-latest' expects the official layout: ratings.csv, movies.csv[, tags.csv])"
-    rating_file = _require(root / "ratings.csv", "data.root", layout)
-    movie_file = _require(root / "movies.csv", "data.root", layout)
+    rating_file = require_file(root / "ratings.csv", "data.root", layout)
+    movie_file = require_file(root / "movies.csv", "data.root", layout)
     rename = {"userId": "user_id", "movieId": "item_id"}
     expect = "ml-latest ratings.csv with header userId,movieId,rating,timestamp (data.source)"
-    ratings = _read_delimited(rating_file, log, expect, sep=",")
+    ratings = read_delimited(rating_file, log, expect, sep=",")
     _check_columns(ratings, rating_file, ["userId", "movieId", "rating", "timestamp"], "data.root")
     interactions = _interactions(ratings.rename(columns=rename), rating_file, log, expect, strict=True)
 
     expect = "ml-latest movies.csv with header movieId,title,genres (data.source)"
-    raw_items = _read_delimited(movie_file, log, expect, sep=",")
+    raw_items = read_delimited(movie_file, log, expect, sep=",")
     _check_columns(raw_items, movie_file, ["movieId", "title", "genres"], "data.root")
     items = _items(raw_items.rename(columns=rename), movie_file, log, expect, strict=True,
                    genres=_split_genres(raw_items["genres"]))
@@ -641,7 +460,7 @@ def _load_ml_latest(root: Path, log: _Malformed):
     tag_file = root / "tags.csv"
     if tag_file.is_file():
         expect = "ml-latest tags.csv with header userId,movieId,tag,timestamp (data.source)"
-        raw_tags = _read_delimited(tag_file, log, expect, sep=",").rename(columns=rename)
+        raw_tags = read_delimited(tag_file, log, expect, sep=",").rename(columns=rename)
         _check_columns(raw_tags, tag_file, ["user_id", "item_id", "tag"], "data.root")
         raw_tags = raw_tags.assign(user_id=_as_text(raw_tags["user_id"]), item_id=_as_text(raw_tags["item_id"]))
         raw_tags = _drop_bad(raw_tags, tag_file, log, [
@@ -652,19 +471,19 @@ def _load_ml_latest(root: Path, log: _Malformed):
     return interactions, items, None, tags
 
 
-def _load_generic(root: Path, g: GenericSourceConfig, log: _Malformed):
+def _load_generic(root: Path, g: GenericSourceConfig, log: Malformed):
     def path_of(name: str) -> Path:
         return root / os.path.expandvars(os.path.expanduser(name))
 
-    interaction_file = _require(path_of(g.interactions), "data.generic.interactions")
-    item_file = _require(path_of(g.items), "data.generic.items")
+    interaction_file = require_file(path_of(g.interactions), "data.generic.interactions")
+    item_file = require_file(path_of(g.items), "data.generic.items")
     expect = "columns user_id, item_id, timestamp[, rating, event] (data.generic.interactions)"
-    raw = _read_table(interaction_file, log, expect, "data.generic.interactions")
+    raw = read_table(interaction_file, log, expect, "data.generic.interactions")
     _check_columns(raw, interaction_file, ["user_id", "item_id", "timestamp"], "data.generic.interactions")
     interactions = _interactions(raw, interaction_file, log, expect, strict=False)
 
     expect = "columns item_id, title[, genres, text fields, image] (data.generic.items)"
-    raw_items = _read_table(item_file, log, expect, "data.generic.items")
+    raw_items = read_table(item_file, log, expect, "data.generic.items")
     _check_columns(raw_items, item_file, ["item_id", "title"], "data.generic.items")
     _check_columns(raw_items, item_file, g.item_text_fields, "data.generic.item_text_fields")
     genres = _split_genres(raw_items["genres"]) if "genres" in raw_items else [[] for _ in range(len(raw_items))]
@@ -679,9 +498,9 @@ def _load_generic(root: Path, g: GenericSourceConfig, log: _Malformed):
 
     users = None
     if g.users:
-        user_file = _require(path_of(g.users), "data.generic.users")
+        user_file = require_file(path_of(g.users), "data.generic.users")
         expect = "columns user_id[, attributes] (data.generic.users)"
-        raw_users = _read_table(user_file, log, expect, "data.generic.users")
+        raw_users = read_table(user_file, log, expect, "data.generic.users")
         _check_columns(raw_users, user_file, ["user_id"], "data.generic.users")
         _check_columns(raw_users, user_file, g.user_fields, "data.generic.user_fields")
         fields = g.user_fields or [c for c in raw_users.columns if c not in ("user_id", "line")]

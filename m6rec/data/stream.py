@@ -25,14 +25,8 @@ What it guarantees, and how:
 
 The shard format and the batch contract are in ``docs/architecture.md``.
 
-Typical use::
-
-    loader = StreamLoader.from_config(cfg.data, "train")   # rank/world from torch.distributed/env
-    loader.load_state_dict(ckpt["stream"])                  # optional, on resume
-    while step < steps:
-        for batch in loader:                                # the rest of the current epoch
-            ...
-            ckpt["stream"] = loader.state_dict()
+The packing plan is m6rec/data/packing.py; the DataLoader around the stream, with its
+workers and resumable position, is m6rec/data/loader.py (``StreamLoader``).
 """
 from __future__ import annotations
 
@@ -49,12 +43,12 @@ from typing import Iterator, Optional, Sequence
 import braceexpand
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from m6rec.config import DataConfig, ImageConfig, StreamConfig
+from m6rec.data.images import decode_image, patchify
+from m6rec.data.packing import assign_shards, ffd_pack, first_fit_decreasing
 from m6rec.data.text import ITEM, MASK_VECTOR, VECTOR_MODES, image_member
 
 IGNORE_INDEX = -100  # labels value cross_entropy ignores
@@ -79,26 +73,6 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Stored image bytes -> uint8 ``[size, size, 3]`` RGB, resized as the model reads it."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
-
-
-def patchify(images: np.ndarray, patch: int) -> np.ndarray:
-    """uint8 ``[N, S, S, 3]`` -> float32 ``[N, P, 3*patch*patch]`` in [0, 1]: the one patch layout of the
-    batch contract (patches in row-major order, each patch's pixels row-major with the channels last)."""
-    n, g = len(images), images.shape[1] // patch
-    arr = images.reshape(n, g, patch, g, patch, 3).transpose(0, 1, 3, 2, 4, 5)
-    return arr.reshape(n, g * g, patch * patch * 3).astype(np.float32) / 255.0
-
-
-def image_patches(data: bytes, size: int, patch: int) -> np.ndarray:
-    """One stored image as the model reads it, ``[P, 3*patch*patch]`` (prompts and the item encoder;
-    the stream patchifies a whole batch at once)."""
-    return patchify(decode_image(data, size)[None], patch)[0]
-
-
 class CorruptShardError(RuntimeError):
     """A shard could not be read or decoded (strict mode); the message names its url."""
 
@@ -113,106 +87,6 @@ class DroppedDataWarning(UserWarning):
 
 class StreamStateError(ValueError):
     """A saved stream state does not belong to this stream; the message names the differences."""
-
-
-# --------------------------------------------------------------------------
-# Pure planning functions (no I/O): shared by the simulation and the reader,
-# which is what makes "computed up front" and "what is actually read" agree.
-# --------------------------------------------------------------------------
-def _ffd(lengths: np.ndarray, seq_len: int, assign: bool):
-    """First-fit-decreasing of ``lengths`` (each 1..seq_len) into bins of ``seq_len``.
-
-    Items are placed longest first, ties in input order.  Returns ``(row_of,
-    n_rows, order)``: the row of each item (None unless ``assign``), the number
-    of rows and the placement order.
-
-    Equal-length items are placed as a group: under first fit, consecutive
-    identical items fill the lowest open row that fits until it no longer
-    does, then the next one, then open new rows, so a group is a few vector
-    operations instead of one scan per item.  The result is exactly the
-    item-by-item first fit (tests check this), at a cost that grows with the
-    number of *distinct* lengths (<= seq_len), which keeps the whole-epoch
-    simulation cheap.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    n = len(lengths)
-    order = np.argsort(-lengths, kind="stable")
-    srt = lengths[order]
-    row_of = np.empty(n, dtype=np.int64) if assign else None
-    caps = np.empty(n, dtype=np.int64)  # remaining capacity of each open row
-    n_rows = 0
-    lo = 0  # rows below lo cannot take even the shortest item again: never scanned
-    smallest = int(srt[-1]) if n else 0
-    change = np.flatnonzero(np.diff(srt)) + 1
-    for st, en in zip(np.concatenate([[0], change]), np.concatenate([change, [n]])):
-        if en <= st:
-            continue
-        size, count, pos = int(srt[st]), int(en - st), int(st)
-        while lo < n_rows and caps[lo] < smallest:
-            lo += 1
-        if lo < n_rows:
-            fit = caps[lo:n_rows] // size  # how many of this size each open row still takes
-            cum = np.cumsum(fit)
-            if cum[-1] > 0:
-                if cum[-1] >= count:
-                    last = int(np.searchsorted(cum, count))  # first row where the group is used up
-                    take = fit[: last + 1].copy()
-                    take[last] -= cum[last] - count
-                else:
-                    take = fit
-                placed = int(take.sum())
-                caps[lo : lo + len(take)] -= take * size
-                if assign:
-                    row_of[order[pos : pos + placed]] = np.repeat(np.arange(lo, lo + len(take)), take)
-                pos += placed
-                count -= placed
-        if count:  # nothing open fits: open new rows, each filled with as many as fit
-            per = seq_len // size
-            n_new = -(-count // per)
-            take = np.full(n_new, per, dtype=np.int64)
-            take[-1] = count - per * (n_new - 1)
-            caps[n_rows : n_rows + n_new] = seq_len - take * size
-            if assign:
-                row_of[order[pos : pos + count]] = np.repeat(np.arange(n_rows, n_rows + n_new), take)
-            n_rows += n_new
-    return row_of, n_rows, order
-
-
-def ffd_pack(lengths: Sequence[int], seq_len: int) -> list[np.ndarray]:
-    """Pack items into rows of ``seq_len`` tokens, first-fit-decreasing.
-
-    ``lengths`` are token counts (longer ones count as ``seq_len``: they are
-    truncated); returns the rows, each an array of item indices in placement
-    order.  Deterministic: ties go in input order.
-    """
-    lengths = np.minimum(np.asarray(lengths, dtype=np.int64), seq_len)
-    if len(lengths) == 0:
-        return []
-    if lengths.min() <= 0:
-        raise ValueError("ffd_pack: every length must be >= 1")
-    row_of, n_rows, order = _ffd(lengths, seq_len, assign=True)
-    rows_in_placement = row_of[order]
-    placed = order[np.argsort(rows_in_placement, kind="stable")]
-    return np.split(placed, np.cumsum(np.bincount(rows_in_placement, minlength=n_rows))[:-1])
-
-
-def assign_shards(tokens: Sequence[int], num_slots: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
-    """Give shards to slots: permute (seeded by (seed, epoch)), then greedily to the lightest slot.
-
-    Greedy by tokens keeps slot loads within about one shard of each other
-    even when shard sizes are very uneven, which is what keeps the "drop"
-    policy's losses small.  Ties go to the lowest slot index, so every rank
-    computes the same assignment.
-    """
-    n = len(tokens)
-    order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
-    load = np.zeros(num_slots, dtype=np.int64)
-    slots: list[list[int]] = [[] for _ in range(num_slots)]
-    for s in order:
-        k = int(np.argmin(load))  # argmin returns the first minimum: lowest slot index on ties
-        slots[k].append(int(s))
-        load[k] += int(tokens[s])
-    return slots
 
 
 def shard_locations(urls: Sequence[str], dataset_dir: str | Path, shards: Optional[str] = None) -> list[str]:
@@ -454,7 +328,7 @@ class PackedStream(IterableDataset):
         lens = lens[lens > 0]
         # FFD's row count depends only on the multiset of lengths (equal
         # lengths are interchangeable), so no shuffle is needed to count.
-        return _ffd(lens, self.seq_len, assign=False)[1] if len(lens) else 0
+        return first_fit_decreasing(lens, self.seq_len, assign=False)[1] if len(lens) else 0
 
     def block_rows_plan(self, epoch: int, slot: int, block_idx: int, shard_ids: list[int]) -> list[np.ndarray]:
         """The rows of one block as arrays of sample indices (into the block's shards, concatenated)."""
@@ -676,266 +550,3 @@ class PackedStream(IterableDataset):
             "is_padding": not any(rows),
             "stream_stats": {**stats, "corrupt_urls": list(stats["corrupt_urls"])},
         }
-
-
-def _identity(batch):  # module level: picklable for spawn/forkserver workers
-    return batch
-
-
-class StreamLoader:
-    """A rank's resumable batch stream over one split.
-
-    ``for batch in loader`` yields the rest of the current epoch, then moves
-    the position to the next epoch.  What the trainer calls:
-
-    * ``steps_per_epoch`` (same on every rank), ``epoch``, ``step_in_epoch``;
-    * ``set_epoch(e)`` (a no-op for the current epoch, so it cannot undo a restore);
-    * ``state_dict()`` / ``load_state_dict(sd)``: the position, identical on
-      every rank, checked against a fingerprint of the settings;
-    * ``stats``: this rank's corrupt/skipped/truncated counts, summed over workers;
-    * ``dropped_fraction``, ``packing_efficiency``: for the current epoch, from the plan.
-
-    ``inline_workers=True`` runs the W worker roles round-robin in this
-    process instead of a DataLoader: the same batches in the same order
-    (handy for debugging and tests).
-    """
-
-    def __init__(
-        self,
-        dataset_dir: str | Path,
-        split: str = "train",
-        stream: Optional[StreamConfig] = None,
-        *,
-        shards: Optional[str] = None,
-        images: Optional[ImageConfig] = None,
-        train: bool = True,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-        pin_memory: bool = False,
-        inline_workers: bool = False,
-    ):
-        stream = stream or StreamConfig()
-        images = images or ImageConfig()
-        self.dataset = PackedStream(
-            dataset_dir,
-            split,
-            seq_len=stream.seq_len,
-            batch_size=stream.batch_size,
-            num_workers=stream.num_workers,
-            shuffle_shards=stream.shuffle_shards,
-            seed=stream.seed,
-            strict=stream.strict,
-            shards=shards,
-            shuffle=train,
-            policy="drop" if train else "pad",
-            rank=rank,
-            world_size=world_size,
-            image_size=images.size,
-            patch_size=images.patch_size,
-            item_marker_loss=stream.item_marker_loss,
-        )
-        self.pin_memory = pin_memory
-        self.inline_workers = inline_workers
-        # evaluation reads a few batches per pass: a deep queue would only read blocks it never uses
-        self.prefetch_factor = stream.prefetch_factor if train else min(2, stream.prefetch_factor)
-        # Training only (an evaluation pass is not followed by another): the next epoch's workers
-        # start this many batches before the epoch ends (see __iter__).
-        self.next_epoch_lookahead = self.NEXT_EPOCH_LOOKAHEAD if train else 0
-        self._next: Optional[tuple[tuple[int, int], Iterator[dict]]] = None  # ((epoch, step), started batches)
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self._stats: dict[int, dict] = {}
-        # Under "drop" every worker stops at the lightest slot's batch count, so
-        # shard granularity (e.g. 10 shards on 4 slots: 2 vs 3 each) can cost
-        # a lot.  Estimated from rows, which is free; say so once, up front.
-        d = self.dataset
-        plan = d.plan(0)
-        rows = [sum(r) for r in plan.block_rows]
-        lost = 1 - plan.steps_per_worker * d.batch_size * len(rows) / max(1, sum(rows))
-        if d.policy == "drop" and lost > 0.05 and d.rank == 0:
-            warnings.warn(
-                f"split {split!r}: equal steps on {d.world_size} ranks x {d.W} workers drop about {lost:.0%} of "
-                f"each epoch's rows ({len(d.urls)} shards give uneven slots); prepare more, smaller shards "
-                f"(data.shard_size) or use fewer workers",
-                DroppedDataWarning,
-                stacklevel=2,
-            )
-
-    @classmethod
-    def from_config(cls, data: DataConfig, split: str = "train", **kw) -> "StreamLoader":
-        return cls(data.output, split, data.stream, shards=data.shards, images=data.images, **kw)
-
-    # ---- position -------------------------------------------------------
-    @property
-    def rank(self) -> int:
-        return self.dataset.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.dataset.world_size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.dataset.steps_per_epoch(self.epoch)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.close()
-            self.epoch, self.step_in_epoch = epoch, 0
-
-    def close(self) -> None:
-        """End the workers started ahead for the next epoch, if any (a new position, or the end)."""
-        ahead, self._next = self._next, None
-        if ahead is not None and hasattr(ahead[1], "_shutdown_workers"):
-            ahead[1]._shutdown_workers()  # what the iterator's __del__ does, now instead of at collection
-
-    @property
-    def fingerprint(self) -> dict:
-        d = self.dataset
-        return {
-            "manifest_sha256": d.manifest_sha256,
-            "split": d.split,
-            "seed": d.seed,
-            "seq_len": d.seq_len,
-            "batch_size": d.batch_size,
-            "world_size": d.world_size,
-            "num_workers": d.W,
-            "shuffle_shards": d.shuffle_shards,
-            "policy": d.policy,
-        }
-
-    def state_dict(self) -> dict:
-        out = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "fingerprint": self.fingerprint}
-        c = self.dataset.continuation
-        if c is not None and c.epoch == self.epoch:
-            out["continuation"] = c.to_dict()
-        return out
-
-    TOPOLOGY = ("world_size", "num_workers")
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a position.  Saved by the same number of ranks and workers: the same
-        plan goes on (bitwise the stream an uninterrupted run reads).  By another
-        number: the interrupted epoch goes on as a :class:`Continuation` -- exactly
-        the batches not yet delivered, in the order the saving run would have
-        stepped them -- and the next epoch is planned for this topology."""
-        saved, now = state.get("fingerprint", {}), self.fingerprint
-        diff = [f"{k}: saved {saved.get(k)!r}, this run {now[k]!r}" for k in now
-                if saved.get(k) != now[k] and k not in self.TOPOLOGY]
-        if diff:
-            raise StreamStateError(
-                "the stream state cannot resume this stream exactly (the batch order depends on these): "
-                + "; ".join(diff)
-            )
-        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
-        self.close()  # workers started ahead were planned for the position this replaces
-        d = self.dataset
-        saved_world, saved_w = int(saved.get("world_size", d.world_size)), int(saved.get("num_workers", d.W))
-        cont = state.get("continuation")
-        if cont is not None or (saved_world, saved_w) != (d.world_size, d.W):
-            if cont is not None:
-                c = Continuation.from_dict(cont)
-            else:
-                c = Continuation(epoch, saved_world, saved_w, d.plan(epoch, saved_world * saved_w).steps_per_worker, 0)
-            if not 0 <= step <= c.steps_per_rank(saved_world):
-                raise StreamStateError(f"step_in_epoch {step} outside the continued epoch {epoch} of "
-                                       f"{c.steps_per_rank(saved_world)} steps on {saved_world} ranks")
-            c.start += step * saved_world  # global positions delivered so far
-            if (c.origin_world, c.origin_workers) == (d.world_size, d.W) and c.start % d.world_size == 0:
-                d.continuation, step = None, c.start // d.world_size  # back on the origin's own plan
-            else:
-                d.continuation, step = c, 0
-            self.epoch, self.step_in_epoch = epoch, step
-            if step >= self.dataset.steps_per_epoch(epoch):  # nothing left of it
-                self.epoch, self.step_in_epoch = epoch + 1, 0
-            return
-        if not 0 <= step <= self.dataset.steps_per_epoch(epoch):
-            raise StreamStateError(f"step_in_epoch {step} outside epoch {epoch} of {self.dataset.steps_per_epoch(epoch)} steps")
-        self.epoch, self.step_in_epoch = epoch, step
-
-    # ---- reporting ------------------------------------------------------
-    @property
-    def stats(self) -> dict:
-        """Counts since this rank's workers last started, summed over them."""
-        keys = ("corrupt_shards", "skipped_samples", "truncated_samples")
-        out = {k: sum(s[k] for s in self._stats.values()) for k in keys}
-        out["corrupt_urls"] = sorted({u for s in self._stats.values() for u in s["corrupt_urls"]})
-        return out
-
-    @property
-    def dropped_fraction(self) -> float:
-        """Fraction of this rank's samples the "drop" policy leaves out of the current epoch."""
-        dropped, total = self.dataset.dropped_samples(self.epoch)
-        return dropped / total if total else 0.0
-
-    @property
-    def packing_efficiency(self) -> float:
-        """Real tokens / row capacity over all packed rows of the epoch (every slot)."""
-        d = self.dataset
-        rows = sum(sum(r) for r in d.plan(self.epoch).block_rows)
-        return sum(d.shard_tokens) / (rows * d.seq_len) if rows else 0.0
-
-    # ---- iteration ------------------------------------------------------
-    #: Batches before an epoch's end at which the next epoch's DataLoader workers are started.  A new
-    #: epoch's workers take ~1-2 s to start and read their first block of shards; on a GPU that steps
-    #: in 0.1-0.2 s, restarting them at the boundary was most of the data wait of small datasets
-    #: (`m6rec bench data --dataset D --step-seconds S`).  32 steps ahead hides it; the early workers
-    #: fill their prefetch buffers and then sit idle until their epoch comes.
-    NEXT_EPOCH_LOOKAHEAD = 32
-
-    def _start(self, epoch: int, step: int) -> Iterator[dict]:
-        """This rank's batches of ``epoch`` from ``step`` on; with DataLoader workers they start now."""
-        ds = self.dataset
-        ds.epoch, ds.start_step = epoch, step
-        ds.plan(epoch)  # plan once here; forked workers inherit it, spawned ones unpickle it
-        if not self._worker_processes:
-            return self._round_robin()
-        # iter() forks the workers with the dataset as it is now (this epoch and step): setting up the
-        # next epoch while this one's workers still run changes nothing for them
-        # The workers draw no random numbers (the stream has its own seeds), but each DataLoader iterator
-        # draws a base seed: from a generator of its own, so starting workers ahead moves no draw of
-        # torch's global generator (dropout on CPU, saved and restored with checkpoints).
-        return iter(DataLoader(ds, batch_size=None, num_workers=ds.num_workers, collate_fn=_identity,
-                               pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                               generator=torch.Generator().manual_seed(ds.seed * 1_000_003 + epoch)))
-
-    @property
-    def _worker_processes(self) -> bool:
-        return not self.inline_workers and self.dataset.num_workers > 0
-
-    def __iter__(self) -> Iterator[dict]:
-        if self.step_in_epoch >= self.steps_per_epoch:  # state saved right at an epoch's end
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        epoch = self.epoch
-        if self._next is not None and self._next[0] == (epoch, self.step_in_epoch):
-            batches, self._next = self._next[1], None
-        else:  # nothing started ahead, or for another position: its workers end here
-            self.close()
-            batches = self._start(epoch, self.step_in_epoch)
-        self._stats = {}
-        lookahead = self.next_epoch_lookahead if self._worker_processes else 0
-        for batch in batches:
-            self.step_in_epoch += 1  # counted when handed over: a state saved after it excludes it
-            st = batch["stream_stats"]
-            self._stats[st["slot"]] = st
-            if lookahead and self._next is None and self.steps_per_epoch - self.step_in_epoch <= lookahead:
-                self._next = ((epoch + 1, 0), self._start(epoch + 1, 0))
-            yield batch
-        if self.step_in_epoch != self.steps_per_epoch:
-            raise RuntimeError(f"stream delivered {self.step_in_epoch} of {self.steps_per_epoch} planned steps")
-        self.epoch, self.step_in_epoch = self.epoch + 1, 0
-
-    def _round_robin(self) -> Iterator[dict]:
-        # Same order as torch's DataLoader: cycle workers 0..W-1, skip exhausted ones.
-        gens = [self.dataset.iter_worker(w) for w in range(self.dataset.W)]
-        while gens:
-            alive = []
-            for g in gens:
-                b = next(g, None)
-                if b is not None:
-                    alive.append(g)
-                    yield b
-            gens = alive

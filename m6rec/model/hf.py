@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from m6rec.model.args import ModelArgs
-from m6rec.model.transformer import M6Transformer, build_model
+from m6rec.model.transformer import M6Transformer, apply_compile
 
 PATCH_FILE = "m6rec_patch_embed.safetensors"
 ARGS_FILE = "m6rec_model.json"
@@ -146,8 +147,6 @@ def args_from_llama_config(c: dict[str, Any], base: Optional[ModelArgs] = None) 
 # Files
 # ---------------------------------------------------------------------------
 def _read_safetensors_dir(d: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     index = d / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -183,8 +182,7 @@ def export_hf(model: M6Transformer, cfg: Any = None, out_dir: str | Path = "expo
     ``cfg`` (Config / ModelConfig / ModelArgs) defaults to ``model.args``;
     ``tokenizer_path`` is a ``tokenizer.json`` or a directory holding one.
     """
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # transformers: slow to import, and only the export needs it
 
     args = model.args if cfg is None else (cfg if isinstance(cfg, ModelArgs) else ModelArgs.from_config(cfg))
     out = Path(out_dir)
@@ -206,8 +204,6 @@ def load_hf_weights(model: M6Transformer, hf_dir: str | Path, strict_patch: bool
 
     The patch embedding comes from ``m6rec_patch_embed.safetensors`` when the
     directory has one; otherwise it keeps its initialisation."""
-    from safetensors.torch import load_file
-
     d = Path(hf_dir)
     c = json.loads((d / "config.json").read_text())
     want = args_from_llama_config(c, model.args)
@@ -240,10 +236,9 @@ def load_hf(hf_dir: str | Path, device: str | torch.device = "cpu", **overrides:
     args = args_from_llama_config(json.loads((d / "config.json").read_text()), base)
     if overrides:
         args = ModelArgs.from_dict({**args.to_dict(), **overrides})
-    model = build_model(ModelArgs.from_dict({**args.to_dict(), "compile": False}), device=device)
+    with torch.device(device):
+        model = M6Transformer(ModelArgs.from_dict({**args.to_dict(), "compile": False, "init_from": None}))
     load_hf_weights(model, d)
     if args.compile:
-        from m6rec.model.transformer import apply_compile
-
         apply_compile(model)
     return model

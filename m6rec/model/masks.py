@@ -49,6 +49,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
 @dataclass
@@ -131,8 +132,6 @@ def doc_spans(document_ids: Tensor, region: Optional[Tensor]) -> list[list[tuple
 
 def flex_block_mask(document_ids: Tensor, region: Optional[Tensor]) -> Any:
     """The same mask as :func:`dense_mask` as a FlexAttention ``BlockMask``."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     B, T = document_ids.shape
     doc = document_ids
     if region is None:
@@ -208,8 +207,6 @@ _compiled_flex = None
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, enable_gqa: bool) -> Tensor:
     """FlexAttention: compiled (fused) on CUDA; eager on CPU, forward only (torch 2.13)."""
     global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
     if q.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)

@@ -12,14 +12,23 @@ The protocol is in docs/evaluation.md.
 """
 from __future__ import annotations
 
-import argparse
+import json
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional, Sequence
 
+import torch
 
 from m6rec.config import ConfigError
+from m6rec.data.prompts import contexts_for
+from m6rec.rec import metrics as M
+from m6rec.rec.evaluate import (EvalData, Popularity, TransferredPopularity, cold_items, evaluate, markdown_table,
+                                write_outputs)
+from m6rec.rec.finetune import Retriever, load_task_run, ranking_examples, ranking_scores
+from m6rec.rec.generative import GenerativeRecommender
+from m6rec.train.run_dir import load_run
 
 TASKS = ("next_item", "retrieval", "ranking")
 
@@ -45,11 +54,10 @@ def _same_protocol(a, b, split: str) -> bool:
     return qa == qb
 
 
-def _set_threads(args) -> None:
-    import torch
+def _set_threads(threads: int) -> None:
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def _check_source(run, ctx) -> None:
@@ -62,56 +70,60 @@ def _check_source(run, ctx) -> None:
 
 
 def eval_main(cfg, args) -> int:
-    from m6rec.rec import metrics as M
-    from m6rec.rec.evaluate import (EvalData, Popularity, TransferredPopularity, cold_items, evaluate, markdown_table,
-                                    write_outputs)
-    from m6rec.rec.generative import contexts_for
+    evaluate_runs(args.ckpt, args.out, task=args.task, tag=args.tag, baseline=args.baseline, dataset=args.dataset,
+                  split=args.split, max_users=args.max_users, seed=args.seed, ks=args.ks, mode=args.mode,
+                  beam=args.beam, length_norm=args.length_norm, batch_size=args.batch_size, device=args.device,
+                  threads=args.threads)
+    return 0
 
-    if args.task not in TASKS:
-        raise ConfigError(f"--task {args.task!r}: one of {', '.join(TASKS)}")
-    _set_threads(args)
-    if args.baseline and args.task != "retrieval":
+
+def evaluate_runs(ckpt: Sequence[str | Path], out: str | Path, *, task: str = "next_item", tag: Optional[str] = None,
+                  baseline: Optional[Sequence[str | Path]] = None, dataset: Optional[str] = None,
+                  split: str = "valid", max_users: int = 0, seed: int = 0, ks: Optional[str] = None,
+                  mode: str = "auto", beam: int = 0, length_norm: float = 1.0, batch_size: int = 16,
+                  device: str = "cpu", threads: int = 1) -> dict:
+    """``m6rec eval`` (the defaults are the command's): ranks with popularity and every run in ``ckpt``
+    (each at checkpoint ``tag``, else its newest complete one) and writes ``out`` (.json, .md, .png);
+    returns what ``out`` holds (``{"results", "meta"}``)."""
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r}: one of {', '.join(TASKS)}")
+    _set_threads(threads)
+    if baseline and task != "retrieval":
         raise ConfigError("--baseline adds a next-item run to a retrieval table; for next_item give it as --ckpt, "
                           "ranking has no next-item baseline")
     loaded = []  # (kind, run, load seconds); a run has .cfg, .tokenizer, .dataset_dir
-    for path, kind in [(p, args.task) for p in args.ckpt] + [(p, "next_item") for p in args.baseline or []]:
+    for path, kind in [(p, task) for p in ckpt] + [(p, "next_item") for p in baseline or []]:
         t0 = time.perf_counter()
-        tag = args.tag if len(args.ckpt) == 1 and kind == args.task else None
+        run_tag = tag if kind == task else None  # --tag names checkpoints of the --ckpt runs, not of a --baseline
         if kind == "next_item":
-            from m6rec.rec.generative import load_run
-
-            run = load_run(path, tag, device=args.device)
+            run = load_run(path, run_tag, device=device)
         else:
-            from m6rec.rec.finetune import load_task_run
-
-            run = load_task_run(path, args.task, device=args.device, tag=tag)
+            run = load_task_run(path, task, device=device, tag=run_tag)
         loaded.append((kind, run, time.perf_counter() - t0))
     first = loaded[0][1]
-    zero_shot = args.dataset is not None and any(
-        Path(run.dataset_dir).resolve() != Path(args.dataset).resolve() for _, run, _ in loaded)
-    data = EvalData.load(args.dataset or first.dataset_dir)
+    zero_shot = dataset is not None and any(
+        Path(run.dataset_dir).resolve() != Path(dataset).resolve() for _, run, _ in loaded)
+    data = EvalData.load(dataset or first.dataset_dir)
     if not zero_shot:
         for _, run, _ in loaded[1:]:
             d = run.dataset_dir
             if Path(d).resolve() != Path(data.dataset_dir).resolve() and \
-                    not _same_protocol(data, EvalData.load(d), args.split):
-                raise ConfigError(f"--ckpt: {d} and {data.dataset_dir} differ in catalog or {args.split} "
+                    not _same_protocol(data, EvalData.load(d), split):
+                raise ConfigError(f"--ckpt: {d} and {data.dataset_dir} differ in catalog or {split} "
                                   "targets; models can share one table only on the same split")
-    ks = _parse_ks(args.ks, first.cfg.eval.ks)
-    queries = data.queries(args.split, max_users=args.max_users, seed=args.seed)
+    ks = _parse_ks(ks, first.cfg.eval.ks)
+    queries = data.queries(split, max_users=max_users, seed=seed)
     # cold start: targets never seen in training (zero-shot: titles the source model never trained on)
     cold = cold_items(data, EvalData.load(first.dataset_dir) if zero_shot else None)
-    contexts = [contexts_for(run.cfg, run.tokenizer, run.dataset_dir, args.dataset) for _, run, _ in loaded]
-    print(f"m6rec eval: {args.task} on {data.dataset_dir} ({args.split}, {len(queries)} users, "
+    contexts = [contexts_for(run.cfg, run.tokenizer, run.dataset_dir, dataset) for _, run, _ in loaded]
+    print(f"m6rec eval: {task} on {data.dataset_dir} ({split}, {len(queries)} users, "
           f"{len(data.catalog)} items, full ranking, history excluded"
           + (", zero-shot" if zero_shot else "") + ")", file=sys.stderr)
     rows, models_meta = [], []
-    if args.task == "ranking":
-        from m6rec.rec.finetune import ranking_examples, ranking_scores
-
-        examples = ranking_examples(contexts[0], data, args.split, args.max_users, args.seed)
+    if task == "ranking":
+        examples = ranking_examples(contexts[0], data, split, max_users, seed)
         if not examples or len({y for _, y in examples}) < 2:
-            raise ConfigError(f"--task ranking: {data.dataset_dir} has no {args.split} targets rated both >= 4 and "
+            raise ConfigError(f"--task ranking: {data.dataset_dir} has no {split} targets rated both >= 4 and "
                               "<= 2 (the ranking task needs ratings)")
         labels = [y for _, y in examples]
         counts = data.train_counts()
@@ -134,22 +146,18 @@ def eval_main(cfg, args) -> int:
         t1 = time.perf_counter()
         if kind == "ranking":
             _check_source(run, ctx)
-            probs = ranking_scores(run, ctx, examples, batch_size=args.batch_size)
+            probs = ranking_scores(run, ctx, examples, batch_size=batch_size)
             row = {"model": run.name, "examples": len(examples), "positives": int(sum(labels)),
                    "auc": M.auc(labels, probs), "logloss": M.log_loss(labels, probs)}
             stats = {"seconds": round(time.perf_counter() - t1, 2)}
             name = run.name
         else:
             if kind == "next_item":
-                from m6rec.rec.generative import GenerativeRecommender
-
-                rec = GenerativeRecommender(run.model, ctx, mode=args.mode, beam=args.beam,
-                                            batch_size=args.batch_size, length_norm=args.length_norm)
+                rec = GenerativeRecommender(run.model, ctx, mode=mode, beam=beam,
+                                            batch_size=batch_size, length_norm=length_norm)
             else:
-                from m6rec.rec.finetune import Retriever
-
                 _check_source(run, ctx)
-                rec = Retriever(run, ctx, batch_size=max(args.batch_size, 32))
+                rec = Retriever(run, ctx, batch_size=max(batch_size, 32))
             # rank once (with a progress bar), then score those rankings through evaluate()'s checks
             ranked = rec.rank_prompts([ctx.for_query(q) for q in queries], max(ks), progress=True)
             stats = dict(rec.stats)
@@ -169,8 +177,8 @@ def eval_main(cfg, args) -> int:
         if kind == "next_item":
             ck = run.model.checkpoint
             m.update({"run_dir": ck["run_dir"], "checkpoint": ck["tag"], "step": ck["step"], "mode": rec.mode,
-                      "beam": max(max(ks), args.beam) if rec.mode == "text" else None,
-                      "length_norm": args.length_norm if rec.mode == "text" else None,
+                      "beam": max(max(ks), beam) if rec.mode == "text" else None,
+                      "length_norm": length_norm if rec.mode == "text" else None,
                       "source_rebuilt": ctx.source_loaded})
         else:
             m.update({k: run.meta.get(k) for k in ("method", "base_run", "base_tag", "steps", "trained_parameters",
@@ -178,32 +186,28 @@ def eval_main(cfg, args) -> int:
         models_meta.append(m)
         print(f"  {name}: {stats['seconds']:.1f} s", file=sys.stderr)
     meta = {
-        "task": args.task, "split": args.split, "users": len(queries), "dataset": str(data.dataset_dir),
-        "zero_shot": zero_shot, "catalog_size": len(data.catalog), "ks": ks, "max_users": args.max_users,
-        "seed": args.seed, "cold_items": len(cold),
+        "task": task, "split": split, "users": len(queries), "dataset": str(data.dataset_dir),
+        "zero_shot": zero_shot, "catalog_size": len(data.catalog), "ks": ks, "max_users": max_users,
+        "seed": seed, "cold_items": len(cold),
         "held_out_items": len(data.held_out), "models": models_meta,
         "protocol": ("held-out targets of the saved split rated >= 4 (positive) or <= 2 (negative); AUC and log loss"
-                     if args.task == "ranking" else
+                     if task == "ranking" else
                      "saved leave-one-out split (splits.parquet); full ranking over the catalog; the user's "
                      "history excluded; docs/evaluation.md"),
     }
-    out = Path(args.out)
+    out = Path(out)
     write_outputs(rows, ks, out, meta)
     print(markdown_table(rows, ks))
     print(f"written {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}", file=sys.stderr)
-    return 0
+    return json.loads(out.read_text())
 
 
 def recommend_main(cfg, args) -> int:
-    from m6rec.rec.generative import GenerativeRecommender, contexts_for, load_run
-
     if (args.user is None) == (args.history is None):
         raise ConfigError("give exactly one of --user ID (a user of the dataset) or --history \"title; title\"")
-    _set_threads(args)
+    _set_threads(args.threads)
     t0 = time.perf_counter()
     if (Path(args.ckpt) / "finetune.json").is_file():  # a retrieval run of `m6rec finetune`: the cached item index
-        from m6rec.rec.finetune import Retriever, load_task_run
-
         run = load_task_run(args.ckpt, "retrieval", device=args.device)
         ctx = contexts_for(run.cfg, run.tokenizer, run.dataset_dir)
         rec = Retriever(run, ctx, batch_size=1)
@@ -243,50 +247,3 @@ def recommend_main(cfg, args) -> int:
     print(f"ranked {len(ctx.catalog_ids)} items in {1000 * dt:.0f} ms (loading the run: {load_s:.1f} s)",
           file=sys.stderr)
     return 0
-
-
-def add_eval_arguments(p) -> None:
-    p.add_argument("--ckpt", required=True, action="append",
-                   help="a run directory (newest complete checkpoint); repeat to put several models in one table")
-    p.add_argument("--tag", default=None, help="a checkpoint tag like step00001000, or best (RUN_DIR/best.json of train.select_by) "
-                        "(with one --ckpt)")
-    p.add_argument("--task", default="next_item",
-                   help="next_item (generative: item-token softmax or trie beam search), retrieval (two-tower, "
-                        "a run of `m6rec finetune`), ranking (P(yes) of held-out targets: AUC, log loss)")
-    p.add_argument("--baseline", action="append", default=None,
-                   help="retrieval tables: also rank with this next-item run (e.g. the item-token baseline), "
-                        "same split and catalog; repeatable")
-    p.add_argument("--dataset", default=None,
-                   help="evaluate on this prepared dataset instead of the model's own: zero-shot when it differs "
-                        "(prepare it with the model's tokenizer: --data.tokenizer.path RUN_DATA/tokenizer.json)")
-    p.add_argument("--split", choices=["valid", "test"], default="valid",
-                   help="valid for model selection; test once, for the reported number")
-    p.add_argument("--max-users", type=int, default=0, help="a seeded random subset of users (0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --max-users subset")
-    p.add_argument("--ks", default=None, help="cutoffs, e.g. 1,5,10,20,50 (default: eval.ks of the run's config)")
-    _add_model_arguments(p)
-    p.add_argument("--out", required=True, help="FILE.json (FILE.md and FILE.png are written beside it)")
-
-
-def add_recommend_arguments(p) -> None:
-    p.add_argument("--ckpt", required=True, help="a run directory (newest complete checkpoint)")
-    p.add_argument("--tag", default=None, help="a checkpoint tag like step00001000")
-    p.add_argument("--user", default=None, help="a user id of the dataset")
-    p.add_argument("--history", default=None, help='a free-text history: "Toy Story (1995); Heat (1995)"')
-    p.add_argument("--k", type=int, default=10, help="how many items")
-    _add_model_arguments(p)
-
-
-def _add_model_arguments(p) -> None:
-    p.add_argument("--mode", choices=["auto", "text", "token"], default="auto",
-                   help="auto: item tokens when the data has them, else text (trie beam search)")
-    p.add_argument("--beam", type=int, default=0, help="beam width of text mode (at least the largest k)")
-    p.add_argument("--length-norm", type=float, default=1.0,
-                   help="text mode: score = log p(item text + END) / (tokens + 1) ** this (1 = mean per token, "
-                        "0 = the item's probability)")
-    p.add_argument("--batch-size", type=int, default=16, help="users per forward pass")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0 = torch's default); beam search is many small ops, and one thread "
-                        "measured faster than two on a shared 2-core machine")
-    p.add_argument("--config", default=None, help=argparse.SUPPRESS)  # the run's own config.yaml is read

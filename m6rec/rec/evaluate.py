@@ -190,6 +190,7 @@ def write_outputs(rows: list[dict], ks: Sequence[int], out: Path, meta: dict) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     out.with_suffix(".md").write_text(markdown_table(rows, ks) + "\n")
+    # matplotlib: only the chart needs it (Figure + Agg canvas: no pyplot, no display)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

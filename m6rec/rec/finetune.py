@@ -4,7 +4,7 @@ by full fine-tuning or by option tuning (the LM frozen, <= 1% of the parameters 
     m6rec finetune --ckpt runs/ml1m-text --finetune.task retrieval --finetune.method option \\
                    --finetune.run_dir runs/ml1m-text-retrieval-option
 
-Both tasks read the user exactly as pretraining wrote it (m6rec.rec.generative.ContextBuilder):
+Both tasks read the user exactly as pretraining wrote it (m6rec.data.prompts.ContextBuilder):
 
 * **retrieval** — the *query tower* pools the LM's hidden states of the user's prompt
   (``... <|predict|><|item|>``): their mean (``finetune.query_pool: mean``, the default), or
@@ -48,148 +48,32 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load as load_weights
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from m6rec.config import Config, ConfigError, load_config, load_yaml_tree, save_config, to_dict
 from m6rec.data import text as T
+from m6rec.data.prompts import ContextBuilder, Prompt, batches_by_length, collate, contexts_for
+from m6rec.model.options import Options
 from m6rec.rec.evaluate import EvalData, Query, top_k_excluding
-from m6rec.rec.generative import ContextBuilder, Prompt, batches_by_length, collate, contexts_for, load_run
+from m6rec.train.distributed import init_distributed
+from m6rec.train.ds_config import deepspeed_config
+from m6rec.train.metrics import MetricsLogger
+from m6rec.train.metrics import progress as progress_bar
+from m6rec.train.optim import param_groups, warmup_cosine
+from m6rec.train.run_dir import load_run, open_run
 
 log = logging.getLogger("m6rec.finetune")
 
 RANKING_SUFFIX = " - liked:"
 ANSWERS = ("yes", "no")  # no leading space: their first tokens always differ (y / n)
-TOWERS = ("query", "item")
 # the option-tuning variant of runs whose config.yaml predates the variants' keys
 LEGACY_OPTION_TUNING = {"option_layers": "input", "lora_rank": 0, "tune_norms": False, "attn_pool": False,
                         "head_rank": 0, "embed_lora_rank": 0}
-
-
-# ---------------------------------------------------------------------------
-# Option tuning: option vectors + adapters around a frozen LM
-# ---------------------------------------------------------------------------
-class Adapter(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.down = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(hidden, dim, bias=False)
-        nn.init.normal_(self.down.weight, std=dim ** -0.5)
-        nn.init.zeros_(self.up.weight)  # identity at start: the pretrained model, unchanged
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(F.silu(self.down(x)))
-
-
-class LoRA(nn.Module):
-    """A low-rank update ``x -> B A x`` added to a frozen linear's output (``B`` zero at start)."""
-
-    def __init__(self, linear: nn.Linear, rank: int):
-        super().__init__()
-        self.a = nn.Parameter(torch.randn(rank, linear.in_features, generator=torch.Generator().manual_seed(rank))
-                              * linear.in_features ** -0.5)
-        self.b = nn.Parameter(torch.zeros(linear.out_features, rank))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
-
-
-class Options(nn.Module):
-    """Option vectors per tower and adapters after each block, attached to ``lm`` by hooks.
-
-    The prompts carry ``n`` placeholder tokens after ``<|bos|>`` (:func:`with_options`);
-    a forward hook on the token embedding writes the active tower's vectors there, and
-    one on each block adds its adapter.  The LM's own code is untouched.
-
-    Variants (``FinetuneConfig``): ``layers="all"`` adds, before every block after the first, a
-    learned per-tower vector to each option position (deep options: every layer's keys and
-    values at the option positions are learned, as in P-tuning v2); ``lora_rank`` adds a
-    low-rank update to the frozen linears named in ``lora_targets``; ``head_rank`` a low-rank
-    residual map of each tower's pooled embedding; ``embed_lora_rank`` a low-rank update
-    ``U[t] W`` of the frozen token embeddings.  All start as the pretrained model exactly."""
-
-    def __init__(self, lm: nn.Module, n_options: int, adapter_dim: int, placeholder: int = 3,
-                 layers: str = "input", lora_rank: int = 0, lora_targets: Sequence[str] = (), head_rank: int = 0,
-                 attn_pool: bool = False, embed_lora_rank: int = 0):
-        super().__init__()
-        self.placeholder = placeholder
-        dim = lm.args.dim
-        init = lm.tok_embeddings.weight.detach()
-        rows = torch.randint(0, init.shape[0], (len(TOWERS), max(n_options, 0)),
-                             generator=torch.Generator().manual_seed(0))
-        # start from real token embeddings: vectors the frozen model already reads sensibly
-        self.vectors = nn.Parameter(init[rows].clone().float().to(init.dtype)) if n_options else None
-        self.adapters = nn.ModuleList(Adapter(dim, adapter_dim) for _ in lm.layers) if adapter_dim else None
-        self.n = n_options
-        self.tower = "query"
-        self.embed_u = self.embed_w = None
-        if embed_lora_rank:
-            g = torch.Generator().manual_seed(2)
-            # U at the embeddings' own scale: U W then moves a token's embedding by a fraction of its size per step
-            scale = float(init.float().std())
-            self.embed_u = nn.Parameter((torch.randn(init.shape[0], embed_lora_rank, generator=g) * scale).to(init.dtype))
-            self.embed_w = nn.Parameter(torch.zeros(embed_lora_rank, dim, dtype=init.dtype))
-        self._hooks = [lm.tok_embeddings.register_forward_hook(self._write_options)]
-        if self.adapters is not None:
-            for layer, adapter in zip(lm.layers, self.adapters):
-                self._hooks.append(layer.register_forward_hook(lambda m, a, out, ad=adapter: ad(out)))
-        # deep options: [tower, block 1.., n, dim], added to the option positions before each block
-        self.deep = None
-        if layers == "all" and n_options and len(lm.layers) > 1:
-            self.deep = nn.Parameter(torch.zeros(len(TOWERS), len(lm.layers) - 1, n_options, dim, dtype=init.dtype))
-            for i, layer in enumerate(lm.layers[1:]):
-                self._hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: self._deep_options(i, a)))
-        self.lora = nn.ModuleDict()
-        if lora_rank:
-            for i, layer in enumerate(lm.layers):
-                for name, mod in layer.named_modules():
-                    if isinstance(mod, nn.Linear) and name.split(".")[-1] in lora_targets:
-                        lora = self.lora[f"{i}_{name.replace('.', '_')}"] = LoRA(mod, lora_rank)
-                        self._hooks.append(mod.register_forward_hook(
-                            lambda m, a, out, lo=lora: out + lo(a[0]).to(out.dtype)))
-            if not len(self.lora):
-                raise ConfigError(f"config key 'finetune.lora_targets': {list(lora_targets)} names no linear "
-                                  "layer of the model's blocks (tiny..base: wqkv, wo, w13, w2)")
-        self.head_u = self.head_v = None
-        if head_rank:
-            g = torch.Generator().manual_seed(1)
-            self.head_v = nn.Parameter(torch.randn(len(TOWERS), dim, head_rank, generator=g) * dim ** -0.5)
-            self.head_u = nn.Parameter(torch.zeros(len(TOWERS), dim, head_rank))
-        # attention pooling: softmax(h . w) over the row's tokens; w = 0 is the mean pooling exactly
-        self.pool_w = nn.Parameter(torch.zeros(len(TOWERS), dim)) if attn_pool else None
-
-    def _write_options(self, module, args, out):
-        if self.embed_u is not None:
-            out = out + (F.embedding(args[0], self.embed_u) @ self.embed_w).to(out.dtype)
-        if not self.n:
-            return out
-        slots = args[0][:, 1:1 + self.n]
-        if slots.shape[1] != self.n or not bool((slots == self.placeholder).all()):
-            raise RuntimeError("option tuning: the input lacks the option placeholders after <|bos|> "
-                               "(build prompts with with_options(); this model is a task model, not a plain LM)")
-        v = self.vectors[TOWERS.index(self.tower)].to(out.dtype)
-        return torch.cat([out[:, :1], v.expand(out.shape[0], -1, -1), out[:, 1 + self.n:]], dim=1)
-
-    def _deep_options(self, i: int, args: tuple) -> tuple:
-        x, *rest = args
-        d = self.deep[TOWERS.index(self.tower), i].to(x.dtype)
-        x = torch.cat([x[:, :1], x[:, 1:1 + self.n] + d, x[:, 1 + self.n:]], dim=1)
-        return (x, *rest)
-
-    def attention_pool(self, h: torch.Tensor, document_ids: torch.Tensor, tower: str) -> torch.Tensor:
-        """``[B, T, D] -> [B, D]``: one document per row (``collate``), padding (document -1) left out."""
-        valid = document_ids >= 0
-        if bool((document_ids > 0).any()):
-            raise ValueError("attention pooling reads one document per row")
-        s = (h.float() @ self.pool_w[TOWERS.index(tower)]).masked_fill(~valid, float("-inf"))
-        return (torch.softmax(s, dim=1)[..., None] * h.float()).sum(1)
-
-    def head(self, emb: torch.Tensor, tower: str) -> torch.Tensor:
-        """The tower's low-rank residual map of pooled embeddings (identity without ``head_rank``)."""
-        if self.head_u is None:
-            return emb
-        t = TOWERS.index(tower)
-        return emb + (emb @ self.head_v[t].to(emb.dtype)) @ self.head_u[t].T.to(emb.dtype)
 
 
 def with_options(p: Prompt, n: int, placeholder: int) -> Prompt:
@@ -344,8 +228,6 @@ class TaskRun:
         out = torch.empty(len(prompts), self.model.lm.args.dim)
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(prompts), desc=progress, unit="row")
         for idx, batch in batches_by_length(prompts, batch_size):
             b = collate([self.prompt(p) for p in batch], ctx, self.pad_id, device)
@@ -370,13 +252,9 @@ class TaskRun:
         key = h.hexdigest()[:16]
         cache = self.out_dir / f"item_index-{key}.safetensors" if self.out_dir is not None else None
         if cache is not None and cache.is_file():
-            from safetensors.torch import load_file
-
             return load_file(str(cache))["embeddings"]
         emb = self.embed(ctx, items, "item", progress="item index" if progress else None)
         if cache is not None:
-            from safetensors.torch import save_file
-
             tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
             try:
                 save_file({"embeddings": emb.contiguous()}, str(tmp),
@@ -405,8 +283,6 @@ def load_task_run(path: str | Path, task: str, device: str = "cpu", tag: Optiona
         ft = cfg.finetune
         model = TaskModel(run.model, task, meta["method"], ft, answer_ids(run.tokenizer),
                           run.tokenizer.token_to_id(T.CONTEXT))
-        from safetensors.torch import load as load_weights
-
         raw = (path / "weights.safetensors").read_bytes()  # read once: hashed for the index cache, then loaded
         meta["loaded_sha256"] = hashlib.sha256(raw).hexdigest()
         weights = load_weights(raw)
@@ -472,8 +348,6 @@ def ranking_scores(run: TaskRun, ctx: ContextBuilder, examples, batch_size: int 
     device = next(run.model.parameters()).device
     prompts = [run.prompt(ranking_prompt(ctx, ctx.for_query(q), q.target)) for q, _ in examples]
     out = np.zeros(len(prompts))
-    from tqdm import tqdm
-
     for idx, batch in tqdm(batches_by_length(prompts, batch_size), desc=f"score {run.name}", unit="batch",
                            disable=not progress):
         b = collate(batch, ctx, run.pad_id, device)
@@ -506,19 +380,11 @@ def _batch(task: str, examples: Examples, ctx: ContextBuilder, model: TaskModel,
 
 def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str] = None) -> dict:
     """Fine-tune the run ``base`` (its config.yaml + ``overrides``); returns the summary."""
-    import deepspeed
-    import torch.distributed as dist
+    import deepspeed  # heavy: loaded when a fine-tuning starts, not when eval imports this module
 
-    from m6rec.train.distributed import init_distributed
-    from m6rec.train.ds_config import deepspeed_config
-    from m6rec.train.metrics import MetricsLogger, progress
-
-    base = Path(base)
-    if base.name == "checkpoints":
-        base = base.parent
-    if not (base / "config.yaml").is_file():
-        raise ConfigError(f"--ckpt {base}: no config.yaml (give the run directory of `m6rec train`)")
-    cfg = load_config(base / "config.yaml", list(overrides))
+    base_run = open_run(base)
+    base = base_run.run_dir
+    cfg = load_config(base_run.config_file, list(overrides))
     ft = cfg.finetune
     if cfg.deepspeed.zero_stage == 3:
         raise ConfigError("config key 'deepspeed.zero_stage': 3 is not supported by m6rec finetune "
@@ -530,10 +396,11 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
         if getattr(ft, key) < 0:
             raise ConfigError(f"config key 'finetune.{key}': bad value {getattr(ft, key)!r}; allowed: >= 0")
     rank, world, device = init_distributed()
-    run = load_run(base, tag, device="cpu")
+    run = base_run
+    lm = run.load_model(tag, device="cpu")
     ctx = contexts_for(cfg, run.tokenizer, run.dataset_dir)
     examples = Examples(ctx, ft.task)
-    model = TaskModel(run.model, ft.task, ft.method, ft, answer_ids(run.tokenizer),
+    model = TaskModel(lm, ft.task, ft.method, ft, answer_ids(run.tokenizer),
                       run.tokenizer.token_to_id(T.CONTEXT)).to(device)
     model.train()
     trainable = model.trainable()
@@ -546,23 +413,20 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    no_decay = ("embed", "vectors", "deep")  # embeddings and option vectors: no weight decay
-    decay = [v for k, v in trainable.items() if v.ndim >= 2 and not any(w in k for w in no_decay)]
-    rest = [v for k, v in trainable.items() if not (v.ndim >= 2 and not any(w in k for w in no_decay))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": ft.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=ft.lr, betas=(0.9, 0.98))
+    # embeddings and option vectors (options.vectors, options.deep): no weight decay
+    optimizer = torch.optim.AdamW(param_groups(model, ft.weight_decay, ("embed", "vectors", "deep")),
+                                  lr=ft.lr, betas=(0.9, 0.98))
     ds_cfg = deepspeed_config(dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, stream=dataclasses.replace(cfg.data.stream, batch_size=ft.batch_size)),
         train=dataclasses.replace(cfg.train, grad_accum=1)), world, device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     metrics = MetricsLogger(out, to_dict(cfg), rank, world, dataclasses.replace(
         cfg.train.wandb, name=cfg.train.wandb.name or out.name))
-    bar = progress(total=ft.steps, desc=f"finetune {ft.task}/{ft.method}", rank=rank)
+    bar = progress_bar(total=ft.steps, desc=f"finetune {ft.task}/{ft.method}", rank=rank)
     pad_id, placeholder = run.tokenizer.token_to_id(T.PAD), run.tokenizer.token_to_id(T.CONTEXT)
     losses, t0, last = [], time.time(), {}
     for step in range(ft.steps):
-        lr = ft.lr * min(1.0, (step + 1) / max(1, ft.warmup_steps))
-        lr *= 0.5 * (1 + math.cos(math.pi * max(0, step - ft.warmup_steps) / max(1, ft.steps - ft.warmup_steps)))
+        lr = warmup_cosine(step, ft.lr, ft.warmup_steps, ft.steps)  # decays to 0
         for g in optimizer.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng((ft.seed, step, rank))
@@ -586,14 +450,12 @@ def finetune(base: str | Path, overrides: Sequence[str] = (), tag: Optional[str]
     # the base run relative to this directory: the pair can move together (to another disk or machine)
     summary = {"task": ft.task, "method": ft.method, "run_dir": str(out),
                "base_run": os.path.relpath(base.resolve(), out.resolve()),
-               "base_tag": run.model.checkpoint["tag"], "base_step": run.model.checkpoint["step"],
+               "base_tag": lm.checkpoint["tag"], "base_step": lm.checkpoint["step"],
                "steps": ft.steps, "world_size": world, "trained_parameters": n_train, "lm_parameters": n_lm,
                "trained_fraction": n_train / n_lm, "train_examples": len(examples),
                "seconds": round(time.time() - t0, 1), "final": last,
                "source_loaded": ctx.source_loaded}  # profiles/tags/posters in the prompts (eval must match)
     if rank == 0:
-        from safetensors.torch import save_file
-
         sd = {k: v.detach().float().cpu().contiguous() for k, v in model.trainable().items()}
         save_file(sd, str(out / "weights.tmp"))
         os.replace(out / "weights.tmp", out / "weights.safetensors")

@@ -273,6 +273,7 @@ def _both_stages_global_state(path: Path) -> None:
     ``ds_version`` at the top.  The same values are added under the other stage's keys, so a
     ZeRO 1/2 checkpoint resumes at stage 3 and back (the per-parameter files are the same,
     after :func:`_stage3_files_as_stage12`)."""
+    # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
     from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM_GROUPS
 
     sd = torch.load(path, map_location="cpu", weights_only=False)
@@ -288,6 +289,7 @@ def _both_stages_global_state(path: Path) -> None:
         sd[PARAM_GROUPS] = sd[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
         changed = True
     if DS_VERSION not in sd:  # from ZeRO 3
+        # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
         import deepspeed
 
         sd[DS_VERSION] = deepspeed.__version__
@@ -315,6 +317,7 @@ def _stage3_files_as_stage12(source: Path, zero: Path) -> None:
     rewritten in the second form -- the parameter's shape from the source's ``param_shapes``,
     the step from the optimizer state of the parameter's sub-group -- and every loader,
     and :func:`load_universal_into_plain`, reads them.  Values are not touched."""
+    # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM, PARAM_SHAPES
 
     files = sorted(Path(source).glob("zero_pp_rank_*_mp_rank_*_model_states.pt"))
@@ -371,6 +374,7 @@ def load_universal_into_plain(engine, optimizer: torch.optim.Optimizer, folder: 
     ZeRO nothing is partitioned: every parameter's full fp32 value and its Adam
     moments, as the universal layout holds them (``zero/<name>/{fp32,exp_avg,
     exp_avg_sq,step}.pt``), go straight into the module and the torch optimizer."""
+    # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
     from deepspeed.checkpoint.constants import PARAM
 
     zero = Path(folder) / "zero"
@@ -400,6 +404,7 @@ def load_plain_into_zero(engine, optimizer_sd: dict, module_sd: dict, params: li
     own per-parameter API (``deepspeed.utils.safe_set_full_fp32_param`` /
     ``safe_set_full_optimizer_state``), which writes each rank's partition.  ``params``:
     the parameters in the optimizer's original order (the index of the saved state)."""
+    # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 

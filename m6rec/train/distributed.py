@@ -111,6 +111,7 @@ def prepare_cpu_comm(say: bool) -> None:
     why = cpu_comm_op_off_reason()
     if why is None:
         return
+    # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
@@ -123,6 +124,7 @@ def init_deepspeed_comm(backend: str) -> None:
     """``deepspeed.init_distributed`` with what every m6rec process does around it: the stale build
     locks named first (one process per machine), on the CPU (gloo) the shm op decided
     (:func:`prepare_cpu_comm`) before and the /dev/shm names unlinked after (:func:`unlink_shm_buffer`)."""
+    # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
     import deepspeed
 
     first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"

@@ -43,6 +43,7 @@ def stale_shm_buffers() -> list[Path]:
 def torch_extensions_root() -> Path:
     """Where torch builds JIT extensions (DeepSpeed's ops among them): ``TORCH_EXTENSIONS_DIR`` or
     torch's default (``~/.cache/torch_extensions``)."""
+    # torch: `m6rec clean-shm` and the test session's start need it only here
     from torch.utils.cpp_extension import get_default_build_root
 
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())

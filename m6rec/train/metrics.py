@@ -24,6 +24,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from tqdm.auto import tqdm as auto_tqdm
+
+from m6rec.train.peak import mfu
+
 # Metric names written by the trainer, with units.  The logger accepts any
 # name; these are the ones the console line, the plot and docs/wandb.md know.
 METRICS: dict[str, str] = {
@@ -48,113 +55,6 @@ METRICS: dict[str, str] = {
     "infilled_docs": "documents trained with the M6 text-infilling objective in the interval (train.infill_rate > 0)",
     "nonfinite_steps": "updates skipped because the loss was not finite, so far",
 }
-
-# --------------------------------------------------------------------------
-# Peak FLOP/s and MFU
-# --------------------------------------------------------------------------
-# Dense (no sparsity) tensor-core peaks per GPU, FLOP/s.  bf16 values are the
-# ones torchtitan assumes (torchtitan/tools/utils.py get_peak_flops); all are
-# from NVIDIA's product datasheets, whose headline numbers are "with sparsity"
-# and so twice these.  "fp32" is the plain CUDA-core peak, used when TF32 is
-# off (PyTorch's default for matmuls).  The first entry whose substrings all
-# occur in torch.cuda.get_device_name() wins, so specific names come first
-# ("H100 PCIe" before "H100", "A100" before "A10").
-KNOWN_PEAK_FLOPS: tuple[tuple[tuple[str, ...], dict[str, float]], ...] = (
-    (("h100", "nvl"), dict(bf16=835e12, fp16=835e12, tf32=417.5e12, fp32=60e12)),
-    (("h100", "pcie"), dict(bf16=756e12, fp16=756e12, tf32=378e12, fp32=51e12)),
-    (("h100",), dict(bf16=989e12, fp16=989e12, tf32=494.5e12, fp32=67e12)),  # SXM: "H100 80GB HBM3"
-    (("h200", "nvl"), dict(bf16=836e12, fp16=836e12, tf32=418e12, fp32=60e12)),
-    (("h200",), dict(bf16=989e12, fp16=989e12, tf32=494.5e12, fp32=67e12)),  # SXM, and GH200
-    (("a100",), dict(bf16=312e12, fp16=312e12, tf32=156e12, fp32=19.5e12)),
-    (("a10",), dict(bf16=125e12, fp16=125e12, tf32=62.5e12, fp32=31.2e12)),  # A10 datasheet; A10G shares it
-    (("l40s",), dict(bf16=362e12, fp16=362e12, tf32=183e12, fp32=91.6e12)),
-    (("l4",), dict(bf16=121e12, fp16=121e12, tf32=60e12, fp32=30.3e12)),
-    (("v100",), dict(fp16=125e12, fp32=15.7e12)),  # SXM2; no bf16 tensor cores
-)
-
-_measured_peaks: dict[tuple[str, str], float] = {}  # (device, dtype) -> FLOP/s, once per process
-
-
-def measure_matmul_flops(dtype: Any = None, device: Any = "cpu", seconds: float = 1.0) -> float:
-    """Best FLOP/s of square matmuls in ``dtype`` on ``device``: a practical peak.
-
-    Used where no datasheet applies (CPUs, unknown accelerators).  Cached per
-    process, since every call costs ``seconds``.
-    """
-    import torch
-
-    dtype = dtype or torch.float32
-    key = (str(device), str(dtype))
-    if key in _measured_peaks:
-        return _measured_peaks[key]
-    is_cuda = torch.device(device).type == "cuda"
-    best, deadline, rep_time = 0.0, time.perf_counter() + seconds, 0.0
-    for n in (512, 1024, 2048):  # small sizes miss the peak; larger ones only if they fit the budget
-        if best and time.perf_counter() + 3 * 8 * rep_time > deadline:  # 3 matmuls, each 8x the last size's
-            break
-        a = torch.randn(n, n, dtype=dtype, device=device)
-        b = torch.randn(n, n, dtype=dtype, device=device)
-        a @ b  # warm-up: thread pool, kernel selection
-        t_end = time.perf_counter() + seconds / 3
-        reps = 0
-        while reps < 2 or time.perf_counter() < t_end:
-            t = time.perf_counter()
-            a @ b
-            if is_cuda:
-                torch.cuda.synchronize(device)
-            rep_time = time.perf_counter() - t
-            best = max(best, 2 * n**3 / rep_time)
-            reps += 1
-    _measured_peaks[key] = best
-    return best
-
-
-def _matmul_precision_name(precision: str) -> str:
-    """Which tensor-core mode a ``train.precision`` runs its matmuls in on CUDA."""
-    if precision != "fp32":
-        return precision
-    import torch
-
-    # PyTorch runs fp32 matmuls in TF32 only when allowed: precision "high" or
-    # "medium" (torch.set_float32_matmul_precision); the default "highest" is fp32.
-    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def peak_flops(
-    precision: str,
-    device: Any,
-    configured: Optional[float] = None,
-    measure: Callable[..., float] = measure_matmul_flops,
-) -> tuple[float, str]:
-    """Peak FLOP/s of one device for MFU, and where the number came from.
-
-    Order: ``configured`` (train.peak_flops) > :data:`KNOWN_PEAK_FLOPS` for a
-    known CUDA GPU > ``measure(dtype, device)`` (a short matmul measurement,
-    the only honest number for CPUs and unlisted devices).
-    """
-    import torch
-
-    if configured:
-        return float(configured), "configured (train.peak_flops)"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        mode = _matmul_precision_name(precision)
-        for patterns, peaks in KNOWN_PEAK_FLOPS:
-            if all(p in name.lower() for p in patterns) and mode in peaks:
-                return peaks[mode], f"datasheet {mode} peak of {name} (KNOWN_PEAK_FLOPS)"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    dtype_name = str(dtype).removeprefix("torch.")
-    label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    return float(measure(dtype, dev)), f"measured {dtype_name} matmul peak on {label}"
-
-
-def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float) -> float:
-    """Model FLOPs utilization as a fraction: achieved model FLOP/s over the peak."""
-    if peak <= 0:
-        raise ValueError(f"peak FLOP/s must be > 0, got {peak}")
-    return tokens_per_s_per_device * flops_per_token / peak
-
 
 # --------------------------------------------------------------------------
 # Step timing and memory
@@ -223,8 +123,6 @@ class StepTimer:
 
 def memory_stats(device: Any = "cpu", reset_peak: bool = True) -> dict[str, float]:
     """This process's memory on ``device``, in GiB (names and meaning in METRICS)."""
-    import torch
-
     dev = torch.device(device)
     if dev.type == "cuda":
         out = dict(memory_gib=torch.cuda.max_memory_allocated(dev) / 2**30,
@@ -245,13 +143,8 @@ def memory_stats(device: Any = "cpu", reset_peak: bool = True) -> dict[str, floa
 # --------------------------------------------------------------------------
 def current_rank() -> int:
     """This process's global rank: torch.distributed if started, else the launcher's env."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:
-        pass
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
@@ -264,13 +157,11 @@ def progress(total: int, initial: int = 0, desc: str = "train", rank: Optional[i
     When stderr is not a terminal (batch jobs, CI) the bar refreshes at most
     once a minute, so log files get a line a minute rather than one per step.
     """
-    from tqdm.auto import tqdm
-
     rank = current_rank() if rank is None else rank
     interactive = bool(getattr(sys.stderr, "isatty", lambda: False)())
     interval = 0.5 if interactive else 60.0
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=rank != 0,
-                dynamic_ncols=interactive, mininterval=interval, maxinterval=max(interval, 10.0))
+    return auto_tqdm(total=total, initial=initial, desc=desc, unit="step", disable=rank != 0,
+                     dynamic_ncols=interactive, mininterval=interval, maxinterval=max(interval, 10.0))
 
 
 # --------------------------------------------------------------------------
@@ -521,7 +412,7 @@ class MetricsLogger:
         if mode == "disabled":
             return
         try:
-            import wandb
+            import wandb  # wandb: optional at run time (a dashboard must never stop training)
         except Exception as e:  # noqa: BLE001 - any import failure must not stop training
             self._warn_once("wandb", f"W&B unavailable ({type(e).__name__}: {e}); logging to console and JSONL only")
             self.wandb_mode = "disabled"
@@ -576,8 +467,6 @@ class MetricsLogger:
             return
         metrics = {k: _plain(v) for k, v in metrics.items()}
         if "console" in self.sinks:
-            from tqdm import tqdm
-
             tqdm.write(format_line(step, metrics), file=sys.stdout)  # prints above a live bar
             sys.stdout.flush()
         if self._jsonl is not None:
@@ -616,7 +505,7 @@ class MetricsLogger:
                 # finish() returns before wandb-core has written the run's
                 # .wandb log to disk; teardown waits for it, so the offline
                 # files are complete when close() returns.  Only when no other
-                # W&B run lives in this process (teardown would finish it too).
+                # W&B run lives in this process (teardown would finish it too).  wandb: optional, as above.
                 import wandb
 
                 if getattr(wandb, "run", None) is None:

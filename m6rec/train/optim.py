@@ -5,7 +5,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -14,15 +14,21 @@ from m6rec.config import Config, ConfigError
 log = logging.getLogger("m6rec.train")
 
 
+def warmup_cosine(step: int, lr: float, warmup_steps: int, steps: int, min_lr: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``lr`` over
+    ``warmup_steps``, cosine decay to ``min_lr`` at ``steps``.  A pure function of the step,
+    so a resumed run needs no scheduler state."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
 def lr_at(cfg: Config, step: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup to
-    train.lr, cosine decay to train.min_lr at train.steps.  A pure function of
-    the step, so a resumed run needs no scheduler state."""
+    """Pretraining's learning rate at ``step``: :func:`warmup_cosine` of train.lr, train.warmup_steps,
+    train.steps and train.min_lr."""
     t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, t.lr, t.warmup_steps, t.steps, t.min_lr)
 
 
 def skippable(cls: type) -> type:
@@ -92,15 +98,17 @@ class StepOnDevice(skippable(torch.optim.AdamW)):
             self.found_inf = None
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms and embeddings (1-D weights and the token table).  Also the
-    optimizer's parameter order of a checkpoint; under ZeRO 3 a parameter's own shape is
-    empty once partitioned, its ``ds_shape`` is the real one."""
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: Sequence[str] = ("embed",)) -> list[dict]:
+    """The trainable parameters in two groups: ``weight_decay``, and none on norms and embeddings (1-D
+    weights, and parameters whose name holds one of ``no_decay_names``: the token table; fine-tuning
+    adds its option vectors).  Also the optimizer's parameter order of a checkpoint; under ZeRO 3 a
+    parameter's own shape is empty once partitioned, its ``ds_shape`` is the real one."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 or "embed" in name else decay).append(p)
+        plain = len(getattr(p, "ds_shape", p.shape)) < 2 or any(n in name for n in no_decay_names)
+        (no_decay if plain else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -149,10 +157,12 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, on_gpu: bool) -> torch.
         log.warning("train.optimizer=%s builds a DeepSpeed op: TORCH_CUDA_ARCH_LIST set to %r from the visible "
                     "GPUs (it was %r, which DeepSpeed's JIT builder cannot parse)", name, changed[1], changed[0])
     if name == "cpu_adam":
+        # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
         from deepspeed.ops.adam import DeepSpeedCPUAdam as cls
 
         kw["adamw_mode"] = True
     else:
+        # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
         from deepspeed.ops.adam import FusedAdam as cls
 
         kw["adam_w_mode"] = True

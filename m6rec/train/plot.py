@@ -53,7 +53,8 @@ def _draw(ax: Any, series: Series, names: list[str], title: str, ylabel: str) ->
 
 def plot_run(run_dir: str | Path, out_png: str | Path | None = None) -> Path:
     """Draw ``RUN_DIR/metrics.jsonl`` to ``out_png`` (default ``RUN_DIR/metrics.png``)."""
-    # Figure + Agg canvas directly: no pyplot, so no global backend and no display needed.
+    # matplotlib: only drawing needs it.  Figure + Agg canvas directly: no pyplot, so no global
+    # backend and no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -192,6 +192,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, world: int, device: torch.
     the :class:`TrainStep` -- also used as is by the benchmarks.  ``load_universal``: the
     engine's first load reads a universal checkpoint (later saves are ordinary ones).
     Returns ``(engine, optimizer, step, deepspeed_config)``."""
+    # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
     import deepspeed
 
     on_gpu = device.type == "cuda"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 
 class Trace:
@@ -33,8 +34,8 @@ class Trace:
         """The live model's full weights (gathered under ZeRO 3) to a safetensors file (rank 0)."""
         if self.file is None:
             return
+        # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
         import deepspeed
-        from safetensors.torch import save_file
 
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
@@ -50,8 +51,8 @@ class Trace:
         with the one the saving run held."""
         if self.file is None:
             return
+        # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-        from safetensors.torch import save_file
 
         zero = engine.zero_optimization_stage() > 0
         base = getattr(engine.optimizer, "optimizer", engine.optimizer) if zero else optimizer

@@ -48,17 +48,21 @@ import torch.distributed as dist
 
 from m6rec.config import Config, ConfigError, save_config, to_dict
 from m6rec.data.infill import infill_documents
-from m6rec.data.stream import StreamLoader
+from m6rec.data.loader import StreamLoader
+from m6rec.data.vectors import attach_catalog
 from m6rec.model import build_model
 from m6rec.model.args import ModelArgs
 from m6rec.model.info import flops_per_token
 from m6rec.train import checkpoint as ckpt
 from m6rec.train.distributed import init_distributed
 from m6rec.train.ds_config import deepspeed_config, effective_zero_stage
+from m6rec.train.metrics import MetricsLogger, StepTimer, memory_stats, progress
 from m6rec.train.optim import lr_at
+from m6rec.train.peak import peak_flops
 from m6rec.train.resume import convert_for_resume, load_resume, plan_resume
-from m6rec.train.metrics import MetricsLogger, StepTimer, memory_stats, peak_flops, progress
+from m6rec.train.run_dir import init_from_run
 from m6rec.train.schedule import Cadence, LoopState, finite_or_none
+from m6rec.train.select import Selector
 from m6rec.train.signals import STOP_FILE, StopFlag, shielded_children
 from m6rec.train.step import HostFlags, StepStats, build_engine, prepare_inputs
 from m6rec.train.trace import Trace
@@ -90,24 +94,6 @@ def _warn_truncation(manifest: dict, seq_len: int, rank: int) -> None:
             log.warning("%d of %d %s samples are longer than data.stream.seq_len=%d (longest %d tokens) and will be "
                         "truncated%s", cut, len(lengths), split, seq_len, max(lengths),
                         ": their targets are cut off, so the validation loss may be NaN" if split == "valid" else "")
-
-
-def _init_from_run(model, run_dir: str, rank: int) -> None:
-    """``model.init_from: run:RUN_DIR``: the weights of that run's newest complete checkpoint (fine-tuning
-    a pretrained run on other data, e.g. the zero-shot source on its target)."""
-    from m6rec.train.export import fp32_state_dict
-
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    tag = ckpt.latest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
-    if tag is None:
-        raise ConfigError(f"model.init_from run:{run_dir}: no complete checkpoint in {ckpt_dir}")
-    try:
-        model.load_state_dict(fp32_state_dict(ckpt_dir, tag), strict=True)
-    except RuntimeError as e:
-        raise ConfigError(f"model.init_from run:{run_dir}: its {tag} does not fit this model "
-                          f"(same model settings and vocabulary needed): {str(e).splitlines()[0]}") from None
-    if rank == 0:
-        log.info("model initialised from %s (weights only; a fresh optimizer)", ckpt_dir / tag)
 
 
 def model_config_for(cfg: Config, manifest: dict):
@@ -184,10 +170,8 @@ class Trainer:
 
         model = build_model(cfg, device=self.device)
         if cfg.model.init_from and cfg.model.init_from.startswith("run:"):
-            _init_from_run(model, cfg.model.init_from[4:], self.rank)
+            init_from_run(model, cfg.model.init_from[4:], self.rank)
         if model.item_proj is not None:
-            from m6rec.data.vectors import attach_catalog
-
             attach_catalog(model, cfg.data.output, cfg.data.text, training=True)
         self.margs = ModelArgs.from_config(cfg)
         plan = plan_resume(self.ckpt_dir, resume, cfg, self.world, self.margs)
@@ -209,8 +193,6 @@ class Trainer:
         self.stage = effective_zero_stage(cfg, self.world)
         self.selector = None  # train.select_by: the validation ranking metric and the best tag
         if cfg.train.select_by:
-            from m6rec.rec.select import Selector
-
             self.selector = Selector(cfg, self.run_dir, self.rank, self.world, self.stage, resumed=bool(client))
 
         self.cadence = Cadence.from_config(cfg.train)

@@ -1,97 +1,40 @@
-"""``m6rec bench {data,model,train} --out FILE.json``: reproducible benchmarks.
-
-Each ``bench_*`` function returns a JSON-able dict; :func:`main` prints it and
-writes it to ``--out``.  Results and the exact commands are kept in
-docs/performance.md.
-"""
+"""``m6rec bench model``: forward+backward of the model alone against transformers' Llama of the same
+shape and weights (fp32, CPU), on equal rows and on packed rows against padded ones; on a CUDA
+machine also the ``350m`` preset in bf16 (:func:`bench_model_gpu`)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
-import platform
+import os
 import random
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-# ---------------------------------------------------------------------------
-# Shared helpers
-# ---------------------------------------------------------------------------
+import numpy as np
+import torch
+
+from m6rec.bench.common import MODEL_PRESETS, clock, machine, synthetic_batch, time_steps
+from m6rec.config import load_config
+from m6rec.model import apply_compile, build_model
+from m6rec.model.args import ModelArgs
+from m6rec.model.hf import llama_config_dict, m6rec_to_llama
+from m6rec.model.info import flops_per_token
+from m6rec.train.peak import measure_matmul_peak
 
 
-def _machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return dict(cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__,
-                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                cpu_capability=torch.backends.cpu.get_cpu_capability())
-
-
-def _clock() -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads)."""
-    return time.perf_counter(), time.process_time()
-
-
-def measure_matmul_peak(dtype=None, device: str = "cpu", sizes=(1024, 2048), seconds: float = 1.0) -> dict[str, Any]:
-    """Best achieved FLOP/s of square matmuls: the machine's practical peak.
-
-    ``flops`` is per wall-clock second; on CPU ``flops_per_cpu_s`` divides by
-    the process's CPU time over the threads instead (what a busy, shared
-    machine disturbs least; it equals ``flops`` on an idle one)."""
-    import torch
-
-    dtype = dtype or torch.float32
-    threads = torch.get_num_threads() if device == "cpu" else 1
-    best, best_cpu, per_size = 0.0, 0.0, {}
-    for n in sizes:
-        a = torch.randn(n, n, dtype=dtype, device=device)
-        b = torch.randn(n, n, dtype=dtype, device=device)
-        for _ in range(2):
-            a @ b
-        reps, t0 = 0, time.perf_counter()
-        rates, cpu_rates = [], []
-        while time.perf_counter() - t0 < seconds or reps < 3:
-            w, c = _clock()
-            a @ b
-            if device != "cpu":
-                torch.cuda.synchronize()
-            w2, c2 = _clock()
-            rates.append(2 * n**3 / (w2 - w))
-            cpu_rates.append(2 * n**3 / max((c2 - c) / threads, 1e-9))
-            reps += 1
-        per_size[str(n)] = max(rates)
-        best, best_cpu = max(best, max(rates)), max(best_cpu, max(cpu_rates))
-    return dict(flops=best, flops_per_cpu_s=best_cpu, per_size=per_size, dtype=str(dtype).removeprefix("torch."))
-
-
-# ---------------------------------------------------------------------------
-# bench model
-# ---------------------------------------------------------------------------
 def _small_args(cfg: Any, args: Any):
     """The preset to benchmark: ``--config`` when given, else configs/model/small.yaml."""
-    from m6rec.config import load_config
-    from m6rec.model.args import ModelArgs
-
     if getattr(args, "config", None):
         return ModelArgs.from_config(cfg)
-    path = Path(__file__).resolve().parents[1] / "configs" / "model" / "small.yaml"
-    return ModelArgs.from_config(load_config(path))
+    return ModelArgs.from_config(load_config(MODEL_PRESETS / "small.yaml"))
 
 
-def _llama_twin(model):
+def llama_twin(model):
     """A transformers LlamaForCausalLM of identical shape and weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from m6rec.model.hf import llama_config_dict, m6rec_to_llama
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy: transformers, only for the comparison
 
     c = llama_config_dict(model.args)
     c.pop("dtype")
@@ -112,8 +55,6 @@ ML1M_MEDIAN, ML1M_SIGMA, ML1M_MIN, ML1M_MAX = 347, 0.22, 50, 726
 def _lengths(cfg: Any, args: Any, n: int, max_len: int, seed: int) -> tuple[list[int], str]:
     """Sample lengths: from a prepared dataset's manifest when ``--config`` names
     one, else the synthetic ml-1m-partial stand-in above."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     manifest = Path(getattr(getattr(cfg, "data", None), "output", "") or "nonexistent") / "manifest.json"
     if getattr(args, "config", None) and manifest.is_file():
@@ -146,8 +87,6 @@ def _pack_rows(lengths: list[int], T: int) -> list[list[int]]:
 def _packed_batches(packed_rows: list[list[int]], T: int, rows: int, vocab: int, seed: int):
     """m6rec side: ``rows`` packed rows a batch.  Each document: first half
     context (bidirectional prefix, no loss), second half targets (loss)."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     batches = []
     for i in range(0, len(packed_rows), rows):
@@ -171,8 +110,6 @@ def _packed_batches(packed_rows: list[list[int]], T: int, rows: int, vocab: int,
 
 def _padded_batches(lengths: list[int], per_batch: int, vocab: int, seed: int):
     """Reference side: ``per_batch`` samples a batch, each padded to the batch's longest (right padding)."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     batches = []
     for i in range(0, len(lengths), per_batch):
@@ -208,27 +145,18 @@ def bench_model(cfg: Any, args: Any) -> dict[str, Any]:
     them alike; each contender's best round is the headline, medians are
     kept.  Every step is timed in wall-clock and in process CPU time (the
     latter is what a shared machine disturbs least; see docs/performance.md)."""
-    import copy
-    import os
-
-    import torch
-
-    from m6rec.model.args import ModelArgs
-    from m6rec.model.info import flops_per_token
-    from m6rec.model.transformer import apply_compile, build_model
-
     t_start = time.perf_counter()
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     margs = _small_args(cfg, args)
     margs = ModelArgs.from_dict({**margs.to_dict(), "init_from": None, "attn_impl": "auto", "compile": False})
     T = margs.max_seq_len
-    result: dict[str, Any] = dict(bench="model", machine=_machine(), load_avg_start=os.getloadavg(),
+    result: dict[str, Any] = dict(bench="model", machine=machine(), load_avg_start=os.getloadavg(),
                                   preset=margs.preset, args=margs.to_dict(), dtype="float32", device="cpu")
 
     eager = build_model(margs).train()
     compiled = apply_compile(copy.deepcopy(eager))
-    llama = _llama_twin(eager)
+    llama = llama_twin(eager)
     assert eager.num_params() == (sum(p.numel() for p in llama.parameters())
                                   + sum(p.numel() for p in eager.patch_embed.parameters()))
     fpt = flops_per_token(margs, T)
@@ -250,17 +178,16 @@ def bench_model(cfg: Any, args: Any) -> dict[str, Any]:
     steps = {"m6rec_eager": m6_step(eager), "m6rec_compiled": m6_step(compiled), "llama": llama_step}
 
     def timed(f, batch) -> tuple[float, float]:
-        w, c = _clock()
+        w, c = clock()
         f(batch)
-        w2, c2 = _clock()
+        w2, c2 = clock()
         return w2 - w, c2 - c
 
     # --- 1. equal batches: full rows of T tokens, causal, the same for all -----------
     B, n_rounds = 2, 4
-    ids = torch.randint(0, margs.vocab_size, (B, T))
-    labels = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)  # m6rec takes labels already shifted
-    batch_of = {"m6rec_eager": dict(input_ids=ids, labels=labels), "m6rec_compiled": dict(input_ids=ids, labels=labels),
-                "llama": dict(input_ids=ids, labels=ids)}
+    causal = synthetic_batch(margs.vocab_size, B, T, causal=True)  # m6rec takes labels already shifted
+    batch_of = {"m6rec_eager": causal, "m6rec_compiled": causal,
+                "llama": dict(input_ids=causal["input_ids"], labels=causal["input_ids"])}
     t = time.perf_counter()
     losses = {k: f(batch_of[k]) for k, f in steps.items()}  # warm-up (compiles)
     warm_s = time.perf_counter() - t
@@ -350,26 +277,15 @@ def bench_model_gpu(preset: str = "350m", seq_len: int = 2048, batch: int = 4, s
     """The ``350m`` preset in bf16 on one GPU: full causal rows (SDPA flash) and
     packed prefix rows (FlexAttention), each block compiled; MFU against the
     H100's 989 TFLOP/s dense bf16."""
-    import torch
-
-    from m6rec.config import load_config
-    from m6rec.model.args import ModelArgs
-    from m6rec.model.info import flops_per_token
-    from m6rec.model.transformer import apply_compile, build_model
-
-    path = Path(__file__).resolve().parents[1] / "configs" / "model" / f"{preset}.yaml"
-    margs = ModelArgs.from_config(load_config(path), max_seq_len=seq_len, activation_checkpointing=False)
+    margs = ModelArgs.from_config(load_config(MODEL_PRESETS / f"{preset}.yaml"), max_seq_len=seq_len,
+                                  activation_checkpointing=False)
     torch.manual_seed(0)
     model = apply_compile(build_model(margs, device="cuda").train())
     fpt = flops_per_token(margs, seq_len)
     V, B, T = margs.vocab_size, batch, seq_len
-    ids = torch.randint(0, V, (B, T), device="cuda")
-    labels = torch.cat([ids[:, 1:], torch.full((B, 1), -100, device="cuda")], dim=1)
-    doc = (torch.arange(T, device="cuda") // 512).expand(B, T).contiguous()  # 4 documents of 512 a row
-    pos = (torch.arange(T, device="cuda") % 512).expand(B, T).contiguous()
-    prefix = (pos < 256).contiguous()
-    cases = {"causal": dict(input_ids=ids, labels=labels),
-             "packed_prefix": dict(input_ids=ids, labels=labels, document_ids=doc, position_ids=pos, prefix_mask=prefix)}
+    cases = {"causal": synthetic_batch(V, B, T, causal=True),
+             "packed_prefix": synthetic_batch(V, B, T, doc_len=512)}  # 4 documents of 512 a row
+    cases = {k: {n: t.to("cuda") for n, t in b.items()} for k, b in cases.items()}
     out: dict[str, Any] = dict(device=torch.cuda.get_device_name(0), preset=preset, dtype="bfloat16", batch=[B, T],
                                flops_per_token=fpt["total"], peak_flops=H100_BF16_DENSE)
 
@@ -381,122 +297,10 @@ def bench_model_gpu(preset: str = "350m", seq_len: int = 2048, batch: int = 4, s
 
     for name, b in cases.items():
         try:
-            for _ in range(3):
-                step(b)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(steps):
-                step(b)
-            torch.cuda.synchronize()
-            dt = (time.perf_counter() - t) / steps
+            dt = time_steps(lambda: step(b), 3, steps, cuda=True)
             out[name] = dict(step_s=dt, tokens_per_s=B * T / dt, mfu=fpt["total"] * B * T / dt / H100_BF16_DENSE,
                              mfu_causal_halved=fpt["total_causal_halved"] * B * T / dt / H100_BF16_DENSE,
                              max_memory_gib=torch.cuda.max_memory_allocated() / 2**30)
         except Exception as e:
             out[name] = dict(error=f"{type(e).__name__}: {e}")
     return out
-
-
-# ---------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------
-def bench_data(cfg: Any, args: Any) -> dict[str, Any]:
-    """Preparation and reader throughput vs one training rank (m6rec/data/benchmark.py).
-
-    ``--config`` defaults to configs/data/ml-1m-partial.yaml; work files go to
-    ``<data.output>.bench/``.  ``--dataset DIR`` (repeatable): only the reader's .npy decoding on
-    prepared datasets, np.load against load_npy, at ``data.stream``'s batch shape; with
-    ``--step-seconds S`` instead: the data wait of a training step of S seconds (bench_wait)."""
-    from m6rec.config import ConfigError, load_config
-    from m6rec.data.benchmark import (bench_data as run, bench_decode, bench_wait, format_decode_table, format_table,
-                                      format_wait_table)
-
-    if getattr(args, "step_seconds", None) is not None:  # the data wait a GPU's step would see
-        if not getattr(args, "dataset", None):
-            raise ConfigError("bench data --step-seconds needs --dataset DIR (a prepared dataset)")
-        if args.step_seconds <= 0:
-            raise ConfigError(f"bench data --step-seconds: bad value {args.step_seconds!r}; allowed: > 0")
-        if cfg.data.stream.num_workers < 1:
-            raise ConfigError("bench data --step-seconds measures DataLoader workers: set "
-                              "--data.stream.num_workers to 1 or more")
-        result = bench_wait(args.dataset, cfg, args.step_seconds)
-        print(format_wait_table(result))
-        return result
-    if getattr(args, "dataset", None):  # only the reader's decoding, on datasets already prepared
-        result = bench_decode(args.dataset, cfg)
-        print(format_decode_table(result))
-        return result
-    if not getattr(args, "config", None):
-        cfg = load_config("configs/data/ml-1m-partial.yaml", getattr(args, "overrides", None))
-    result = run(cfg, Path(cfg.data.output + ".bench"))
-    print(format_table(result))
-    return result
-
-
-def bench_train(cfg: Any, args: Any) -> dict[str, Any]:
-    """ZeRO 0/1/2/3 at 1 and 2 ranks (m6rec/train/benchmark.py)."""
-    from m6rec.train.benchmark import bench_train as run
-
-    return run(cfg, args)
-
-
-def bench_gpu(cfg: Any, args: Any) -> dict[str, Any]:
-    """The model and the engine side by side on one device (m6rec/train/gpu_check.py)."""
-    from m6rec.train.gpu_check import main as run
-
-    return run(cfg, args)
-
-
-def bench_recommend(cfg: Any, args: Any) -> dict[str, Any]:
-    """Serving latency of ``m6rec recommend`` after loading: one request (one user, batch 1, top 10 of
-    the whole catalog, history excluded) at a time, for each ``--ckpt`` side by side on the same users.
-    The first 10 requests warm up and are not counted."""
-    import numpy as np
-    import torch
-
-    from m6rec.config import ConfigError
-    from m6rec.rec.generative import GenerativeRecommender, contexts_for, load_run
-
-    if not getattr(args, "ckpt", None):
-        raise ConfigError("bench recommend: give --ckpt RUN_DIR (repeat it to compare runs)")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    rows = []
-    for path in args.ckpt:
-        t0 = time.perf_counter()
-        run = load_run(path)
-        ctx = contexts_for(run.cfg, run.tokenizer, run.dataset_dir)
-        rec = GenerativeRecommender(run.model, ctx, batch_size=1)
-        load_s = time.perf_counter() - t0
-        users = list(ctx._timeline)[: args.users + 10]
-        prompts = [ctx.for_user(u) for u in users]
-        ms = []
-        for p in prompts:
-            t1 = time.perf_counter()
-            rec.rank_prompts([p], 10)
-            ms.append(1000 * (time.perf_counter() - t1))
-        ms = np.array(ms[10:])
-        rows.append({"run": str(path), "mode": rec.mode, "items": len(ctx.catalog_ids), "requests": len(ms),
-                     "prompt_tokens_mean": round(float(np.mean([len(p.ids) for p in prompts])), 1),
-                     "median_ms": round(float(np.median(ms)), 2), "p90_ms": round(float(np.percentile(ms, 90)), 2),
-                     "load_s": round(load_s, 2)})
-    print(f"{'run':<40} {'mode':<7} {'items':>6} {'tokens':>6} {'median ms':>10} {'p90 ms':>8} {'load s':>7}")
-    for r in rows:
-        print(f"{Path(r['run']).name:<40} {r['mode']:<7} {r['items']:>6} {r['prompt_tokens_mean']:>6} "
-              f"{r['median_ms']:>10} {r['p90_ms']:>8} {r['load_s']:>7}")
-    return {"machine": _machine(), "threads": torch.get_num_threads(), "rows": rows}
-
-
-BENCHES = {"data": bench_data, "model": bench_model, "train": bench_train, "gpu": bench_gpu,
-           "recommend": bench_recommend}
-
-
-def main(cfg: Any, args: Any) -> int:
-    result = BENCHES[args.what](cfg, args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if getattr(args, "out", None):
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-    return 0

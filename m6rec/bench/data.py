@@ -1,6 +1,8 @@
 """``m6rec bench data``: preparation throughput, reader throughput, and how far the
 reader stays ahead of what one training rank consumes — measured side by side
-in one run on the same machine."""
+in one run on the same machine (:func:`bench_pipeline`); with ``--dataset`` only the
+reader's .npy decoding (:func:`bench_decode`), with ``--step-seconds`` too the data wait
+of a training step (:func:`bench_wait`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +12,46 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from m6rec.config import Config, load_config
+import m6rec.data.stream as S
+from m6rec.bench.common import format_table
+from m6rec.config import Config, ConfigError, load_config
+from m6rec.data.loader import StreamLoader
 from m6rec.data.prepare import prepare
-from m6rec.data.stream import StreamLoader
+from m6rec.model import build_model
+
+
+def bench_data(cfg: Any, args: Any) -> dict[str, Any]:
+    """Preparation and reader throughput vs one training rank (:func:`bench_pipeline`).
+
+    ``--config`` defaults to configs/data/ml-1m-partial.yaml; work files go to
+    ``<data.output>.bench/``.  ``--dataset DIR`` (repeatable): only the reader's .npy decoding on
+    prepared datasets, np.load against load_npy, at ``data.stream``'s batch shape; with
+    ``--step-seconds S`` instead: the data wait of a training step of S seconds (bench_wait)."""
+    if getattr(args, "step_seconds", None) is not None:  # the data wait a GPU's step would see
+        if not getattr(args, "dataset", None):
+            raise ConfigError("bench data --step-seconds needs --dataset DIR (a prepared dataset)")
+        if args.step_seconds <= 0:
+            raise ConfigError(f"bench data --step-seconds: bad value {args.step_seconds!r}; allowed: > 0")
+        if cfg.data.stream.num_workers < 1:
+            raise ConfigError("bench data --step-seconds measures DataLoader workers: set "
+                              "--data.stream.num_workers to 1 or more")
+        result = bench_wait(args.dataset, cfg, args.step_seconds)
+        print(wait_table(result))
+        return result
+    if getattr(args, "dataset", None):  # only the reader's decoding, on datasets already prepared
+        result = bench_decode(args.dataset, cfg)
+        print(decode_table(result))
+        return result
+    if not getattr(args, "config", None):
+        cfg = load_config("configs/data/ml-1m-partial.yaml", getattr(args, "overrides", None))
+    result = bench_pipeline(cfg, Path(cfg.data.output + ".bench"))
+    print(pipeline_table(result))
+    return result
 
 
 def _dir_bytes(path: Path) -> int:
@@ -62,8 +97,6 @@ def bench_reader(dataset: Path, cfg: Config, num_workers: int, max_batches: int,
 
 def bench_train_consumption(dataset: Path, cfg: Config, model_preset: str, steps: int) -> dict:
     """Tokens/s one training rank of ``model_preset`` consumes (fp32 fwd+bwd+AdamW on CPU)."""
-    from m6rec.model import build_model
-
     manifest = json.loads((dataset / "manifest.json").read_text())
     mcfg = load_config(model_preset).model
     mcfg = dataclasses.replace(mcfg, vocab_size=manifest["vocab_size"],
@@ -92,7 +125,7 @@ def bench_train_consumption(dataset: Path, cfg: Config, model_preset: str, steps
                 tokens_per_s=round(tokens / seconds, 1))
 
 
-def bench_data(cfg: Config, work_dir: Path, prepare_workers=(1, 2), loader_workers=(0, 1, 2),
+def bench_pipeline(cfg: Config, work_dir: Path, prepare_workers=(1, 2), loader_workers=(0, 1, 2),
                model_preset: str = "configs/model/small.yaml", max_batches: int = 1000, max_seconds: float = 40.0,
                train_steps: int = 3) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -108,30 +141,11 @@ def bench_data(cfg: Config, work_dir: Path, prepare_workers=(1, 2), loader_worke
     return result
 
 
-def format_table(r: dict) -> str:
-    lines = [f"dataset {r['dataset']} (seq_len {r['seq_len']}, batch {r['batch_size']})", "",
-             "| prepare workers | seconds | samples/s | MB/s | samples | MB |", "|---|---|---|---|---|---|"]
-    for p in r["prepare"]:
-        lines.append(f"| {p['workers']} | {p['seconds']} | {p['samples_per_s']} | {p['mb_per_s']} | "
-                     f"{p['samples']:,} | {p['bytes'] / 1e6:.0f} |")
-    t = r["train_rank"]
-    lines += ["", "| loader workers | first batch s | samples/s | tokens/s | × one training rank |",
-              "|---|---|---|---|---|"]
-    for x in r["reader"]:
-        lines.append(f"| {x['num_workers']} | {x['first_batch_s']} | {x['samples_per_s']} | {x['tokens_per_s']:,.0f} | "
-                     f"{x['x_ahead_of_training']}× |")
-    lines.append(f"\none training rank of `{t['model']}` ({t['params'] / 1e6:.1f}M params, fp32 CPU) consumes "
-                 f"{t['tokens_per_s']:,.0f} tokens/s; target: reader ≥ {r['target_x_ahead']}× ahead")
-    return "\n".join(lines)
-
-
 def bench_decode(datasets: list[str], cfg: Config, batches: int = 100, rounds: int = 5) -> dict:
     """The reader in this process (0 workers, :func:`bench_reader`) on prepared datasets at ``cfg``'s
     batch shape, with the shard members' .npy headers parsed by ``np.load`` and by
     :func:`m6rec.data.stream.load_npy`, alternated ``rounds`` times on the same batches so both meet the
     same machine load; the median of each."""
-    import m6rec.data.stream as S
-
     fast = S.load_npy
 
     def by_np_load(data: bytes) -> np.ndarray:
@@ -157,16 +171,6 @@ def bench_decode(datasets: list[str], cfg: Config, batches: int = 100, rounds: i
                          load_npy_ms_per_batch=round(1e3 / med["load_npy"][0], 1),
                          load_npy_tokens_per_s=round(med["load_npy"][1]), speedup=round(med["load_npy"][0] / med["np.load"][0], 2)))
     return dict(seq_len=cfg.data.stream.seq_len, batch_size=cfg.data.stream.batch_size, rows=rows)
-
-
-def format_decode_table(r: dict) -> str:
-    lines = [f"reader, 0 workers, {r['batch_size']} x {r['seq_len']} tokens a batch", "",
-             "| dataset | np.load headers ms/batch | load_npy ms/batch | tokens/s (load_npy) | speed-up |",
-             "|---|---|---|---|---|"]
-    for x in r["rows"]:
-        lines.append(f"| {x['dataset']} | {x['np_load_ms_per_batch']} | {x['load_npy_ms_per_batch']} | "
-                     f"{x['load_npy_tokens_per_s']:,} | {x['speedup']}x |")
-    return "\n".join(lines)
 
 
 def bench_wait(datasets: list[str], cfg: Config, step_seconds: float, epochs: int = 3, max_steps: int = 600) -> dict:
@@ -220,13 +224,34 @@ def bench_wait(datasets: list[str], cfg: Config, step_seconds: float, epochs: in
                 seq_len=cfg.data.stream.seq_len, batch_size=cfg.data.stream.batch_size, rows=rows)
 
 
-def format_wait_table(r: dict) -> str:
-    lines = [f"data wait at a {r['step_seconds']} s step (the host idle, as while a GPU computes); "
-             f"{r['num_workers']} workers, {r['batch_size']} x {r['seq_len']} tokens a batch", "",
-             "| dataset | loader | steps (per epoch) | wait, first epoch s | wait, later epochs s | share of their "
-             "step time | of it at epoch starts s | longest later wait s |", "|---|---|---|---|---|---|---|---|"]
-    for x in r["rows"]:
-        lines.append(f"| {x['dataset']} | {x['loader']} | {x['steps']} ({x['steps_per_epoch']}) | "
-                     f"{x['first_epoch_wait_s']} | {x['later_wait_s']} | {x['later_wait_share']:.1%} | "
-                     f"{x['epoch_boundary_wait_s']} | {x['later_max_wait_s']} |")
-    return "\n".join(lines)
+def pipeline_table(r: dict) -> str:
+    t = r["train_rank"]
+    return "\n".join([
+        f"dataset {r['dataset']} (seq_len {r['seq_len']}, batch {r['batch_size']})", "",
+        *format_table(["prepare workers", "seconds", "samples/s", "MB/s", "samples", "MB"],
+                      [[p["workers"], p["seconds"], p["samples_per_s"], p["mb_per_s"], f"{p['samples']:,}",
+                        f"{p['bytes'] / 1e6:.0f}"] for p in r["prepare"]]), "",
+        *format_table(["loader workers", "first batch s", "samples/s", "tokens/s", "× one training rank"],
+                      [[x["num_workers"], x["first_batch_s"], x["samples_per_s"], f"{x['tokens_per_s']:,.0f}",
+                        f"{x['x_ahead_of_training']}×"] for x in r["reader"]]),
+        f"\none training rank of `{t['model']}` ({t['params'] / 1e6:.1f}M params, fp32 CPU) consumes "
+        f"{t['tokens_per_s']:,.0f} tokens/s; target: reader ≥ {r['target_x_ahead']}× ahead"])
+
+
+def decode_table(r: dict) -> str:
+    return "\n".join([
+        f"reader, 0 workers, {r['batch_size']} x {r['seq_len']} tokens a batch", "",
+        *format_table(["dataset", "np.load headers ms/batch", "load_npy ms/batch", "tokens/s (load_npy)", "speed-up"],
+                      [[x["dataset"], x["np_load_ms_per_batch"], x["load_npy_ms_per_batch"],
+                        f"{x['load_npy_tokens_per_s']:,}", f"{x['speedup']}x"] for x in r["rows"]])])
+
+
+def wait_table(r: dict) -> str:
+    return "\n".join([
+        f"data wait at a {r['step_seconds']} s step (the host idle, as while a GPU computes); "
+        f"{r['num_workers']} workers, {r['batch_size']} x {r['seq_len']} tokens a batch", "",
+        *format_table(["dataset", "loader", "steps (per epoch)", "wait, first epoch s", "wait, later epochs s",
+                       "share of their step time", "of it at epoch starts s", "longest later wait s"],
+                      [[x["dataset"], x["loader"], f"{x['steps']} ({x['steps_per_epoch']})", x["first_epoch_wait_s"],
+                        x["later_wait_s"], f"{x['later_wait_share']:.1%}", x["epoch_boundary_wait_s"],
+                        x["later_max_wait_s"]] for x in r["rows"]])])

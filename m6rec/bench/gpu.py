@@ -20,60 +20,34 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from m6rec.bench.common import MODEL_PRESETS, STAGES, bench_config, format_table, synthetic_batch, time_steps
+from m6rec.bench.model import llama_twin
+from m6rec.config import load_config
+from m6rec.model import apply_compile, build_model
+from m6rec.model.args import ModelArgs
+from m6rec.model.info import flops_per_token
+from m6rec.train.distributed import init_distributed
+from m6rec.train.ds_config import effective_zero_stage
+from m6rec.train.peak import measure_matmul_peak, peak_flops
+from m6rec.train.step import build_engine, prepare_inputs
 
 # The packed rows of the model benchmark: 4 documents of 512 tokens a row, the first half context.
 DOC_LEN = 512
 
 
-def _batches(vocab: int, B: int, T: int, device, doc_len: int) -> dict[str, dict]:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(7, vocab, (B, T), generator=g)
-    labels = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)
-    doc = (torch.arange(T) // doc_len).expand(B, T).contiguous()
-    pos = (torch.arange(T) % doc_len).expand(B, T).contiguous()
-    prefix = (pos < doc_len // 2).contiguous()
-    packed_labels = labels.clone()
-    packed_labels[(pos == doc_len - 1)] = -100  # a document's last token has no next token of its own
-    causal = dict(input_ids=ids, labels=labels)
-    packed = dict(input_ids=ids, labels=packed_labels, document_ids=doc, position_ids=pos, prefix_mask=prefix)
-    return {"causal": causal, "packed_prefix": packed}
+def bench_gpu(cfg: Any, args: Any) -> dict[str, Any]:
+    result = run(tiny=getattr(args, "tiny", False))
+    print("\n".join(result["table"]))
+    return result
 
 
-def _time(step: Callable[[], None], warmup: int, steps: int, cuda: bool) -> float:
-    """Seconds per step: ``warmup`` untimed (compiles), then ``steps`` between device syncs."""
-    import torch
-
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
-
-
-def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3)) -> dict[str, Any]:
-    import torch
-
-    import deepspeed
-    import torch.distributed as dist
-
-    from m6rec.bench import _llama_twin, measure_matmul_peak
-    from m6rec.train.benchmark import bench_config
-    from m6rec.config import load_config
-    from m6rec.model.args import ModelArgs
-    from m6rec.model.info import flops_per_token
-    from m6rec.model.transformer import apply_compile, build_model
-    from m6rec.train.distributed import init_distributed
-    from m6rec.train.ds_config import effective_zero_stage
-    from m6rec.train.step import build_engine, prepare_inputs
-    from m6rec.train.metrics import peak_flops
+def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=STAGES) -> dict[str, Any]:
+    import deepspeed  # heavy: DeepSpeed (its version in the result)
 
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available() and not tiny
@@ -85,11 +59,8 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
     precision = "bf16" if cuda else "fp32"
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda:
-        from pathlib import Path
-
-        preset = Path(__file__).resolve().parents[2] / "configs" / "model" / "350m.yaml"
-        margs = ModelArgs.from_config(load_config(preset), max_seq_len=2048, activation_checkpointing=False,
-                                      compile=False)
+        margs = ModelArgs.from_config(load_config(MODEL_PRESETS / "350m.yaml"), max_seq_len=2048,
+                                      activation_checkpointing=False, compile=False)
         B, T, doc_len = 4, 2048, DOC_LEN
     else:
         margs = ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, ffn_hidden=128, max_seq_len=128)
@@ -102,7 +73,8 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
         torch=torch.__version__, deepspeed=deepspeed.__version__, shape=[B, T], model_args=margs.to_dict(),
         flops_per_token=fpt, measured_peak_flops=measured["flops"], spec_peak_flops=spec,
         spec_source=spec_source if spec == spec else "unknown card: no datasheet peak", rows=[])
-    batches = _batches(margs.vocab_size, B, T, "cpu", doc_len)
+    batches = {"causal": synthetic_batch(margs.vocab_size, B, T, causal=True),
+               "packed_prefix": synthetic_batch(margs.vocab_size, B, T, doc_len=doc_len)}
 
     def add(name: str, seconds: float, **extra) -> None:
         tps = B * T / seconds
@@ -130,16 +102,16 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
         for kind, b in batches.items():
             inputs, _ = prepare_inputs(model, b, device)
             try:
-                add(f"{name}, {kind}", _time(model_step(model, inputs), warmup, steps, cuda), kind="model")
+                add(f"{name}, {kind}", time_steps(model_step(model, inputs), warmup, steps, cuda), kind="model")
             except Exception as e:  # one failing row must not lose the others
                 out["rows"].append(dict(name=f"{name}, {kind}", error=f"{type(e).__name__}: {e}"))
     try:
-        llama = _llama_twin(eager).to(device)
+        llama = llama_twin(eager).to(device)
         hf_batch = {k: v.to(device) for k, v in batches["causal"].items()}
-        add("HF Llama eager, causal", _time(model_step(llama, hf_batch), warmup, steps, cuda), kind="model")
+        add("HF Llama eager, causal", time_steps(model_step(llama, hf_batch), warmup, steps, cuda), kind="model")
         for layer in llama.model.layers:
             layer.compile(dynamic=False)
-        add("HF Llama layers compiled, causal", _time(model_step(llama, hf_batch), warmup, steps, cuda), kind="model")
+        add("HF Llama layers compiled, causal", time_steps(model_step(llama, hf_batch), warmup, steps, cuda), kind="model")
         del llama
     except Exception as e:
         out["rows"].append(dict(name="HF Llama", error=f"{type(e).__name__}: {e}"))
@@ -168,7 +140,7 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
             t = time.perf_counter()
             engine_step()
             first_s = time.perf_counter() - t
-            seconds = _time(engine_step, warmup, steps, cuda)
+            seconds = time_steps(engine_step, warmup, steps, cuda)
             add(f"m6rec engine, ZeRO {stage}" + (f" (runs as {effective_zero_stage(cfg, world)} on one rank)"
                                                  if effective_zero_stage(cfg, world) != stage else ""),
                 seconds, kind="engine", stage=stage, first_step_s=first_s, compile=engine_args.compile)
@@ -184,36 +156,28 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=(0, 1, 2, 3
     for r in out["rows"]:
         if ref and r.get("kind") == "engine":
             r["of_compiled_model"] = r["tokens_per_s"] / ref["tokens_per_s"]
-    out["table"] = format_table(out)
+    out["table"] = gpu_table(out)
     out["wall_s"] = time.perf_counter() - t0
     if dist.is_initialized():
         dist.barrier()
     return out
 
 
-def format_table(result: dict) -> list[str]:
+def gpu_table(result: dict) -> list[str]:
     spec = result["spec_peak_flops"]
     head = (f"{result['device']}, {result['precision']}, {result['shape'][0]} x {result['shape'][1]} tokens; "
             f"measured matmul peak {result['measured_peak_flops'] / 1e12:.1f} TFLOP/s"
             + (f", datasheet {spec / 1e12:.0f} TFLOP/s" if spec == spec else ""))
-    lines = [head, "", f"| run | ms/step | tokens/s | MFU vs measured | MFU vs datasheet | "
-                       f"of {result.get('engine_reference', 'the model')} |",
-             "|---|---|---|---|---|---|"]
+    rows = []
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error'][:80]} | | | | |")
+            rows.append([r["name"], f"error: {r['error'][:80]}", "", "", "", ""])
             continue
-        lines.append(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['tokens_per_s'] / 1e3:.1f} k | "
-                     f"{100 * r['mfu_measured']:.1f} % | "
-                     + (f"{100 * r['mfu_spec']:.1f} % | " if "mfu_spec" in r else "— | ")
-                     + (f"{100 * r['of_compiled_model']:.0f} % |" if "of_compiled_model" in r else "|"))
-    return lines
-
-
-def main(cfg: Any, args: Any) -> dict[str, Any]:
-    result = run(tiny=getattr(args, "tiny", False))
-    print("\n".join(result["table"]))
-    return result
+        rows.append([r["name"], f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s'] / 1e3:.1f} k",
+                     f"{100 * r['mfu_measured']:.1f} %", f"{100 * r['mfu_spec']:.1f} %" if "mfu_spec" in r else "—",
+                     f"{100 * r['of_compiled_model']:.0f} %" if "of_compiled_model" in r else ""])
+    return [head, "", *format_table(["run", "ms/step", "tokens/s", "MFU vs measured", "MFU vs datasheet",
+                                     f"of {result.get('engine_reference', 'the model')}"], rows)]
 
 
 if __name__ == "__main__":

@@ -30,15 +30,14 @@ import torch
 import torch.distributed as dist
 
 from m6rec.config import Config, ConfigError
+from m6rec.data.prompts import contexts_for
+from m6rec.data.tokenizer import load_tokenizer
 from m6rec.rec import metrics as M
+from m6rec.rec.evaluate import EvalData
+from m6rec.rec.generative import GenerativeRecommender
+from m6rec.train.run_dir import BEST_FILE, read_best
 
-BEST_FILE = "best.json"
 SELECT_SEED = 0  # the user subset: the same as `m6rec eval --seed 0`
-
-
-def read_best(run_dir: str | Path) -> Optional[dict]:
-    f = Path(run_dir) / BEST_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def metric_value(ranks: np.ndarray, metric: str) -> float:
@@ -54,10 +53,6 @@ class Selector:
 
     def __init__(self, cfg: Config, run_dir: Path, rank: int, world: int, zero_stage: int, resumed: bool,
                  batch_size: int = 32):
-        from m6rec.data.tokenizer import load_tokenizer
-        from m6rec.rec.evaluate import EvalData
-        from m6rec.rec.generative import contexts_for
-
         if zero_stage == 3 and world > 1:
             raise ConfigError("train.select_by: ZeRO stage 3 on several ranks partitions the weights; use stage "
                               "0-2, or select afterwards with `m6rec eval --split valid --tag ...` per checkpoint")
@@ -88,8 +83,6 @@ class Selector:
     def evaluate(self, model: torch.nn.Module, step: int) -> dict:
         """Rank this rank's users, sum over ranks; returns ``{"val_<metric>": value}`` for the log row
         and remembers an improvement (:attr:`improved`) until :meth:`saved`."""
-        from m6rec.rec.generative import GenerativeRecommender
-
         if self.rec is None:
             self.rec = GenerativeRecommender(model, self.ctx, batch_size=self.batch_size)
         was_training = model.training

@@ -1,0 +1,65 @@
+"""The batch layout through the model: one typed record instead of ten keyword tensors.
+
+What each field holds is the batch contract of docs/architecture.md: ``[B, T]`` tensors of
+packed rows (``labels`` already shifted, ``position_ids`` restarting per document,
+``document_ids`` -1 on padding, ``prefix_mask`` the bidirectional context region), the images
+of the batch and where their slots start, and the item text-vector slots with their catalog
+rows.  The loaders and the prompt collators produce plain dicts (what DataLoader workers
+pickle and pin); :meth:`Batch.of` takes the model's part of one.
+
+The last four fields are what the trainer adds from the loader's host copy before the batch
+goes to the device (m6rec/train/step.py ``prepare_inputs``): the mask every layer applies,
+built once, and the flat positions of the labels, so that the loss reads nothing back from
+the device.  The model computes them itself when they are absent.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from m6rec.model.masks import AttentionMask
+
+
+@dataclasses.dataclass
+class Batch:
+    input_ids: Tensor
+    labels: Optional[Tensor] = None
+    position_ids: Optional[Tensor] = None
+    document_ids: Optional[Tensor] = None
+    prefix_mask: Optional[Tensor] = None
+    image_patches: Optional[Tensor] = None
+    image_positions: Optional[Tensor] = None
+    item_positions: Optional[Tensor] = None
+    item_catalog_rows: Optional[Tensor] = None
+    # added by the trainer (or found by the model when absent)
+    attention_mask: Optional[AttentionMask] = None
+    label_index: Optional[Tensor] = None
+    item_label_index: Optional[Tensor] = None
+    item_targets: Optional[Tensor] = None
+
+    @classmethod
+    def of(cls, d: Mapping[str, Any], **fields) -> "Batch":
+        """The model's fields of a loader or collator dict (its other keys, such as ``sample_keys``
+        or ``lengths``, are not the model's), with ``fields`` set over them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names}, **fields)
+
+    def replace(self, **fields) -> "Batch":
+        return dataclasses.replace(self, **fields)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The fields that hold a tensor (not the attention mask), by name."""
+        return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), Tensor)}
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """The tensors on ``device``; a CUDA copy goes from pinned memory without blocking."""
+        device = torch.device(device)
+        if device.type == "cuda" and non_blocking:
+            moved = {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
+                     for k, v in self.tensors().items()}
+        else:
+            moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return self.replace(**moved)
