@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from m6rec.bench.checkpoint import _rank_of_file, bench_checkpoint, checkpoint_table
 from m6rec.cli import build_parser
 from m6rec.config import load_config
-from m6rec.bench.checkpoint import _rank_of_file, bench_checkpoint, checkpoint_table
 
 pytestmark = pytest.mark.timeout(600)
 

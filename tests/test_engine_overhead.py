@@ -10,14 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from m6rec.bench.common import synthetic_batch
+from m6rec.bench.overhead import (
+    OVERHEAD_MODEL,
+    HostSyncCounter,
+    bench_overhead,
+    device_tensors,
+)
 from m6rec.config import ConfigError, load_config
 from m6rec.model import ModelArgs, build_model
 from m6rec.train import distributed as DIST
 from m6rec.train import ds_config as DSC
 from m6rec.train import optim as OPT
 from m6rec.train import step as ST
-from m6rec.bench.common import synthetic_batch
-from m6rec.bench.overhead import OVERHEAD_MODEL, HostSyncCounter, bench_overhead, device_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted([*(ROOT / "configs").glob("*/*.yaml"), ROOT / "m6rec" / "configs" / "quickstart.yaml"])

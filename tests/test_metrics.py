@@ -451,7 +451,7 @@ def test_peak_flops_configured_and_cpu():
     dtypes = []
     flops, source = peak.peak_flops("fp32", "cpu", measure=lambda dtype, dev: dtypes.append(dtype) or 5e10)
     assert flops == 5e10 and dtypes == [torch.float32] and source == "measured float32 matmul peak on cpu"
-    M._measured_peaks.clear()
+    peak._measured_peaks.clear()
     first = peak.measured_matmul_flops(torch.float32, "cpu", seconds=0.15)
     assert 1e8 < first < 1e15
     assert peak.measured_matmul_flops(torch.float32, "cpu", seconds=100) == first  # cached: returns at once

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from m6rec.model import ModelArgs, build_model
 from m6rec.model import masks as masks_mod
 from m6rec.model import transformer as tr
-from m6rec.model.loss import linear_cross_entropy
+from m6rec.model.batch import Batch
 from m6rec.model.decode import KVCache, decode
+from m6rec.model.loss import linear_cross_entropy
 from m6rec.model.masks import bidirectional_region, build_attention_mask
 
 IMG = 3  # placeholder token id of an image slot in these tests
@@ -208,35 +209,34 @@ def docs3():
 def test_shapes_and_dtypes():
     m = tiny_model()
     batch = pack(docs3(), T=40)
-    out = m(**{k: v for k, v in batch.items() if k != "labels"})
+    out = m(Batch.of({k: v for k, v in batch.items() if k != "labels"}))
     assert out.logits.shape == (1, 40, V) and out.logits.dtype == torch.float32 and out.loss is None
-    out = m(**batch, return_hidden=True)
+    out = m(Batch.of(batch), return_hidden=True)
     assert out.logits is None and out.loss.shape == () and out.loss.dtype == torch.float32
     assert out.hidden.shape == (1, 40, 32)
     assert int(out.n_tokens) == int((batch["labels"] != -100).sum())
-    emb, index = m.encode(**{k: v for k, v in batch.items() if k != "labels"})
+    emb, index = m.encode(Batch.of({k: v for k, v in batch.items() if k != "labels"}))
     assert emb.shape == (3, 32) and index.tolist() == [[0, 0], [0, 1], [0, 2]]
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
-    scores, index = m.score_yes_no(batch["input_ids"], 5, 6, batch["position_ids"], batch["document_ids"],
-                                   batch["prefix_mask"], batch["image_patches"], batch["image_positions"])
+    scores, index = m.score_yes_no(Batch.of(batch).replace(labels=None), 5, 6)
     assert scores.shape == (3,) and scores.dtype == torch.float32
 
 
 def test_loss_equals_logits_cross_entropy():
     m = tiny_model()
     batch = pack(docs3(), T=40)
-    out = m(**batch, return_logits=True)
+    out = m(Batch.of(batch), return_logits=True)
     sel = batch["labels"] != -100
     want = F.cross_entropy(out.logits[sel], batch["labels"][sel])
     torch.testing.assert_close(out.loss, want)
-    torch.testing.assert_close(m(**batch).loss, want)
+    torch.testing.assert_close(m(Batch.of(batch)).loss, want)
 
 
 def test_whole_model_matches_slow_attention(monkeypatch):
     m = tiny_model()
     batch = pack(docs3(), T=40)
     with torch.no_grad():
-        fused = m(**batch, return_logits=True).logits
+        fused = m(Batch.of(batch), return_logits=True).logits
 
     def slow(q, k, v, mask, dropout_p=0.0):  # attend's signature; no dropout in this model
         assert dropout_p == 0.0
@@ -246,7 +246,7 @@ def test_whole_model_matches_slow_attention(monkeypatch):
 
     monkeypatch.setattr(tr, "attend", slow)
     with torch.no_grad():
-        ref = m(**batch, return_logits=True).logits
+        ref = m(Batch.of(batch), return_logits=True).logits
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -255,9 +255,9 @@ def test_other_kernels_match_the_sdpa_path(impl):
     m = tiny_model()
     batch = pack(docs3(), T=40)
     with torch.no_grad():
-        a = m(**batch, return_logits=True).logits
+        a = m(Batch.of(batch), return_logits=True).logits
         m.args.attn_impl = impl
-        b = m(**batch, return_logits=True).logits
+        b = m(Batch.of(batch), return_logits=True).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -268,13 +268,13 @@ def test_packed_equals_each_document_alone(attention, impl):
     docs = docs3()
     packed = pack(docs, T=40)
     with torch.no_grad():
-        out = m(**packed, return_logits=True)
+        out = m(Batch.of(packed), return_logits=True)
     t = 0
     for d in docs:
         n = len(d["ids"])
         alone = pack([d])
         with torch.no_grad():
-            one = m(**alone, return_logits=True)
+            one = m(Batch.of(alone), return_logits=True)
         torch.testing.assert_close(out.logits[:, t:t + n], one.logits, atol=1e-5, rtol=1e-5)
         t += n
     assert torch.isfinite(out.logits).all()  # padding rows produce no NaN
@@ -284,8 +284,8 @@ def test_plain_causal_path_equals_single_document():
     m = tiny_model(attention="causal")
     ids = torch.randint(4, V, (2, 16))
     with torch.no_grad():
-        a = m(ids).logits
-        b = m(ids, document_ids=torch.zeros_like(ids)).logits
+        a = m(Batch(ids)).logits
+        b = m(Batch(ids, document_ids=torch.zeros_like(ids))).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -294,12 +294,12 @@ def test_prefix_is_bidirectional_and_targets_causal():
     d = make_doc(16, 8, 7)
     batch = pack([d])
     with torch.no_grad():
-        base = m(**batch, return_hidden=True).hidden
+        base = m(Batch.of(batch), return_hidden=True).hidden
 
         def changed(pos):
             b = {k: v.clone() for k, v in batch.items()}
             b["input_ids"][0, pos] = (b["input_ids"][0, pos] + 1 - 4) % (V - 4) + 4
-            return m(**b, return_hidden=True).hidden
+            return m(Batch.of(b), return_hidden=True).hidden
 
         later_ctx = changed(6)  # a later context token...
         assert (later_ctx[0, 0] - base[0, 0]).abs().max() > 1e-4  # ...changes an earlier context position
@@ -309,10 +309,10 @@ def test_prefix_is_bidirectional_and_targets_causal():
     # with attention: causal the context is causal too
     mc = tiny_model(attention="causal")
     with torch.no_grad():
-        a = mc(**batch, return_hidden=True).hidden
+        a = mc(Batch.of(batch), return_hidden=True).hidden
         b = {k: v.clone() for k, v in batch.items()}
         b["input_ids"][0, 6] = 5 if b["input_ids"][0, 6] != 5 else 6
-        c = mc(**b, return_hidden=True).hidden
+        c = mc(Batch.of(b), return_hidden=True).hidden
     torch.testing.assert_close(a[0, :6], c[0, :6], atol=0, rtol=0)
 
 
@@ -321,7 +321,7 @@ def test_labels_inside_the_bidirectional_region_are_ignored():
     d = make_doc(12, 6, 8)
     batch = pack([d])
     batch["labels"][0, :11] = batch["input_ids"][0, 1:]  # loss everywhere, even inside the region
-    out = m(**batch)
+    out = m(Batch.of(batch))
     # positions 0..4 can read their next token: dropped; position 5 predicts the first target: kept
     assert int(out.n_tokens) == 11 - 5
 
@@ -333,15 +333,15 @@ def test_image_tokens_change_the_title_loss():
     d["loss"][6:] = True
     batch = pack([d])
     with torch.no_grad():
-        base = m(**batch).loss
+        base = m(Batch.of(batch)).loss
         other = dict(batch, image_patches=torch.rand_like(batch["image_patches"]))
-        assert abs(float(m(**other).loss) - float(base)) > 1e-5
+        assert abs(float(m(Batch.of(other)).loss) - float(base)) > 1e-5
         # the patch embeddings replace the placeholder: its token id does not matter
         swapped = dict(batch, input_ids=batch["input_ids"].clone())
         swapped["input_ids"][0, 2:6] = 7
-        torch.testing.assert_close(m(**swapped).loss, base)
+        torch.testing.assert_close(m(Batch.of(swapped)).loss, base)
         no_image = {k: v for k, v in batch.items() if not k.startswith("image_")}
-        assert abs(float(m(**no_image).loss) - float(base)) > 1e-5
+        assert abs(float(m(Batch.of(no_image)).loss) - float(base)) > 1e-5
 
 
 @pytest.mark.parametrize("tie,impl", [(True, "sdpa"), (False, "varlen")])
@@ -349,7 +349,7 @@ def test_gradients_reach_every_parameter(tie, impl):
     m = tiny_model(tie_embeddings=tie, n_kv_heads=None, attn_impl=impl)
     m.train()
     batch = pack(docs3(), T=40)
-    m(**batch).loss.backward()
+    m(Batch.of(batch)).loss.backward()
     for name, p in m.named_parameters():
         assert p.grad is not None, name
         assert p.grad.abs().sum() > 0, name
@@ -361,7 +361,7 @@ def test_bf16_autocast_forward_backward(impl):
     m.train()
     batch = pack(docs3(), T=40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = m(**batch, return_logits=True)
+        out = m(Batch.of(batch), return_logits=True)
     assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
     out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -371,7 +371,7 @@ def test_bf16_autocast_forward_backward(impl):
 def test_bf16_weights_forward():
     m = tiny_model(attn_impl="varlen").to(torch.bfloat16)
     batch = pack(docs3(), T=40)
-    out = m(**batch)
+    out = m(Batch.of(batch))
     assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
 
 
@@ -381,7 +381,7 @@ def test_activation_checkpointing_gives_same_loss_and_grads():
     for ckpt in (False, True):
         m = tiny_model(activation_checkpointing=ckpt)
         m.train()
-        loss = m(**batch).loss
+        loss = m(Batch.of(batch)).loss
         loss.backward()
         grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
     torch.testing.assert_close(grads[0][0], grads[1][0])
@@ -400,7 +400,7 @@ def test_meta_construction_then_materialise():
     meta.init_weights()
     assert all(torch.isfinite(p).all() for p in meta.parameters())
     with torch.no_grad():
-        assert torch.isfinite(meta(torch.randint(0, V, (1, 8))).logits).all()
+        assert torch.isfinite(meta(Batch(torch.randint(0, V, (1, 8)))).logits).all()
 
 
 def test_init_is_scaled():
@@ -416,7 +416,7 @@ def test_untied_head_and_no_images():
     assert m.output is not None and m.head_weight is m.output.weight
     ids = torch.randint(4, V, (2, 10))
     labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
-    out = m(ids, labels=labels)
+    out = m(Batch(ids, labels=labels))
     assert torch.isfinite(out.loss) and int(out.n_tokens) == 18
 
 
@@ -427,13 +427,13 @@ def test_compile_blocks_matches_eager(impl):
     m = tiny_model(attn_impl=impl)
     batch = pack(docs3(), T=40)
     with torch.no_grad():
-        want = m(**batch, return_logits=True).logits
+        want = m(Batch.of(batch), return_logits=True).logits
     tr.apply_compile(m, backend="aot_eager")
     with torch.no_grad():
-        got = m(**batch, return_logits=True).logits
+        got = m(Batch.of(batch), return_logits=True).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     m.train()
-    m(**batch).loss.backward()
+    m(Batch.of(batch)).loss.backward()
     assert all(p.grad is not None for p in m.layers.parameters())
 
 
@@ -473,12 +473,12 @@ def test_label_smoothing_applies_in_training_mode_only():
     labels = torch.randint(0, 40, (2, 16))
     with torch.no_grad():
         plain.eval(), smooth.eval()
-        assert torch.equal(plain(ids, labels=labels).loss, smooth(ids, labels=labels).loss)
+        assert torch.equal(plain(Batch(ids, labels=labels)).loss, smooth(Batch(ids, labels=labels)).loss)
         plain.train(), smooth.train()
-        nll = plain(ids, labels=labels).loss
-        logits = plain(ids).logits.float()
+        nll = plain(Batch(ids, labels=labels)).loss
+        logits = plain(Batch(ids)).logits.float()
         uniform = (torch.logsumexp(logits, -1) - logits.mean(-1)).mean()
-        torch.testing.assert_close(smooth(ids, labels=labels).loss, 0.8 * nll + 0.2 * uniform)
+        torch.testing.assert_close(smooth(Batch(ids, labels=labels)).loss, 0.8 * nll + 0.2 * uniform)
 
 
 def test_host_label_index_and_mask_give_the_same_loss_and_grads():
@@ -486,15 +486,16 @@ def test_host_label_index_and_mask_give_the_same_loss_and_grads():
     equals what the model finds by itself."""
     m = tiny_model(attn_impl="varlen")
     batch = pack(docs3(), T=40)
-    ref = m(**batch).loss
+    ref = m(Batch.of(batch)).loss
     ref.backward()
     ref_grads = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-    labels, index, _, _ = m.label_positions(batch["labels"], batch["document_ids"], batch["prefix_mask"])
+    found = m.label_positions(Batch.of(batch))
+    labels, index = found.labels, found.label_index
     mask = m.attention_mask(40, batch["document_ids"], batch["prefix_mask"], torch.device("cpu"),
                             host_document_ids=batch["document_ids"], host_prefix_mask=batch["prefix_mask"])
     assert mask.kind == "varlen"
-    out = m(**{**batch, "labels": labels}, label_index=index, attention_mask=mask)
+    out = m(Batch.of(batch, labels=labels, label_index=index, attention_mask=mask))
     assert int(out.n_tokens) == index.numel() == int((labels != -100).sum())
     torch.testing.assert_close(out.loss, ref)
     out.loss.backward()
@@ -534,13 +535,13 @@ def test_decode_causal_equals_teacher_forcing(first, n_kv_heads):
     m = tiny_model(attention="causal", n_kv_heads=n_kv_heads)
     ids = torch.randint(4, V, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        want = m(ids).logits
+        want = m(Batch(ids)).logits
         cache = KVCache.empty(m)
-        got = [lm_logits(m, decode(m, ids[:, :first], cache))]
+        got = [lm_logits(m, decode(m, Batch(ids[:, :first]), cache))]
         t = first
         for n in (1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1):  # also a chunk of 3 after the cache is filled
             if t < 12:
-                got.append(lm_logits(m, decode(m, ids[:, t:t + n], cache)))
+                got.append(lm_logits(m, decode(m, Batch(ids[:, t:t + n]), cache)))
                 t += n
     assert cache.length == 12
     torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
@@ -555,14 +556,14 @@ def test_decode_prefix_prompt_then_causal_tokens(impl, n_kv_heads):
     d = make_doc(16, 8, 7, image_at=2)
     full = pack([d])
     with torch.no_grad():
-        want = m(**{k: v for k, v in full.items() if k != "labels"}).logits
+        want = m(Batch.of({k: v for k, v in full.items() if k != "labels"})).logits
         cache = KVCache.empty(m)
-        h = decode(m, full["input_ids"][:, :8], cache, document_ids=full["document_ids"][:, :8],
-                   prefix_mask=full["prefix_mask"][:, :8], image_patches=full["image_patches"],
-                   image_positions=full["image_positions"])
+        h = decode(m, Batch(full["input_ids"][:, :8], document_ids=full["document_ids"][:, :8],
+                            prefix_mask=full["prefix_mask"][:, :8], image_patches=full["image_patches"],
+                            image_positions=full["image_positions"]), cache)
         got = [lm_logits(m, h)]
         for t in range(8, 16):
-            got.append(lm_logits(m, decode(m, full["input_ids"][:, t:t + 1], cache)))
+            got.append(lm_logits(m, decode(m, Batch(full["input_ids"][:, t:t + 1]), cache)))
     torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
 
 
@@ -584,16 +585,16 @@ def test_decode_right_padded_prompts(impl):
     pos = torch.where(doc >= 0, torch.arange(L), 0)
     with torch.no_grad():
         cache = KVCache.empty(m)
-        h = decode(m, ids, cache, pos, document_ids=doc, prefix_mask=prefix)
+        h = decode(m, Batch(ids, position_ids=pos, document_ids=doc, prefix_mask=prefix), cache)
         got = [[lm_logits(m, h[b, :lengths[b]])] for b in range(2)]
         for t in range(3):
-            step = lm_logits(m, decode(m, more[:, t:t + 1], cache, (lengths + t)[:, None]))
+            step = lm_logits(m, decode(m, Batch(more[:, t:t + 1], position_ids=(lengths + t)[:, None]), cache))
             for b in range(2):
                 got[b].append(step[b])
         for b, d in enumerate(docs):
             alone = torch.cat([d["ids"], more[b]])[None]
-            want = m(alone, document_ids=torch.zeros_like(alone),
-                     prefix_mask=torch.cat([d["prefix"], torch.zeros(3, dtype=torch.bool)])[None]).logits[0]
+            want = m(Batch(alone, document_ids=torch.zeros_like(alone),
+                           prefix_mask=torch.cat([d["prefix"], torch.zeros(3, dtype=torch.bool)])[None])).logits[0]
             torch.testing.assert_close(torch.cat(got[b]), want, atol=1e-5, rtol=1e-5)
 
 
@@ -606,17 +607,18 @@ def test_decode_tree_of_continuations_in_one_row():
     branches = torch.randint(4, V, (2, 3), generator=torch.Generator().manual_seed(6))  # [branch, step]
     with torch.no_grad():
         cache = KVCache.empty(m)
-        decode(m, d["ids"][None], cache, document_ids=torch.zeros(1, 9, dtype=torch.long), prefix_mask=d["prefix"][None])
+        decode(m, Batch(d["ids"][None], document_ids=torch.zeros(1, 9, dtype=torch.long), prefix_mask=d["prefix"][None]),
+               cache)
         reads = cache.readable[:, None, :].expand(1, 2, 9)  # what each branch's next token reads
         got = []
         for t in range(3):
             reads = torch.cat([reads, torch.eye(2, dtype=torch.bool)[None]], dim=2)
-            h = decode(m, branches[None, :, t], cache, torch.full((1, 2), 9 + t), attn_mask=reads)
+            h = decode(m, Batch(branches[None, :, t], position_ids=torch.full((1, 2), 9 + t)), cache, attn_mask=reads)
             got.append(lm_logits(m, h)[0])  # [branch, V]
         for b in range(2):
             ids = torch.cat([d["ids"], branches[b]])[None]
-            want = m(ids, document_ids=torch.zeros_like(ids),
-                     prefix_mask=torch.cat([d["prefix"], torch.zeros(3, dtype=torch.bool)])[None]).logits[0, 9:]
+            want = m(Batch(ids, document_ids=torch.zeros_like(ids),
+                           prefix_mask=torch.cat([d["prefix"], torch.zeros(3, dtype=torch.bool)])[None])).logits[0, 9:]
             torch.testing.assert_close(torch.stack([g[b] for g in got]), want, atol=1e-5, rtol=1e-5)
 
 
@@ -651,22 +653,22 @@ def test_dropout_is_off_in_eval_and_changes_training_outputs(which, impl):
     drop = tiny_model(seed=3, attn_impl=impl, **{which: 0.3})
     drop.load_state_dict(plain.state_dict())
     # eval mode: exactly the model without dropout, and deterministic
-    want = plain(**batch, return_logits=True)
-    got = drop(**batch, return_logits=True)
+    want = plain(Batch.of(batch), return_logits=True)
+    got = drop(Batch.of(batch), return_logits=True)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
     torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
     # training mode: outputs change and differ between two passes; gradients still flow
     drop.train()
     torch.manual_seed(0)
-    a = drop(**batch, return_logits=True)
+    a = drop(Batch.of(batch), return_logits=True)
     torch.manual_seed(1)
-    b = drop(**batch, return_logits=True)
+    b = drop(Batch.of(batch), return_logits=True)
     assert not torch.allclose(a.logits, want.logits) and not torch.allclose(a.logits, b.logits)
     a.loss.backward()
     assert all(p.grad is not None for n, p in drop.named_parameters() if not n.startswith("patch_embed"))
     # training mode without dropout: the same numbers as eval mode
     plain.train()
-    torch.testing.assert_close(plain(**batch, return_logits=True).logits, want.logits)
+    torch.testing.assert_close(plain(Batch.of(batch), return_logits=True).logits, want.logits)
 
 
 def test_attention_dropout_avoids_flex_in_training():

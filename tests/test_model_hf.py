@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from m6rec.model import ModelArgs, build_model
+from m6rec.model.batch import Batch
 from m6rec.model.hf import PATCH_FILE, export_hf, load_hf
 
 transformers = pytest.importorskip("transformers")
@@ -42,7 +43,7 @@ def test_import_then_export_round_trip(tmp_path, tie):
     ours = load_hf(d).eval()
     assert ours.args.tie_embeddings == tie and ours.args.kv_heads == 2 and ours.args.rope_theta == 500000.0
     with torch.no_grad():
-        got = ours(ids).logits
+        got = ours(Batch(ids)).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
     out = export_hf(ours, None, tmp_path / "export", tokenizer_path=None)
@@ -59,7 +60,7 @@ def test_init_from_hf_in_the_config(tmp_path):
     ours = build_model(args).eval()
     ids = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, llama_logits(llama, ids), atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(Batch(ids)).logits, llama_logits(llama, ids), atol=1e-4, rtol=0)
     bad = ModelArgs(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=97, ffn_hidden=80, init_from=f"hf:{d}")
     with pytest.raises(ValueError, match="n_layers"):
         build_model(bad)
@@ -80,8 +81,8 @@ def test_export_keeps_patch_weights_and_m6rec_settings(tmp_path):
     ids = torch.full((1, 10), 5)
     patches, pos = torch.rand(1, 4, 48), torch.tensor([[0, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(back(ids, image_patches=patches, image_positions=pos).logits,
-                                   m(ids, image_patches=patches, image_positions=pos).logits)
+        torch.testing.assert_close(back(Batch(ids, image_patches=patches, image_positions=pos)).logits,
+                                   m(Batch(ids, image_patches=patches, image_positions=pos)).logits)
 
 
 def test_export_writes_a_loadable_tokenizer(tmp_path):

@@ -65,7 +65,11 @@ def test_model_info_command(capsys):
     assert "7b" in format_info(info)
 
 
-def test_bench_dispatches_model():
+def test_bench_dispatches_every_benchmark_to_its_module():
+    """Each `m6rec bench WHAT` names a module and a function that exist."""
+    import importlib
+
     from m6rec import bench
 
-    assert bench.BENCHES["model"] is bench.bench_model
+    for what, (module, function) in bench.BENCHES.items():
+        assert callable(getattr(importlib.import_module(module), function)), what

@@ -18,8 +18,8 @@ from m6rec.cli import main as cli_main
 from m6rec.config import ConfigError, load_config
 from m6rec.data import prepare as P
 from m6rec.data import text as T
-from m6rec.data.split import load_split
 from m6rec.data.loader import StreamLoader
+from m6rec.data.split import load_split
 
 
 def write_generic_logs(root, n_users=40, n_items=60, seed=0):

@@ -12,12 +12,12 @@ import re
 import pytest
 import torch
 import yaml
+from test_metrics import read_wandb_records, wandb_history
 
 from m6rec import quickstart as Q
 from m6rec.cli import DEFAULT_HISTORY
 from m6rec.cli import main as cli_main
 from m6rec.config import load_config, to_dict
-from test_metrics import read_wandb_records, wandb_history
 
 STEPS = 6
 REDUCED = ["--model.preset", "tiny", "--model.dim", "128", "--model.n_layers", "2", "--model.n_heads", "4",

@@ -2,10 +2,10 @@
 import json
 
 import pytest
+from test_prepare import generic_cfg, write_generic_logs
 
 from m6rec.data.prepare import prepare
 from m6rec.rec.evaluate import EvalData, Popularity, evaluate, write_outputs
-from test_prepare import generic_cfg, write_generic_logs
 
 
 @pytest.fixture(scope="module")

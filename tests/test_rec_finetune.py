@@ -17,18 +17,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_prepare import generic_cfg, write_generic_logs
+from test_rec_generative import _prepare_and_train
 
 from m6rec.cli import main as cli_main
 from m6rec.config import ConfigError, FinetuneConfig
 from m6rec.data import prepare as P
-from m6rec.rec.evaluate import EvalData
 from m6rec.data.prompts import ContextBuilder, collate
+from m6rec.model.batch import Batch
 from m6rec.model.options import Options
-from m6rec.rec.finetune import (Examples, Retriever, TaskModel, answer_ids, load_task_run, ranking_examples,
-                                with_options)
+from m6rec.rec.evaluate import EvalData
+from m6rec.rec.finetune import (
+    Examples,
+    Retriever,
+    TaskModel,
+    answer_ids,
+    load_task_run,
+    ranking_examples,
+    with_options,
+)
 from m6rec.train.run_dir import load_run
-from test_prepare import generic_cfg, write_generic_logs
-from test_rec_generative import _prepare_and_train
 
 FT = ["--finetune.steps", "4", "--finetune.batch_size", "6", "--finetune.negatives", "8", "--finetune.log_every", "2",
       "--finetune.warmup_steps", "1", "--train.wandb.mode", "disabled"]
@@ -79,12 +87,12 @@ def test_adapters_start_as_identity(setup):
     b = collate([ctx.for_user(ctx.catalog_ids and sorted(ctx._timeline)[0])], ctx, 0, "cpu")
     b.pop("lengths")
     with torch.no_grad():
-        before = run.model.hidden_states(**b)
+        before = run.model.hidden_states(Batch.of(b))
         model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
-        after = model.lm.hidden_states(**b)
+        after = model.lm.hidden_states(Batch.of(b))
         assert torch.equal(before, after)  # zero-initialised up-projections: the pretrained model exactly
         model.options.adapters[0].up.weight.fill_(0.1)
-        assert not torch.allclose(before, model.lm.hidden_states(**b))
+        assert not torch.allclose(before, model.lm.hidden_states(Batch.of(b)))
 
 
 def test_options_are_written_after_bos(setup):
@@ -450,16 +458,16 @@ def test_attention_pooling_starts_as_the_mean_and_learns_weights(setup):
     ft = FinetuneConfig(method="option", options=2, adapter_dim=0, attn_pool=True)
     model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
     with torch.no_grad():
-        mean, _ = model.lm.encode(**b, pool="mean")
+        mean, _ = model.lm.encode(Batch.of(b), pool="mean")
         assert torch.allclose(model.embed(b, "query"), mean.float(), atol=1e-5)
         model.options.pool_w[0].normal_(std=0.3)
         moved = model.embed(b, "query")
         assert not torch.allclose(moved, mean.float(), atol=1e-3)
         model.set_tower("item")  # the item tower: its own options, its own (still zero) pooling vector
-        item_mean, _ = model.lm.encode(**b, pool="mean")
+        item_mean, _ = model.lm.encode(Batch.of(b), pool="mean")
         assert torch.allclose(model.embed(b, "item"), item_mean.float(), atol=1e-5)
         model.set_tower("query")
-        h = model.lm.hidden_states(**b)
+        h = model.lm.hidden_states(Batch.of(b))
         w = model.options.pool_w[0]
         for r in range(h.shape[0]):  # by hand: softmax over the row's own tokens only
             n = int((b["document_ids"][r] >= 0).sum())
@@ -494,7 +502,7 @@ def test_embedding_lora_starts_as_the_pretrained_model_and_trains_alone(setup):
 
     b = _one_batch(run, ctx, 0)
     with torch.no_grad():
-        ref, _ = run.model.encode(**{k: v for k, v in b.items() if k != "lengths"}, pool="mean")
+        ref, _ = run.model.encode(Batch.of(b), pool="mean")
     ft = FinetuneConfig(method="option", lora_rank=0, tune_norms=False, embed_lora_rank=2, batch_size=6, negatives=6)
     model = TaskModel(run.model, "retrieval", "option", ft, answer_ids(run.tokenizer))
     with torch.no_grad():

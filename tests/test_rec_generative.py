@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from test_prepare import generic_cfg, write_generic_logs
 
 from m6rec.cli import main as cli_main
 from m6rec.data import prepare as P
 from m6rec.data import text as T
-from m6rec.rec.evaluate import EvalData, evaluate
 from m6rec.data.prompts import ContextBuilder, batches_by_length, collate
+from m6rec.model.batch import Batch
+from m6rec.rec.evaluate import EvalData, evaluate
 from m6rec.rec.generative import GenerativeRecommender, ItemTrie
 from m6rec.train.run_dir import load_run
-from test_prepare import generic_cfg, write_generic_logs
 
 MODEL = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.ffn_hidden", "128",
          "--model.max_seq_len", "256", "--data.stream.seq_len", "256", "--data.stream.batch_size", "4",
@@ -84,8 +85,9 @@ def _teacher_forced(setup, prompt, seq, end_ids, alpha=1.0):
         kw = {"image_patches": torch.from_numpy(np.stack([setup.ctx.pixels(i) for i in prompt.image_items])),
               "image_positions": torch.tensor([[0, s] for s in prompt.image_starts])}
     with torch.no_grad():
-        logits = setup.model(ids, position_ids=torch.arange(n)[None], document_ids=torch.zeros(1, n, dtype=torch.long),
-                             prefix_mask=prefix, **kw).logits[0].double()
+        logits = setup.model(Batch(ids, position_ids=torch.arange(n)[None],
+                                   document_ids=torch.zeros(1, n, dtype=torch.long), prefix_mask=prefix, **kw)
+                             ).logits[0].double()
     logp = torch.log_softmax(logits, dim=-1)
     L = len(prompt.ids)
     total = sum(float(logp[L - 1 + j, tok]) for j, tok in enumerate(seq))
@@ -198,9 +200,9 @@ def test_token_mode_is_the_item_token_softmax(runs):
             kw = {"image_patches": torch.from_numpy(np.stack([s.ctx.pixels(i) for i in p.image_items])),
                   "image_positions": torch.tensor([[0, st] for st in p.image_starts])}
         with torch.no_grad():
-            logits = s.model(torch.from_numpy(p.ids)[None], position_ids=torch.arange(n)[None],
-                             document_ids=torch.zeros(1, n, dtype=torch.long),
-                             prefix_mask=torch.from_numpy(p.prefix)[None], **kw).logits[0, -1]
+            logits = s.model(Batch(torch.from_numpy(p.ids)[None], position_ids=torch.arange(n)[None],
+                                   document_ids=torch.zeros(1, n, dtype=torch.long),
+                                   prefix_mask=torch.from_numpy(p.prefix)[None], **kw)).logits[0, -1]
         logp = torch.log_softmax(logits[tok_ids].double(), dim=0).numpy()
         order = [j for j in np.argsort(-logp, kind="stable") if s.ctx.catalog_ids[j] not in set(q.history)][:10]
         assert [i for i, _ in got] == [s.ctx.catalog_ids[j] for j in order]

@@ -8,19 +8,19 @@ import warnings
 
 import numpy as np
 import pytest
+from test_prepare import generic_cfg, write_generic_logs
+from test_rec_generative import MODEL, _shard_samples
 
 from m6rec.cli import main as cli_main
 from m6rec.config import ConfigError, load_config
 from m6rec.data import prepare as P
-from m6rec.rec.evaluate import EvalData, Popularity, cold_items, evaluate
 from m6rec.data.prompts import contexts_for
+from m6rec.rec import metrics as M
+from m6rec.rec.evaluate import EvalData, Popularity, cold_items, evaluate
 from m6rec.rec.generative import GenerativeRecommender
+from m6rec.train import checkpoint as ckpt
 from m6rec.train.run_dir import load_run
 from m6rec.train.select import metric_value
-from m6rec.rec import metrics as M
-from m6rec.train import checkpoint as ckpt
-from test_prepare import generic_cfg, write_generic_logs
-from test_rec_generative import MODEL, _shard_samples
 
 TOKEN = ["--data.text.item_repr", "token"]
 

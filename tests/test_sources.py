@@ -8,7 +8,13 @@ import math
 import pandas as pd
 import pytest
 
-from m6rec.config import ConfigError, DataConfig, FilterConfig, GenericSourceConfig, ImageConfig
+from m6rec.config import (
+    ConfigError,
+    DataConfig,
+    FilterConfig,
+    GenericSourceConfig,
+    ImageConfig,
+)
 from m6rec.data import raw_files
 from m6rec.data.sources import RawData, clean, load_source
 

@@ -27,7 +27,14 @@ from m6rec.data.stream import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 import stream_helpers  # noqa: E402
-from stream_helpers import IMAGE_ID, PAD_ID, batch_digest, random_specs, realistic_lengths, write_dataset  # noqa: E402
+from stream_helpers import (  # noqa: E402
+    IMAGE_ID,
+    PAD_ID,
+    batch_digest,
+    random_specs,
+    realistic_lengths,
+    write_dataset,
+)
 
 # The tiny test datasets have few shards per slot; the warning about it has its own test.
 pytestmark = pytest.mark.filterwarnings("ignore::m6rec.data.stream.DroppedDataWarning")

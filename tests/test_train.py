@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from m6rec.config import ConfigError, load_config
+from m6rec.data.infill import infill_documents
+from m6rec.model.batch import Batch
 from m6rec.train import checkpoint as ckpt
 from m6rec.train import distributed as DIST
 from m6rec.train import ds_config as DSC
-from m6rec.data.infill import infill_documents
 from m6rec.train import leftovers as LEFT
 from m6rec.train import optim as OPT
 from m6rec.train import resume as RES
@@ -139,7 +140,7 @@ def test_infill_keeps_the_model_loss_on_the_item(tmp_path):
     b["position_ids"] = torch.where(b["document_ids"] >= 0, torch.arange(30) - torch.tensor(
         [0] * 18 + [18] * 8 + [26] * 4), 0)
     model = build_model(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=32, ffn_hidden=64))
-    out = model(**{k: v for k, v in b.items() if k not in ("image_patches", "image_positions")})
+    out = model(Batch.of(b, image_patches=None, image_positions=None))
     n_item = int((b["labels"][0, :18] != -100).sum())
     assert out.n_tokens == n_item + 3 and torch.isfinite(out.loss)  # + doc 1's own targets
 
@@ -292,8 +293,9 @@ def test_resumed_run_logs_each_step_once(tmp_path):
     import subprocess
     import sys
 
-    from m6rec.cli import main
     from test_metrics import read_wandb_records, wandb_history
+
+    from m6rec.cli import main
 
     data = tmp_path / "data"
     assert main(["prepare", "--config", "configs/pretrain/tiny.yaml", "--data.output", str(data)]) == 0

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_train_multirank import _env, _free_port, jsonl, read_trace
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

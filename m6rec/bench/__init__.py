@@ -14,7 +14,7 @@ docs/performance.md.
 * :mod:`~m6rec.bench.gpu` -- the model and the engine side by side on one device;
 * :mod:`~m6rec.bench.recommend` -- serving latency after loading.
 
-The matmul peak they divide by is :func:`m6rec.train.metrics.measure_matmul_peak`.  The benchmark
+The matmul peak they divide by is :func:`m6rec.train.peak.measure_matmul_peak`.  The benchmark
 named is the only one imported (as the command line does with its commands), so the rank processes
 a benchmark spawns load what that benchmark needs, no more.
 """

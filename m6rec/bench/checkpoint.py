@@ -19,7 +19,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from m6rec.bench.common import STAGES, bench_config, bench_shape, format_table, init_rank, run_ranks, synthetic_batch
+from m6rec.bench.common import (
+    STAGES,
+    bench_config,
+    bench_shape,
+    format_table,
+    init_rank,
+    run_ranks,
+    synthetic_batch,
+)
 from m6rec.model import build_model
 from m6rec.model.args import ModelArgs
 from m6rec.train import checkpoint as ckpt

@@ -23,6 +23,7 @@ from m6rec.config import Config, ConfigError, load_config
 from m6rec.data.loader import StreamLoader
 from m6rec.data.prepare import prepare
 from m6rec.model import build_model
+from m6rec.model.batch import Batch
 
 
 def bench_data(cfg: Any, args: Any) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def bench_train_consumption(dataset: Path, cfg: Config, model_preset: str, steps
     batches = [b for _, b in zip(range(steps + 1), loader)]
 
     def step(b):
-        out = model(**{k: v for k, v in b.items() if isinstance(v, torch.Tensor)})
+        out = model(Batch.of(b))
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -25,7 +25,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from m6rec.bench.common import MODEL_PRESETS, STAGES, bench_config, format_table, synthetic_batch, time_steps
+from m6rec.bench.common import (
+    MODEL_PRESETS,
+    STAGES,
+    bench_config,
+    format_table,
+    synthetic_batch,
+    time_steps,
+)
 from m6rec.bench.model import llama_twin
 from m6rec.config import load_config
 from m6rec.model import apply_compile, build_model
@@ -85,11 +92,13 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=STAGES) -> 
         out["rows"].append(row)
         print(f"  {name}: {1e3 * seconds:.1f} ms/step, {tps / 1e3:.1f} k tokens/s", flush=True)
 
-    def model_step(model, b):
+    def model_step(model, forward):
+        """One forward + backward of ``model``; ``forward(model)`` returns its output (m6rec's
+        takes a Batch, transformers' Llama keyword tensors)."""
         def step():
             model.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype, enabled=cuda):
-                loss = model(**b).loss
+                loss = forward(model).loss
             loss.backward()
         return step
 
@@ -102,16 +111,19 @@ def run(tiny: bool = False, steps: int = 10, warmup: int = 3, stages=STAGES) -> 
         for kind, b in batches.items():
             inputs, _ = prepare_inputs(model, b, device)
             try:
-                add(f"{name}, {kind}", time_steps(model_step(model, inputs), warmup, steps, cuda), kind="model")
+                add(f"{name}, {kind}", time_steps(model_step(model, lambda m, b=inputs: m(b)), warmup, steps, cuda),
+                    kind="model")
             except Exception as e:  # one failing row must not lose the others
                 out["rows"].append(dict(name=f"{name}, {kind}", error=f"{type(e).__name__}: {e}"))
     try:
         llama = llama_twin(eager).to(device)
         hf_batch = {k: v.to(device) for k, v in batches["causal"].items()}
-        add("HF Llama eager, causal", time_steps(model_step(llama, hf_batch), warmup, steps, cuda), kind="model")
+        hf_forward = lambda m: m(**hf_batch)  # noqa: E731
+        add("HF Llama eager, causal", time_steps(model_step(llama, hf_forward), warmup, steps, cuda), kind="model")
         for layer in llama.model.layers:
             layer.compile(dynamic=False)
-        add("HF Llama layers compiled, causal", time_steps(model_step(llama, hf_batch), warmup, steps, cuda), kind="model")
+        add("HF Llama layers compiled, causal", time_steps(model_step(llama, hf_forward), warmup, steps, cuda),
+            kind="model")
         del llama
     except Exception as e:
         out["rows"].append(dict(name="HF Llama", error=f"{type(e).__name__}: {e}"))

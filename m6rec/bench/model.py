@@ -16,10 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from m6rec.bench.common import MODEL_PRESETS, clock, machine, synthetic_batch, time_steps
+from m6rec.bench.common import (
+    MODEL_PRESETS,
+    clock,
+    machine,
+    synthetic_batch,
+    time_steps,
+)
 from m6rec.config import load_config
 from m6rec.model import apply_compile, build_model
 from m6rec.model.args import ModelArgs
+from m6rec.model.batch import Batch
 from m6rec.model.hf import llama_config_dict, m6rec_to_llama
 from m6rec.model.info import flops_per_token
 from m6rec.train.peak import measure_matmul_peak
@@ -34,7 +41,10 @@ def _small_args(cfg: Any, args: Any):
 
 def llama_twin(model):
     """A transformers LlamaForCausalLM of identical shape and weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM  # heavy: transformers, only for the comparison
+    from transformers import (  # heavy: transformers, only for the comparison
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     c = llama_config_dict(model.args)
     c.pop("dtype")
@@ -164,7 +174,7 @@ def bench_model(cfg: Any, args: Any) -> dict[str, Any]:
     def m6_step(model):
         def step(batch):
             model.zero_grad(set_to_none=True)
-            loss = model(**batch).loss
+            loss = model(Batch.of(batch)).loss
             loss.backward()
             return float(loss.detach())
         return step
@@ -292,7 +302,7 @@ def bench_model_gpu(preset: str = "350m", seq_len: int = 2048, batch: int = 4, s
     def step(b):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**b).loss
+            loss = model(Batch.of(b)).loss
         loss.backward()
 
     for name, b in cases.items():

@@ -17,7 +17,14 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from m6rec.bench.common import STAGES, bench_config, format_table, init_rank, run_ranks, synthetic_batch
+from m6rec.bench.common import (
+    STAGES,
+    bench_config,
+    format_table,
+    init_rank,
+    run_ranks,
+    synthetic_batch,
+)
 from m6rec.model import build_model
 from m6rec.model.args import ModelArgs
 from m6rec.train.step import build_engine, prepare_inputs
@@ -190,7 +197,7 @@ def _overhead_worker(rank: int, world: int, port: int, spec: dict, out: str) -> 
 
         def plain_step(i):
             inputs, _ = prepare_inputs(plain, batch, cpu)
-            plain(**inputs).loss.backward()
+            plain(inputs).loss.backward()
             torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0, foreach=True)
             plain_opt.step()
             plain_opt.zero_grad(set_to_none=True)
@@ -198,7 +205,7 @@ def _overhead_worker(rank: int, world: int, port: int, spec: dict, out: str) -> 
         def fwd_bwd(model):
             def run(i):
                 inputs, _ = prepare_inputs(model, batch, cpu)
-                model(**inputs).loss.backward()
+                model(inputs).loss.backward()
                 for p in model.parameters():
                     p.grad = None
             return run

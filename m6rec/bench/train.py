@@ -42,15 +42,25 @@ import torch
 import torch.distributed as dist
 
 from m6rec.bench.checkpoint import bench_checkpoint
-from m6rec.bench.common import (QUICK_STAGES, STAGES, bench_config, bench_shape, format_table, init_rank, rss_bytes,
-                                run_ranks, synthetic_batch)
+from m6rec.bench.common import (
+    QUICK_STAGES,
+    STAGES,
+    bench_config,
+    bench_shape,
+    format_table,
+    init_rank,
+    rss_bytes,
+    run_ranks,
+    synthetic_batch,
+)
 from m6rec.bench.overhead import bench_overhead
 from m6rec.model import build_model
 from m6rec.model.args import ModelArgs
+from m6rec.model.batch import Batch
 from m6rec.model.info import flops_per_token
 from m6rec.train.ds_config import deepspeed_config
-from m6rec.train.peak import measured_matmul_flops
 from m6rec.train.optim import build_optimizer
+from m6rec.train.peak import measured_matmul_flops
 
 WORLDS = (1, 2)
 
@@ -104,7 +114,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
         for i in range(spec["warmup"] + spec["steps"]):
             dist.barrier()
             t = time.perf_counter()
-            loss = engine(**batch).loss
+            loss = engine(Batch.of(batch)).loss
             engine.backward(loss)
             engine.step()
             float(loss)

@@ -11,7 +11,6 @@ import io
 import warnings
 
 import numpy as np
-
 import pandas as pd
 from PIL import Image
 

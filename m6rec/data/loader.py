@@ -21,7 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from m6rec.config import DataConfig, ImageConfig, StreamConfig
-from m6rec.data.stream import Continuation, DroppedDataWarning, PackedStream, StreamStateError
+from m6rec.data.stream import (
+    Continuation,
+    DroppedDataWarning,
+    PackedStream,
+    StreamStateError,
+)
+
 
 def _identity(batch):  # module level: picklable for spawn/forkserver workers
     return batch

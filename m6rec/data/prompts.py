@@ -24,9 +24,8 @@ import torch
 
 from m6rec.config import Config, ConfigError, DataConfig, _build
 from m6rec.data import text as T
-from m6rec.data.images import load_images
+from m6rec.data.images import image_patches, load_images
 from m6rec.data.sources import load_source
-from m6rec.data.images import image_patches
 from m6rec.data.tokenizer import SegmentEncoder
 
 

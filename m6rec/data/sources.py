@@ -32,8 +32,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from m6rec.config import ConfigError, DataConfig, FilterConfig, GenericSourceConfig
-from m6rec.data.raw_files import (Malformed, read_delimited, read_table, require_file,
-                                  separator_hint, unreadable)
+from m6rec.data.raw_files import (
+    Malformed,
+    read_delimited,
+    read_table,
+    require_file,
+    separator_hint,
+    unreadable,
+)
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "builtin"
 EPOCH = pd.Timestamp(0, tz="UTC")

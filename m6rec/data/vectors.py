@@ -51,9 +51,10 @@ from tqdm import tqdm
 
 from m6rec.config import ConfigError, load_config
 from m6rec.data import text as T
-from m6rec.data.prompts import Prompt, batches_by_length, collate
 from m6rec.data.images import image_patches
+from m6rec.data.prompts import Prompt, batches_by_length, collate
 from m6rec.data.tokenizer import SegmentEncoder, load_tokenizer
+from m6rec.model.batch import Batch
 from m6rec.train.run_dir import load_run, resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -215,8 +216,8 @@ def encode_with_run(texts: Sequence[str], spec: str, batch_size: int = 64, progr
     with torch.no_grad():
         for idx, batch in batches_by_length(items, batch_size):
             b = collate(batch, source, 0, torch.device("cpu"))
-            emb, _ = model.encode(b["input_ids"], b["position_ids"], b["document_ids"], b["prefix_mask"],
-                                  b["image_patches"], b["image_positions"], pool="mean", normalize=True)
+            emb, _ = model.encode(Batch.of(b, item_positions=None, item_catalog_rows=None), pool="mean",
+                                  normalize=True)
             out[idx] = emb.float().numpy()
             if bar is not None:
                 bar.update(len(idx))
@@ -235,7 +236,9 @@ def encode_texts(texts: Sequence[str], spec: str, batch_size: int = 256, progres
         raise ConfigError(f"data.text.item_encoder {spec!r} reads text only; it cannot encode posters")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory; never reach for a hub
     try:
-        from sentence_transformers import SentenceTransformer  # optional, heavy: only this encoder needs it
+        from sentence_transformers import (
+            SentenceTransformer,  # optional, heavy: only this encoder needs it
+        )
     except ImportError:
         raise ConfigError("items as text vectors need sentence-transformers (pip install sentence-transformers)") from None
     model = SentenceTransformer(str(encoder_path(spec)), device="cpu")

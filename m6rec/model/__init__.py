@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 
 from m6rec.model.args import ModelArgs
+from m6rec.model.batch import Batch
 from m6rec.model.hf import load_hf_weights
 from m6rec.model.masks import AttentionMask, build_attention_mask
 from m6rec.model.transformer import M6Transformer, ModelOutput, apply_compile
 
-__all__ = ["ModelArgs", "M6Transformer", "ModelOutput", "AttentionMask", "build_attention_mask",
+__all__ = ["ModelArgs", "Batch", "M6Transformer", "ModelOutput", "AttentionMask", "build_attention_mask",
            "build_model", "apply_compile"]
 
 

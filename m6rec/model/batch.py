@@ -45,7 +45,7 @@ class Batch:
         """The model's fields of a loader or collator dict (its other keys, such as ``sample_keys``
         or ``lengths``, are not the model's), with ``fields`` set over them."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names}, **fields)
+        return cls(**{**{k: v for k, v in d.items() if k in names}, **fields})
 
     def replace(self, **fields) -> "Batch":
         return dataclasses.replace(self, **fields)

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from m6rec.model.batch import Batch
 from m6rec.model.masks import AttentionMask, build_attention_mask
 from m6rec.model.transformer import M6Transformer, rope_cos_sin
 
@@ -69,29 +70,18 @@ class KVCache:
         return KVCache([LayerKV(kv.k[rows], kv.v[rows]) for kv in self.layers], self.readable[rows])
 
 
-def decode(
-    model: M6Transformer,
-    input_ids: Tensor,
-    cache: KVCache,
-    position_ids: Optional[Tensor] = None,
-    *,
-    attn_mask: Optional[Tensor] = None,
-    document_ids: Optional[Tensor] = None,
-    prefix_mask: Optional[Tensor] = None,
-    image_patches: Optional[Tensor] = None,
-    image_positions: Optional[Tensor] = None,
-    item_positions: Optional[Tensor] = None,
-    item_catalog_rows: Optional[Tensor] = None,
-) -> Tensor:
-    """Final-normed hidden states ``[N, T, D]`` of ``input_ids [N, T]`` read after ``cache``'s
+def decode(model: M6Transformer, batch: Batch, cache: KVCache, *, attn_mask: Optional[Tensor] = None) -> Tensor:
+    """Final-normed hidden states ``[N, T, D]`` of ``batch.input_ids [N, T]`` read after ``cache``'s
     ``S`` positions; ``cache`` is extended by these ``T`` tokens.
 
-    ``position_ids`` default to ``S, S+1, ...``.  ``attn_mask [N, T, S + T]`` (bool, True =
+    ``batch.position_ids`` default to ``S, S+1, ...``.  ``attn_mask [N, T, S + T]`` (bool, True =
     may attend) overrides the default rule (readable cached keys, new tokens causally).
-    ``document_ids`` / ``prefix_mask`` describe a prompt as in the batch contract and apply
-    to the first call (prefill) only.  The LM head is left to the caller
+    ``batch.document_ids`` / ``prefix_mask`` describe a prompt as in the batch contract and apply
+    to the first call (prefill) only; labels and the trainer's fields are not read.  The LM head is left to the caller
     (``F.linear(h, model.head_weight)``) so a prefill need not make ``[N, T, V]`` logits."""
     a = model.args
+    input_ids, position_ids = batch.input_ids, batch.position_ids
+    document_ids, prefix_mask = batch.document_ids, batch.prefix_mask
     N, T = input_ids.shape
     S = cache.length
     device = input_ids.device
@@ -110,7 +100,7 @@ def decode(
             [cache.readable[:, None, :].expand(N, T, S), causal.expand(N, T, T)], dim=2)[:, None])
     readable = torch.ones(N, T, dtype=torch.bool, device=device) if document_ids is None else document_ids >= 0
     cos, sin = rope_cos_sin(position_ids, a.head_dim, a.rope_theta)
-    x = model.embed(input_ids, image_patches, image_positions, item_positions, item_catalog_rows)
+    x = model.embed(batch)
     for layer, kv in zip(model.layers, cache.layers):
         x = layer(x, cos, sin, mask, kv)
     cache.readable = readable if S == 0 else torch.cat([cache.readable, readable], dim=1)

@@ -182,7 +182,9 @@ def export_hf(model: M6Transformer, cfg: Any = None, out_dir: str | Path = "expo
     ``cfg`` (Config / ModelConfig / ModelArgs) defaults to ``model.args``;
     ``tokenizer_path`` is a ``tokenizer.json`` or a directory holding one.
     """
-    from transformers import LlamaConfig  # transformers: slow to import, and only the export needs it
+    from transformers import (
+        LlamaConfig,  # transformers: slow to import, and only the export needs it
+    )
 
     args = model.args if cfg is None else (cfg if isinstance(cfg, ModelArgs) else ModelArgs.from_config(cfg))
     out = Path(out_dir)

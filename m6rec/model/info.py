@@ -22,8 +22,8 @@ FLOPs per trained token (forward + backward)::
 """
 from __future__ import annotations
 
-
 from m6rec.model.args import ModelArgs
+
 
 def count_params(args: ModelArgs) -> dict[str, int]:
     """Closed-form parameter counts (tied weights counted once)."""

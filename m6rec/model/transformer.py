@@ -33,8 +33,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from m6rec.model.args import ModelArgs
+from m6rec.model.batch import Batch
 from m6rec.model.loss import linear_cross_entropy
-from m6rec.model.masks import AttentionMask, attend, bidirectional_region, build_attention_mask
+from m6rec.model.masks import (
+    AttentionMask,
+    attend,
+    bidirectional_region,
+    build_attention_mask,
+)
 
 if TYPE_CHECKING:
     from m6rec.model.decode import LayerKV
@@ -312,13 +318,13 @@ class M6Transformer(nn.Module):
                 total -= self.output.weight.numel()
         return total
 
-    def embed(self, input_ids: Tensor, image_patches: Optional[Tensor] = None,
-              image_positions: Optional[Tensor] = None, item_positions: Optional[Tensor] = None,
-              item_catalog_rows: Optional[Tensor] = None, item_projected: Optional[Tensor] = None) -> Tensor:
+    def embed(self, batch: Batch, item_projected: Optional[Tensor] = None) -> Tensor:
         """Token embeddings with each image's patch embeddings written over its slot tokens, and each
         item vector slot's projected text vector added to its token's embedding (``item_projected``:
         the whole catalog's, already computed)."""
-        x = self.tok_embeddings(input_ids)
+        x = self.tok_embeddings(batch.input_ids)
+        image_patches, image_positions = batch.image_patches, batch.image_positions
+        item_positions, item_catalog_rows = batch.item_positions, batch.item_catalog_rows
         if item_positions is not None and item_positions.numel():
             v = (self._project_rows(item_catalog_rows) if item_projected is None
                  else item_projected.index_select(0, item_catalog_rows)).to(x.dtype)
@@ -331,29 +337,18 @@ class M6Transformer(nn.Module):
             x = x.index_put((rows.reshape(-1), cols.reshape(-1)), emb.reshape(n * P, -1))
         return x
 
-    def hidden_states(
-        self,
-        input_ids: Tensor,
-        position_ids: Optional[Tensor] = None,
-        document_ids: Optional[Tensor] = None,
-        prefix_mask: Optional[Tensor] = None,
-        image_patches: Optional[Tensor] = None,
-        image_positions: Optional[Tensor] = None,
-        attention_mask: Optional[AttentionMask] = None,
-        item_positions: Optional[Tensor] = None,
-        item_catalog_rows: Optional[Tensor] = None,
-        item_projected: Optional[Tensor] = None,
-    ) -> Tensor:
-        """The final-normed hidden states ``[B, T, D]``.  ``attention_mask``: one built
+    def hidden_states(self, batch: Batch, item_projected: Optional[Tensor] = None) -> Tensor:
+        """The final-normed hidden states ``[B, T, D]``.  ``batch.attention_mask``: one built
         beforehand from the same batch (:meth:`attention_mask`), e.g. by the trainer from the
         loader's host copy; by default it is built here."""
+        input_ids, position_ids = batch.input_ids, batch.position_ids
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        mask = attention_mask if attention_mask is not None else \
-            self.attention_mask(T, document_ids, prefix_mask, input_ids.device)
+        mask = batch.attention_mask if batch.attention_mask is not None else \
+            self.attention_mask(T, batch.document_ids, batch.prefix_mask, input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
-        x = self.embed(input_ids, image_patches, image_positions, item_positions, item_catalog_rows, item_projected)
+        x = self.embed(batch, item_projected)
         if self.args.embed_dropout and self.training:
             x = F.dropout(x, self.args.embed_dropout, True)
         ckpt = self.args.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -379,26 +374,7 @@ class M6Transformer(nn.Module):
                                     host_document_ids=host_document_ids, host_prefix_mask=host_prefix_mask)
 
     # --- LM head ----------------------------------------------------------------
-    def forward(
-        self,
-        input_ids: Tensor,
-        labels: Optional[Tensor] = None,
-        position_ids: Optional[Tensor] = None,
-        document_ids: Optional[Tensor] = None,
-        prefix_mask: Optional[Tensor] = None,
-        image_patches: Optional[Tensor] = None,
-        image_positions: Optional[Tensor] = None,
-        sample_keys: Optional[list] = None,  # part of the batch contract; unused
-        item_positions: Optional[Tensor] = None,
-        item_catalog_rows: Optional[Tensor] = None,
-        *,
-        attention_mask: Optional[AttentionMask] = None,
-        label_index: Optional[Tensor] = None,
-        item_label_index: Optional[Tensor] = None,
-        item_targets: Optional[Tensor] = None,
-        return_logits: Optional[bool] = None,
-        return_hidden: bool = False,
-    ) -> ModelOutput:
+    def forward(self, batch: Batch, *, return_logits: Optional[bool] = None, return_hidden: bool = False) -> ModelOutput:
         """Language-model pass.  With ``labels`` (already shifted, -100 = no
         loss) the loss is the mean fp32 cross-entropy over labelled tokens; the
         LM head runs on those tokens only, a chunk at a time, so neither
@@ -406,7 +382,7 @@ class M6Transformer(nn.Module):
         (:func:`linear_cross_entropy`).  Without labels, logits ``[B, T, V]``
         are returned.
 
-        ``label_index``: the flat positions (``row * T + t``) of the labelled
+        ``batch.label_index``: the flat positions (``row * T + t``) of the labelled
         tokens, computed by the caller on the host (the trainer does it from
         the loader's CPU copy with :func:`label_positions`); ``labels`` must
         then already be final.  Without it they are found here, which reads
@@ -417,23 +393,24 @@ class M6Transformer(nn.Module):
         catalog item (:meth:`catalog_embeddings`, the full catalog softmax) instead of the
         vocabulary.  ``item_label_index`` / ``item_targets`` (from :meth:`label_positions`) are
         those positions and their catalog rows; the loss is the mean over token and item labels."""
+        labels, item_positions = batch.labels, batch.item_positions
         projected = None
         if (labels is not None and item_positions is not None and item_positions.numel()
                 and self.item_proj is not None and self.item_bank.shape[0]):
             # training: one projection of the whole catalog serves the slots' inputs and the item loss
             # (a 4,096-token batch holds ~2,000 slots; projecting them again cost a third more)
             projected = self._project_rows(None)
-        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions,
-                               attention_mask, item_positions, item_catalog_rows, projected)
+        h = self.hidden_states(batch, projected)
         out = ModelOutput(hidden=h if return_hidden else None)
         if return_logits is None:
             return_logits = labels is None
         if return_logits:
             out.logits = F.linear(h, self.head_weight)
         if labels is not None:
-            if label_index is None:
-                labels, label_index, item_label_index, item_targets = self.label_positions(
-                    labels, document_ids, prefix_mask, item_positions, item_catalog_rows)
+            if batch.label_index is None:
+                batch = self.label_positions(batch)
+            labels, label_index = batch.labels, batch.label_index
+            item_label_index, item_targets = batch.item_label_index, batch.item_targets
             n_items = item_label_index.numel() if item_label_index is not None else 0
             n = label_index.numel() + n_items
             out.n_tokens = torch.full((), n, dtype=torch.long, device=h.device)
@@ -456,13 +433,14 @@ class M6Transformer(nn.Module):
             out.loss = total / max(n, 1)
         return out
 
-    def label_positions(self, labels: Tensor, document_ids: Optional[Tensor], prefix_mask: Optional[Tensor],
-                        item_positions: Optional[Tensor] = None, item_catalog_rows: Optional[Tensor] = None,
-                        ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-        """``(final labels, label_index, item_label_index, item_targets)`` for :meth:`forward`,
-        computed where the tensors are (the trainer calls it on the loader's CPU copy, so the
-        counts cost no device sync).  Labels whose token is an item vector slot move from the
-        token loss to the item loss (the last two; None without vector slots)."""
+    def label_positions(self, batch: Batch) -> Batch:
+        """``batch`` with its labels made final and ``label_index``, ``item_label_index`` and
+        ``item_targets`` set for :meth:`forward`, computed where the tensors are (the trainer calls
+        it on the loader's CPU copy, so the counts cost no device sync).  Labels whose token is an
+        item vector slot move from the token loss to the item loss (the last two; None without
+        vector slots)."""
+        labels, document_ids, prefix_mask = batch.labels, batch.document_ids, batch.prefix_mask
+        item_positions, item_catalog_rows = batch.item_positions, batch.item_catalog_rows
         if self.args.attention == "prefix" and prefix_mask is not None:
             labels = self._drop_visible_labels(labels, document_ids, prefix_mask)
         item_label_index = item_targets = None
@@ -476,7 +454,8 @@ class M6Transformer(nn.Module):
             flat = flat.clone()
             flat[item_label_index] = IGNORE_INDEX
             labels = flat.view_as(labels)
-        return labels, (labels.flatten() != IGNORE_INDEX).nonzero().flatten(), item_label_index, item_targets
+        return batch.replace(labels=labels, label_index=(labels.flatten() != IGNORE_INDEX).nonzero().flatten(),
+                             item_label_index=item_label_index, item_targets=item_targets)
 
     @staticmethod
     def _drop_visible_labels(labels: Tensor, document_ids: Optional[Tensor], prefix_mask: Tensor) -> Tensor:
@@ -520,26 +499,20 @@ class M6Transformer(nn.Module):
         ids = torch.arange(B * n_doc, device=h.device)[present]
         return emb, torch.stack([ids // n_doc, ids % n_doc], dim=1)
 
-    def encode(self, input_ids: Tensor, position_ids=None, document_ids=None, prefix_mask=None,
-               image_patches=None, image_positions=None, item_positions=None, item_catalog_rows=None, *,
-               pool: str = "mean", normalize: bool = True) -> tuple[Tensor, Tensor]:
+    def encode(self, batch: Batch, *, pool: str = "mean", normalize: bool = True) -> tuple[Tensor, Tensor]:
         """Pooled (L2-normalised) embeddings of each document: ``(emb [N, D], index [N, 2])``."""
-        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions,
-                               None, item_positions, item_catalog_rows)
-        emb, index = self.pool(h, document_ids, pool)
+        h = self.hidden_states(batch)
+        emb, index = self.pool(h, batch.document_ids, pool)
         return (F.normalize(emb.float(), dim=-1).to(emb.dtype) if normalize else emb), index
 
     # --- yes/no scorer (ranking) ----------------------------------------------
-    def score_yes_no(self, input_ids: Tensor, yes_id: int, no_id: int, position_ids=None, document_ids=None,
-                     prefix_mask=None, image_patches=None, image_positions=None, item_positions=None,
-                     item_catalog_rows=None) -> tuple[Tensor, Tensor]:
+    def score_yes_no(self, batch: Batch, yes_id: int, no_id: int) -> tuple[Tensor, Tensor]:
         """Log-odds ``log p(yes) - log p(no)`` of the token after each document's
         last token (e.g. after "... Would the user enjoy X? Answer:"): the
         LM's own next-token distribution restricted to the two answers.
         Returns ``(scores [N] fp32, index [N, 2])``."""
-        h = self.hidden_states(input_ids, position_ids, document_ids, prefix_mask, image_patches, image_positions,
-                               None, item_positions, item_catalog_rows)
-        last, index = self.pool(h, document_ids, "last")
+        h = self.hidden_states(batch)
+        last, index = self.pool(h, batch.document_ids, "last")
         w = self.head_weight
         return (last.float() @ (w[yes_id] - w[no_id]).float()), index
 

@@ -24,9 +24,21 @@ import torch
 from m6rec.config import ConfigError
 from m6rec.data.prompts import contexts_for
 from m6rec.rec import metrics as M
-from m6rec.rec.evaluate import (EvalData, Popularity, TransferredPopularity, cold_items, evaluate, markdown_table,
-                                write_outputs)
-from m6rec.rec.finetune import Retriever, load_task_run, ranking_examples, ranking_scores
+from m6rec.rec.evaluate import (
+    EvalData,
+    Popularity,
+    TransferredPopularity,
+    cold_items,
+    evaluate,
+    markdown_table,
+    write_outputs,
+)
+from m6rec.rec.finetune import (
+    Retriever,
+    load_task_run,
+    ranking_examples,
+    ranking_scores,
+)
 from m6rec.rec.generative import GenerativeRecommender
 from m6rec.train.run_dir import load_run
 

@@ -55,9 +55,23 @@ from safetensors.torch import load as load_weights
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from m6rec.config import Config, ConfigError, load_config, load_yaml_tree, save_config, to_dict
+from m6rec.config import (
+    Config,
+    ConfigError,
+    load_config,
+    load_yaml_tree,
+    save_config,
+    to_dict,
+)
 from m6rec.data import text as T
-from m6rec.data.prompts import ContextBuilder, Prompt, batches_by_length, collate, contexts_for
+from m6rec.data.prompts import (
+    ContextBuilder,
+    Prompt,
+    batches_by_length,
+    collate,
+    contexts_for,
+)
+from m6rec.model.batch import Batch
 from m6rec.model.options import Options
 from m6rec.rec.evaluate import EvalData, Query, top_k_excluding
 from m6rec.train.distributed import init_distributed
@@ -117,22 +131,21 @@ class TaskModel(nn.Module):
     def embed(self, batch: dict, tower: str) -> torch.Tensor:
         """L2-normalised tower embeddings, one per row."""
         self.set_tower(tower)
-        b = {k: v for k, v in batch.items() if k != "lengths"}
+        b = Batch.of(batch)
         pool = self.query_pool if tower == "query" else "mean"
         opts = self.options
         if opts is None or (opts.head_u is None and opts.pool_w is None):
-            emb, _ = self.lm.encode(**b, pool=pool)
+            emb, _ = self.lm.encode(b, pool=pool)
             return emb.float()
         if opts.pool_w is not None and pool == "mean":
-            emb = opts.attention_pool(self.lm.hidden_states(**b), b["document_ids"], tower)
+            emb = opts.attention_pool(self.lm.hidden_states(b), b.document_ids, tower)
         else:
-            emb, _ = self.lm.encode(**b, pool=pool, normalize=False)
+            emb, _ = self.lm.encode(b, pool=pool, normalize=False)
         return F.normalize(opts.head(emb.float(), tower), dim=-1)
 
     def ranking_logits(self, batch: dict) -> torch.Tensor:
         self.set_tower("query")
-        b = {k: v for k, v in batch.items() if k != "lengths"}
-        s, _ = self.lm.score_yes_no(**b, yes_id=self.yes_id, no_id=self.no_id)
+        s, _ = self.lm.score_yes_no(Batch.of(batch), self.yes_id, self.no_id)
         return s + self.bias
 
     def forward(self, query: dict, items: Optional[dict] = None, positives: Optional[torch.Tensor] = None,

@@ -56,8 +56,16 @@ from tqdm import tqdm
 
 from m6rec.config import ConfigError
 from m6rec.data import text as T
-from m6rec.data.prompts import SHAPE_MULTIPLE, ContextBuilder, Prompt, batches_by_length, collate, contexts_for
+from m6rec.data.prompts import (
+    SHAPE_MULTIPLE,
+    ContextBuilder,
+    Prompt,
+    batches_by_length,
+    collate,
+    contexts_for,
+)
 from m6rec.data.vectors import attach_catalog, posters_lost
+from m6rec.model.batch import Batch
 from m6rec.model.decode import KVCache, decode
 from m6rec.rec.evaluate import Query, top_k_excluding
 from m6rec.train.run_dir import load_run
@@ -252,7 +260,7 @@ class GenerativeRecommender:
         item's output embedding (row ``i`` = catalog item ``i``), softmaxed over the catalog."""
         b = collate(prompts, self.ctx, self.pad_id, self.device, **self.static_shape)
         lengths = b.pop("lengths")
-        h = self.model.hidden_states(**b)
+        h = self.model.hidden_states(Batch.of(b))
         last = h[torch.arange(len(prompts), device=h.device), lengths - 1]
         scores = torch.log_softmax(last.float() @ item_weight.float().T, dim=-1).cpu().numpy()
         out = []
@@ -360,7 +368,7 @@ class _BeamDecoder:
     def __init__(self, model, batch: dict):
         self.model, self.lengths = model, batch.pop("lengths")
         self.cache = KVCache.empty(model)
-        h = decode(model, batch.pop("input_ids"), self.cache, **batch)  # prefill, with the prompts' own mask
+        h = decode(model, Batch.of(batch), self.cache)  # prefill, with the prompts' own mask
         last = h[torch.arange(len(self.lengths), device=h.device), self.lengths - 1]
         self.logits = F.linear(last, model.head_weight).float()  # [U, V]
         self.reads = self.cache.readable[:, None, :]  # the root slot reads the prompt
@@ -378,7 +386,8 @@ class _BeamDecoder:
         # each new token reads its slot's history and itself, not the other slots' new tokens
         own = torch.eye(B, dtype=torch.bool, device=tokens.device).expand(U, B, B)
         self.reads = torch.cat([reads, own], dim=2)
-        h = decode(self.model, tokens, self.cache, (self.lengths[:, None] + t).expand(U, B), attn_mask=self.reads)
+        h = decode(self.model, Batch(tokens, position_ids=(self.lengths[:, None] + t).expand(U, B)), self.cache,
+                   attn_mask=self.reads)
         return F.linear(h, self.model.head_weight).float()
 
 

@@ -274,7 +274,11 @@ def _both_stages_global_state(path: Path) -> None:
     ZeRO 1/2 checkpoint resumes at stage 3 and back (the per-parameter files are the same,
     after :func:`_stage3_files_as_stage12`)."""
     # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
-    from deepspeed.checkpoint.constants import DS_VERSION, OPTIMIZER_STATE_DICT, PARAM_GROUPS
+    from deepspeed.checkpoint.constants import (
+        DS_VERSION,
+        OPTIMIZER_STATE_DICT,
+        PARAM_GROUPS,
+    )
 
     sd = torch.load(path, map_location="cpu", weights_only=False)
     changed = False

@@ -1,4 +1,4 @@
-"""Training metrics: peak FLOP/s and MFU, step timing, memory, and the sinks.
+"""Training metrics: step timing, memory, the progress bar, and the sinks (console, JSONL, W&B).
 
 One :class:`MetricsLogger` per process; only rank 0 writes.  Every ``log``
 call goes to three sinks: one console line, one JSON line appended to

@@ -89,7 +89,9 @@ def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     if meta.get("zero_stage", 1) == 0:
         sd = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # deepspeed: heavy
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,  # deepspeed: heavy
+        )
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

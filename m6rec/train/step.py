@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from m6rec.config import Config
+from m6rec.model.batch import Batch
 from m6rec.train import checkpoint as ckpt
-from m6rec.train.ds_config import clips_on_device, deepspeed_config, effective_zero_stage
+from m6rec.train.ds_config import (
+    clips_on_device,
+    deepspeed_config,
+    effective_zero_stage,
+)
 from m6rec.train.optim import StepOnDevice, build_optimizer, grad_norm
 
 
-def prepare_inputs(model, batch: dict, device: torch.device) -> tuple[dict, int]:
+def prepare_inputs(model, batch: Mapping, device: torch.device) -> tuple[Batch, int]:
     """The model's inputs for a loader batch, and its number of real (non-padding) tokens.
 
     Everything that needs values rather than shapes is computed here from the
@@ -30,23 +35,13 @@ def prepare_inputs(model, batch: dict, device: torch.device) -> tuple[dict, int]
     from pinned memory without blocking; on CUDA the FlexAttention block mask is
     then built once for the batch from the device copies (shared by every layer,
     and by the recomputation of activation checkpointing)."""
-    labels, label_index, item_label_index, item_targets = model.label_positions(
-        batch["labels"], batch.get("document_ids"), batch.get("prefix_mask"), batch.get("item_positions"),
-        batch.get("item_catalog_rows"))
-    n_tokens = int(np.count_nonzero(batch["document_ids"].numpy() >= 0)) if "document_ids" in batch \
-        else batch["input_ids"].numel()
-    host = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    host.update(labels=labels, label_index=label_index)
-    if item_label_index is not None:
-        host.update(item_label_index=item_label_index, item_targets=item_targets)
-    if device.type == "cuda":
-        inputs = {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in host.items()}
-    else:
-        inputs = {k: v.to(device) for k, v in host.items()}
-    inputs["attention_mask"] = model.attention_mask(
-        batch["input_ids"].shape[1], inputs.get("document_ids"), inputs.get("prefix_mask"), device,
-        host_document_ids=host.get("document_ids"), host_prefix_mask=host.get("prefix_mask"))
-    return inputs, n_tokens
+    host = model.label_positions(Batch.of(batch))
+    n_tokens = int(np.count_nonzero(host.document_ids.numpy() >= 0)) if host.document_ids is not None \
+        else host.input_ids.numel()
+    inputs = host.to(device, non_blocking=True)
+    mask = model.attention_mask(host.input_ids.shape[1], inputs.document_ids, inputs.prefix_mask, device,
+                                host_document_ids=host.document_ids, host_prefix_mask=host.prefix_mask)
+    return inputs.replace(attention_mask=mask), n_tokens
 
 
 
@@ -144,7 +139,7 @@ class TrainStep:
             keys.append(batch.get("sample_keys"))
             inputs, n = prepare_inputs(self.engine.module, batch, self.device)
             tokens += n
-            loss = self.engine(**inputs).loss
+            loss = self.engine(inputs).loss
             if step + 1 in self.nan_steps:
                 loss = loss * float("nan")  # test hook (M6REC_FAULT=nan_loss@N)
             self.engine.backward(loss)

@@ -52,7 +52,10 @@ class Trace:
         if self.file is None:
             return
         # deepspeed: imported once DS_ACCELERATOR is set (init_distributed); its import picks the accelerator
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_full_optimizer_state,
+        )
 
         zero = engine.zero_optimization_stage() > 0
         base = getattr(engine.optimizer, "optimizer", engine.optimizer) if zero else optimizer

@@ -122,7 +122,7 @@ def evaluate(engine, loader, device, max_batches: int) -> float:
         for _ in range(min(per_rank or loader.steps_per_epoch, loader.steps_per_epoch)):
             with shielded_children():  # the first next() starts the workers
                 batch = next(batches)
-            out = engine(**prepare_inputs(engine.module, batch, device)[0])
+            out = engine(prepare_inputs(engine.module, batch, device)[0])
             n = out.n_tokens.double()
             total += torch.stack([out.loss.double() * n, n])
     batches.close()  # stops the loader's workers now, not at garbage collection

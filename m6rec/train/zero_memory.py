@@ -40,7 +40,9 @@ def zero_memory(total_params: int, largest_layer: int, gpus: int) -> list[dict[s
         logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
         # deepspeed: imported only here, and its absence tolerated (the 16-byte rule still stands)
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import (
+            estimate_zero2_model_states_mem_needs,
+        )
 
         for off in (False, True):
             _, g2 = estimate_zero2_model_states_mem_needs(P, per_node, nodes, cpu_offload=off)
