@@ -117,9 +117,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def has_reason(lines: list[str], line: int) -> bool:
-    """A comment on the import's line, or above the run of import lines it belongs to (the
-    continuation lines of a parenthesised import included)."""
-    if "#" in lines[line - 1]:
+    """A comment on the import's lines (a parenthesised import's too), or above the run of
+    import lines it belongs to."""
+    end = line
+    while end < len(lines) and lines[end - 1].rstrip().endswith((",", "(")):  # a parenthesised import's lines
+        end += 1
+    if any("#" in lines[i] for i in range(line - 1, end)):
         return True
     i = line - 2
     while i >= 0:
