@@ -3,7 +3,7 @@
 #   here:    for c in ml1m-vector ml1m-vector-token; do m6rec prepare --config configs/rec/$c.yaml; done
 #            bash ../shared/gpu/make_carry.sh && bash scripts/gpu_next_item.sh --carry-banks
 #   device:  carry [".gpu"];  . .gpu/on_device.sh && OUT=$OUT bash scripts/gpu_next_item.sh
-#   CPU:     GPU_CHECK_TINY=1 OUT=/tmp/gni bash scripts/gpu_next_item.sh   (the same stages, tiny; tests/test_gpu_check.py
+#   CPU:     GPU_CHECK_TINY=1 OUT=/tmp/gni bash scripts/gpu_next_item.sh   (the same stages, tiny; tests/bench/test_gpu_check.py
 #            runs them with SKIP_BENCH=1 GPU_CONFIGS="ml1m-id ml1m-vector")
 # Stages, each under its own timeout, results written as they come (at most 8 files come back):
 #   1. m6rec bench gpu -> $OUT/bench_gpu.json (model alone vs the engine; scripts/gpu_check.sh's stage 1),

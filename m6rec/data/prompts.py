@@ -295,7 +295,7 @@ def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device,
     shape; length-sorted ranking batches have a new length almost every batch, and each new shape
     cost ~20 s of compiling on an H200 (eval ran at 1.5 users/s).  Padded shapes bound the compiles to
     max_seq_len / ``multiple``.  Padding is after every real token, outside every prefix: the causal
-    mask keeps it out of the real positions (tests/test_rec_generative.py checks equal scores)."""
+    mask keeps it out of the real positions (tests/rec/test_rec_generative.py checks equal scores)."""
     B, L = max(len(prompts), rows), max(len(p.ids) for p in prompts)
     L = -(-L // multiple) * multiple
     ids = np.full((B, L), pad_id, dtype=np.int64)

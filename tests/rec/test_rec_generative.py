@@ -6,42 +6,22 @@ with the real engine (ZeRO 2 and ZeRO 0 checkpoints), in this process.
 """
 from __future__ import annotations
 
-import io
 import json
 import warnings
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from test_prepare import generic_cfg, write_generic_logs
+from helpers.generic_data import write_generic_logs
+from helpers.runs import prepare_and_train, shard_samples
 
 from m6rec.cli import main as cli_main
-from m6rec.data import prepare as P
 from m6rec.data import text as T
 from m6rec.data.prompts import ContextBuilder, batches_by_length, collate
 from m6rec.model.batch import Batch
 from m6rec.rec.evaluate import EvalData, evaluate
 from m6rec.rec.generative import GenerativeRecommender, ItemTrie
 from m6rec.train.run_dir import load_run
-
-MODEL = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.ffn_hidden", "128",
-         "--model.max_seq_len", "256", "--data.stream.seq_len", "256", "--data.stream.batch_size", "4",
-         "--data.stream.num_workers", "0", "--train.steps", "6", "--train.warmup_steps", "2", "--train.lr", "0.003",
-         "--train.log_every", "3", "--train.eval_every", "0", "--train.save_every", "0"]
-
-
-def _prepare_and_train(tmp, root, name, zero_stage, *extra):
-    from m6rec.train.trainer import train
-
-    cfg = generic_cfg(root, tmp / f"ds_{name}", *MODEL, "--train.run_dir", str(tmp / f"run_{name}"),
-                      "--deepspeed.zero_stage", str(zero_stage), *extra)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the shop's deliberately broken poster
-        P.prepare(cfg.data, workers=1)
-    summary = train(cfg)
-    assert summary["last_checkpoint"] == "step00000006"
-    return tmp / f"run_{name}"
 
 
 class Setup:
@@ -57,22 +37,14 @@ class Setup:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gen")
     root = write_generic_logs(tmp / "logs")
-    text_dir = _prepare_and_train(tmp, root, "text", 2)
-    token_dir = _prepare_and_train(tmp, root, "token", 0, "--data.text.item_repr", "token")
+    text_dir = prepare_and_train(tmp, root, "text", 2)
+    token_dir = prepare_and_train(tmp, root, "token", 0, "--data.text.item_repr", "token")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small ops: one thread is ~10x faster on a busy 2-core machine
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         yield {"text": Setup(text_dir), "token": Setup(token_dir), "tmp": tmp}
     torch.set_num_threads(threads)
-
-
-def _shard_samples(ds_dir, split):
-    manifest = json.loads((ds_dir / "manifest.json").read_text())
-    for sh in manifest["splits"][split]["shards"]:
-        for s in wds.WebDataset(str(ds_dir / sh["url"]), shardshuffle=False, empty_check=False):
-            yield (json.loads(s["json"]), np.load(io.BytesIO(s["ids.npy"]), allow_pickle=False).astype(np.int64),
-                   np.load(io.BytesIO(s["mask.npy"]), allow_pickle=False))
 
 
 def _teacher_forced(setup, prompt, seq, end_ids, alpha=1.0):
@@ -108,7 +80,7 @@ def test_trie_holds_exactly_the_catalog_with_training_ids(runs):
     # the title ids are the ids the training text carries (segment-wise encoding)
     seq = dict(zip(s.ctx.catalog_ids, expected))
     seen = 0
-    for meta, ids, _ in _shard_samples(s.run.dataset_dir, "train"):
+    for meta, ids, _ in shard_samples(s.run.dataset_dir, "train"):
         text = ids.tolist()
         for item in meta["items"]:
             q = seq[item]
@@ -129,7 +101,7 @@ def test_prompts_are_the_training_text(runs):
         for split in ("valid", "test"):
             queries = {q.user_id: q for q in s.data.queries(split)}
             n = 0
-            for meta, ids, mask in _shard_samples(s.run.dataset_dir, split):
+            for meta, ids, mask in shard_samples(s.run.dataset_dir, split):
                 q = queries[meta["user_id"]]
                 assert meta["targets"] == [q.target]
                 p = s.ctx.for_query(q)
@@ -219,7 +191,7 @@ def test_evaluation_targets_never_reach_training_shards(runs):
     valid_pos = sp[sp.split == "valid"].set_index("user_id")["position"].to_dict()
     test_pos = sp[sp.split == "test"].set_index("user_id")["position"].to_dict()
     n = 0
-    for meta, _, _ in _shard_samples(s.run.dataset_dir, "train"):
+    for meta, _, _ in shard_samples(s.run.dataset_dir, "train"):
         assert max(meta["positions"]) < valid_pos[meta["user_id"]] < test_pos[meta["user_id"]]
         n += 1
     assert n > 0

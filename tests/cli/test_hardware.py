@@ -2,7 +2,7 @@
 "GPUs present but PyTorch cannot use them" check of the training commands.
 
 This machine has no NVIDIA driver, so the driver is faked: ``nvidia-smi`` is a
-shell script that prints real-format outputs kept in tests/data/nvidia_smi/
+shell script that prints real-format outputs kept in tests/fixtures/nvidia_smi/
 (``*.smi``: plain ``nvidia-smi``; ``*.gpus``: ``nvidia-smi
 --query-gpu=name,compute_cap --format=csv,noheader``; ``*.list``:
 ``nvidia-smi -L``), found through ``M6REC_NVIDIA_SMI`` or PATH, and
@@ -22,8 +22,8 @@ import pytest
 
 from m6rec import cli, hardware
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data" / "nvidia_smi"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "fixtures" / "nvidia_smi"
 INSTALL = ROOT / "scripts" / "install.sh"
 PRESET = ROOT / "configs" / "pretrain" / "base.yaml"
 

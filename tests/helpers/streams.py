@@ -1,5 +1,5 @@
 """Test helpers for m6rec.data.stream: write shard datasets in the documented format,
-and consume a stream in a separate process (``python tests/stream_helpers.py consume ...``).
+and consume a stream in a separate process (``python tests/helpers/streams.py consume ...``).
 
 The writer follows docs/architecture.md exactly: per sample ``{key}.txt``,
 ``{key}.ids.npy`` (uint16), ``{key}.mask.npy`` (uint8 bits 1/2/4),

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 import yaml
-from test_metrics import read_wandb_records, wandb_history
+from helpers.wandb_files import read_wandb_records, wandb_history
 
 from m6rec import quickstart as Q
 from m6rec.cli import DEFAULT_HISTORY

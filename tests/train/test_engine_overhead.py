@@ -24,7 +24,7 @@ from m6rec.train import ds_config as DSC
 from m6rec.train import optim as OPT
 from m6rec.train import step as ST
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted([*(ROOT / "configs").glob("*/*.yaml"), ROOT / "m6rec" / "configs" / "quickstart.yaml"])
 
 

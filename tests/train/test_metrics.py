@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-import struct
+import subprocess
 import sys
 import types
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.wandb_files import read_wandb_records, wandb_config, wandb_history
 
 from m6rec.config import Config
 from m6rec.train import metrics as M
@@ -29,53 +29,6 @@ def wandb_env(tmp_path, monkeypatch):
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
     return tmp_path
-
-
-# --------------------------------------------------------------------------
-# Reading a .wandb file back.  wandb 0.31 has no Python reader any more (the
-# old DataStore is gone, `wandb sync --view` too), so this follows the format:
-# a 7-byte header (":W&B", magic 0xBEE1, version 0), then LevelDB-log records
-# in 32 KiB blocks (crc32 of type+data, uint16 length, uint8 type
-# FULL/FIRST/MIDDLE/LAST), each record a serialized wandb_internal_pb2.Record.
-# --------------------------------------------------------------------------
-def read_wandb_records(path: Path) -> list:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:7] == b":W&B" + struct.pack("<HB", 0xBEE1, 0), data[:7]
-    records, pending, pos, block = [], b"", 7, 32768
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too short for a header: zero padding
-            pos += block - pos % block
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0 and length == 0:
-            break
-        chunk = data[pos + 7 : pos + 7 + length]
-        assert zlib.crc32(bytes([kind]) + chunk) == crc, f"bad checksum at byte {pos}"
-        pos += 7 + length
-        pending += chunk
-        if kind in (1, 4):  # FULL or LAST
-            record = pb.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def wandb_history(records) -> dict[int, dict]:
-    """step -> {metric: value} from the history records."""
-    out = {}
-    for r in records:
-        if r.WhichOneof("record_type") == "history":
-            row = {(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
-            out[row["_step"]] = row
-    return out
-
-
-def wandb_config(records) -> dict:
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    return {i.key: json.loads(i.value_json) for i in run.config.update}
 
 
 def logged_steps(start: int, n: int) -> list[dict]:
@@ -126,8 +79,7 @@ def test_offline_wandb_run_and_jsonl(wandb_env, capsys):
     assert wandb_file.is_file()
     assert (offline / "logs" / "debug.log").is_file()
     # wandb 0.31 writes no files/config.yaml offline (the config is in the .wandb log, read below);
-    # the console lines are captured to files/output.log.
-    assert lines[2] in (offline / "files" / "output.log").read_text()
+    # its capture of the console lines is test_wandb_captures_the_console_lines_in_a_fresh_process.
     records = read_wandb_records(wandb_file)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.run_id == run_id and run.project == "m6rec" and run.display_name == "exp1"
@@ -159,6 +111,26 @@ def test_offline_wandb_run_and_jsonl(wandb_env, capsys):
     assert len(files) > 8
     leaks = [p for p in files if FAKE_KEY.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_wandb_captures_the_console_lines_in_a_fresh_process(wandb_env):
+    """W&B copies the console lines into the run's files/output.log.  In a process of its own:
+    wandb 0.31 captures the console of the first run a process starts only (a run after another
+    one in the same process, as in the test above when other tests ran first, writes no output.log)."""
+    run_dir = wandb_env / "runs" / "console"
+    script = ("from m6rec.config import Config\n"
+              "from m6rec.train.metrics import MetricsLogger\n"
+              "cfg = Config()\n"
+              f"cfg.train.run_dir = {str(run_dir)!r}\n"
+              "logger = MetricsLogger(cfg.train.run_dir, cfg, rank=0, world_size=1, wandb_cfg=cfg.train.wandb)\n"
+              "logger.log(1, {'loss': 2.5, 'lr': 0.001})\n"
+              "logger.close()\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("step 1 "))
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    (offline,) = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert line in (offline / "files" / "output.log").read_text()
 
 
 def test_other_ranks_write_nothing(wandb_env, capsys):

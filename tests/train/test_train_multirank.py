@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,10 +48,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.runs import free_port, jsonl, rank_env, read_trace
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STEPS = 8
 COMMON = ["--config", "configs/pretrain/tiny.yaml", "--data.stream.batch_size", "2", "--train.steps", str(STEPS),
@@ -65,34 +65,13 @@ ONE_RANK_SAME_BATCH = ["--data.stream.num_workers", "2", "--train.grad_accum", "
 LOSS_RTOL = 2e-5
 
 
-# --------------------------------------------------------------------------
-# Launching
-# --------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(tmp: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "OMP_NUM_THREADS", "M6REC_FAULT", "M6REC_FAULT_RANK") and not k.startswith("SLURM_")}
-    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", WANDB_SILENT="true", M6REC_TRACE="1",
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        env[var] = str(tmp / "wandb-home" / var.lower())
-    env.update(extra)
-    return env
-
-
 class Run:
     """One training launch: its processes, log and run directory."""
 
     def __init__(self, name: str, run_dir: Path, launcher: str, args: list[str], env: dict):
         self.name, self.run_dir, self.launcher = name, run_dir, launcher
         self.log = run_dir.parent / f"{run_dir.name}.{launcher}.log"
-        port = _free_port()
+        port = free_port()
         script = ["launch/train.py", *args, "--train.run_dir", str(run_dir)]
         hostfile = self._hostfile() if launcher == "deepspeed_hostfile" else None
         cmds = {
@@ -159,22 +138,6 @@ class Run:
         return json.loads((self.run_dir / "summary.json").read_text())
 
 
-def read_trace(run_dir: Path, rank: int = 0) -> list[dict]:
-    """The per-step records of a rank, the last one of each step (a resumed run repeats steps)."""
-    path = run_dir / "trace" / f"rank{rank}.jsonl"
-    if not path.exists():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # the line a SIGKILL cut
-                continue
-            by_step[rec["step"]] = rec
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def wait_for(cond, timeout: float, what: str, run: Run):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -190,10 +153,6 @@ def wait_for(cond, timeout: float, what: str, run: Run):
 def latest(run_dir: Path) -> str | None:
     p = run_dir / "checkpoints" / "latest"
     return p.read_text().strip() if p.exists() else None
-
-
-def jsonl(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # --------------------------------------------------------------------------
@@ -224,7 +183,7 @@ class Runs:
         return [*COMMON, "--data.output", str(self.data), *extra]
 
     def start(self, name: str, launcher: str, extra: list[str], **env) -> Run:
-        return Run(name, self.root / name, launcher, self.args(*extra), _env(self.root, **env))
+        return Run(name, self.root / name, launcher, self.args(*extra), rank_env(self.root, **env))
 
     def get(self, name: str) -> Run:
         if name not in self.done:
@@ -269,9 +228,9 @@ def test_deepspeed_cpu_shm_buffers_are_unlinked(data_dir, tmp_path):
     the shm all-reduce must still work, and nothing may be left after exit."""
     script, out = tmp_path / "probe.py", tmp_path / "probe"
     script.write_text(SHM_PROBE)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(script)],
-                          cwd=ROOT, env=_env(tmp_path, PROBE_OUT=str(out)), capture_output=True, text=True,
+                          cwd=ROOT, env=rank_env(tmp_path, PROBE_OUT=str(out)), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reports = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
@@ -324,7 +283,7 @@ def test_bitwise_resume_after_sigkill(runs):
     assert killed.wait(60) != 0
     assert not (killed.run_dir / "summary.json").exists(), "the run finished before the kill"
     resumed = Run("resumed", killed.run_dir, "deepspeed_hostfile", runs.args(*extra, "--resume", "auto"),
-                  _env(runs.root)).ok()
+                  rank_env(runs.root)).ok()
     start = resumed.summary()["start_step"]
     assert start in (3, 6) and resumed.summary()["step"] == STEPS
     for rank in (0, 1):
@@ -368,7 +327,7 @@ def test_export_fp32_equals_live_model(runs, stage, tmp_path):
     out = tmp_path / "fp32"
     if stage == 2:  # the command line
         r = subprocess.run([str(BIN / "m6rec"), "export", "--ckpt", str(run.run_dir / "checkpoints"), "--to", "fp32",
-                            str(out)], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True)
+                            str(out)], cwd=ROOT, env=rank_env(tmp_path), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
     else:  # the function behind it (saves a process start)
         export(run.run_dir / "checkpoints", "fp32", out)
@@ -390,7 +349,7 @@ def test_export_fp32_equals_live_model(runs, stage, tmp_path):
 # Metrics sinks in a real run
 # --------------------------------------------------------------------------
 def test_wandb_offline_and_jsonl_hold_the_metrics(runs):
-    from test_metrics import read_wandb_records, wandb_config, wandb_history
+    from helpers.wandb_files import read_wandb_records, wandb_config, wandb_history
 
     run = runs.get("one")
     rows = jsonl(run.run_dir)
@@ -552,14 +511,14 @@ def test_resume_two_ranks_then_one_then_two(runs, tmp_path):
     ref = runs.get("zero2")
     run_dir = _from_checkpoint(runs, "elastic_21", ref, "step00000003")
     one = Run("elastic_21", run_dir, "plain", runs.args("--deepspeed.zero_stage", "2", *ONE_RANK_SAME_BATCH,
-                                                      "--resume", "auto"), _env(runs.root, M6REC_FAULT="stop_at@6")).ok()
+                                                      "--resume", "auto"), rank_env(runs.root, M6REC_FAULT="stop_at@6")).ok()
     assert one.summary()["start_step"] == 3 and one.summary()["step"] == 6 and latest(run_dir) == "step00000006"
     assert "converted to DeepSpeed's universal layout in" in one.tail(400)
     d1 = _resumed_weights_equal_saved(run_dir, ref, "step00000003", tmp_path)
     s1 = _state_after_resume_equals_saved(run_dir, ref.run_dir, "step00000003")
     one_tr = read_trace(run_dir, 0)  # before the 2-rank part appends to rank0.jsonl
     two = Run("elastic_12", run_dir, "deepspeed", runs.args("--deepspeed.zero_stage", "2", *TWO_RANKS,
-                                                           "--resume", "auto"), _env(runs.root)).ok()
+                                                           "--resume", "auto"), rank_env(runs.root)).ok()
     assert two.summary()["start_step"] == 6 and two.summary()["step"] == STEPS
     d2 = _resumed_weights_equal_saved(run_dir, one, "step00000006", tmp_path)
     s2 = _state_after_resume_equals_saved(run_dir, run_dir, "step00000006")
@@ -639,12 +598,12 @@ def test_resume_zero2_then_zero3_then_zero1(runs):
     run_dir = _from_checkpoint(runs, "elastic_zero", ref, "step00000003")
     z3 = Run("elastic_zero", run_dir, "torchrun", runs.args("--deepspeed.zero_stage", "3", *TWO_RANKS,
                                                             "--resume", "auto"),
-             _env(runs.root, M6REC_FAULT="stop_at@6")).ok()
+             rank_env(runs.root, M6REC_FAULT="stop_at@6")).ok()
     assert z3.summary()["start_step"] == 3 and z3.summary()["step"] == 6 and z3.summary()["zero_stage"] == 3
     assert "at ZeRO stage 2, this run has 2 at stage 3: converted to DeepSpeed's universal layout in" in z3.tail(400)
     d3 = _state_after_resume_equals_saved(run_dir, ref.run_dir, "step00000003")
     z1 = Run("elastic_zero", run_dir, "deepspeed", runs.args("--deepspeed.zero_stage", "1", *TWO_RANKS,
-                                                             "--resume", "auto"), _env(runs.root)).ok()
+                                                             "--resume", "auto"), rank_env(runs.root)).ok()
     assert z1.summary()["start_step"] == 6 and z1.summary()["step"] == STEPS and z1.summary()["zero_stage"] == 1
     assert "at ZeRO stage 3, this run has 2 at stage 1: converted to DeepSpeed's universal layout in" in z1.tail(400)
     d1 = _state_after_resume_equals_saved(run_dir, run_dir, "step00000006")
@@ -654,7 +613,7 @@ def test_resume_zero2_then_zero3_then_zero1(runs):
     _reset_adam(convert_to_universal(fresh_dir / "checkpoints", "step00000003")[0])
     fresh = Run("fresh_adam", fresh_dir, "torchrun", runs.args("--deepspeed.zero_stage", "3", *TWO_RANKS,
                                                                "--resume", "auto"),
-                _env(runs.root, M6REC_FAULT="stop_at@5")).ok()
+                rank_env(runs.root, M6REC_FAULT="stop_at@5")).ok()
     ref_loss = {r["step"]: float.fromhex(r["loss"]) for r in ref.trace(0)}
     fresh_loss = {r["step"]: float.fromhex(r["loss"]) for r in fresh.trace(0)}
     elastic_loss = {r["step"]: float.fromhex(r["loss"]) for r in z3.trace(0)}
@@ -678,7 +637,7 @@ def test_one_rank_run_to_zero3(runs):
     run_dir = _from_checkpoint(runs, "elastic_13", ref, "step00000003")
     z3 = Run("elastic_13", run_dir, "torchrun", runs.args("--deepspeed.zero_stage", "3", *TWO_RANKS,
                                                           "--resume", "auto"),
-             _env(runs.root, M6REC_FAULT="stop_at@5")).ok()
+             rank_env(runs.root, M6REC_FAULT="stop_at@5")).ok()
     assert z3.summary()["start_step"] == 3 and z3.summary()["step"] == 5
     d = _state_after_resume_equals_saved(run_dir, ref.run_dir, "step00000003")
     ref_loss = {r["step"]: float.fromhex(r["loss"]) for r in ref.trace(0)}
@@ -700,11 +659,11 @@ def test_zero3_to_one_rank_and_a_killed_conversion_keeps_the_checkpoint(runs):
     run_dir = _from_checkpoint(runs, "elastic_z", ref, "step00000003")
     ck = run_dir / "checkpoints"
     one = runs.args("--deepspeed.zero_stage", "3", *ONE_RANK_SAME_BATCH, "--resume", "auto")
-    killed = Run("elastic_z", run_dir, "plain", one, _env(runs.root, M6REC_FAULT="kill_in_convert@3"))
+    killed = Run("elastic_z", run_dir, "plain", one, rank_env(runs.root, M6REC_FAULT="kill_in_convert@3"))
     assert killed.wait() != 0
     assert not (ck / "step00000003_universal").exists() and (ck / ".step00000003_universal.tmp").is_dir()
     assert latest(run_dir) == "step00000003" and (ck / "step00000003" / "COMPLETE").is_file()
-    again = Run("elastic_z", run_dir, "plain", one, _env(runs.root, M6REC_FAULT="stop_at@5")).ok()
+    again = Run("elastic_z", run_dir, "plain", one, rank_env(runs.root, M6REC_FAULT="stop_at@5")).ok()
     assert again.summary()["start_step"] == 3 and again.summary()["step"] == 5
     assert (ck / "step00000003_universal").is_dir() and not (ck / ".step00000003_universal.tmp").exists()
     d = _state_after_resume_equals_saved(run_dir, ref.run_dir, "step00000003")

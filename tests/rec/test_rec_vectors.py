@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 import webdataset as wds
-from test_prepare import generic_cfg, write_generic_logs
-from test_rec_generative import MODEL
+from helpers.generic_data import generic_cfg, write_generic_logs
+from helpers.runs import MODEL
 
 from m6rec.config import ConfigError
 from m6rec.data import prepare as P

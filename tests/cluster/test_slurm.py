@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import cluster_for_module
+from helpers.slurm import cluster_for_module, job_env, submit, train_args
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 slurm = pytest.fixture(scope="module", name="slurm")(cluster_for_module)
@@ -31,25 +31,6 @@ def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "tiny"
     prepare(load_config(ROOT / "configs/pretrain/tiny.yaml", ["--data.output", str(out)]).data)
     return out
-
-
-def job_env(**extra) -> dict:
-    return {"M6REC_VENV": sys.prefix, "M6REC_WORKDIR": str(ROOT), "M6REC_NPROC_PER_NODE": "2",
-            "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
-
-
-def submit(slurm, script: str, sbatch_args: list, script_args: list, env: dict) -> str:
-    proc = slurm.run(["sbatch", "--parsable", "--chdir", str(ROOT), *sbatch_args, str(ROOT / script), *script_args],
-                     env=env)
-    return proc.stdout.strip().split(";")[0]
-
-
-def train_args(data: Path, run_dir: Path, steps: int, **kw) -> list[str]:
-    args = ["configs/pretrain/tiny.yaml", "--data.output", str(data), "--train.run_dir", str(run_dir),
-            "--train.steps", str(steps), "--train.eval_every", "0", "--data.stream.num_workers", "1"]
-    for k, v in kw.items():
-        args += [f"--train.{k}", str(v)]
-    return args
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.generic_data import generic_cfg, write_generic_logs
+from helpers.runs import prepare_and_train
 from safetensors.torch import load_file
-from test_prepare import generic_cfg, write_generic_logs
-from test_rec_generative import _prepare_and_train
 
 from m6rec.cli import main as cli_main
 from m6rec.config import ConfigError, FinetuneConfig
@@ -50,7 +50,7 @@ LEGACY_FT = dict(option_layers="input", lora_rank=0, tune_norms=False, attn_pool
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ft")
     root = write_generic_logs(tmp / "logs")
-    base = _prepare_and_train(tmp, root, "text", 2)
+    base = prepare_and_train(tmp, root, "text", 2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with warnings.catch_warnings():
@@ -271,7 +271,7 @@ def test_finetune_on_two_deepspeed_ranks(setup, tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     # in-process training earlier in this session set RANK, MASTER_PORT, ...: the launcher sets its own
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

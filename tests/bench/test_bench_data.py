@@ -1,6 +1,6 @@
 """`m6rec bench data` machinery on a small generated dataset (numbers are not asserted: benchmarks print them)."""
 import pytest
-from test_prepare import generic_cfg, write_generic_logs
+from helpers.generic_data import generic_cfg, write_generic_logs
 
 from m6rec.bench.data import bench_decode, bench_pipeline, decode_table, pipeline_table
 

@@ -8,9 +8,11 @@
 * an import inside a function is an optional or heavy third-party dependency, with a comment
   saying why it is deferred (on its line or the line above); m6rec's own modules are imported
   at module top;
-* no file in m6rec/ over 600 lines; the training loop (``Trainer.train``) at most 60.
+* no file in m6rec/ over 600 lines; the training loop (``Trainer.train``) at most 60;
+* test modules import no other test module (shared code lives in tests/conftest.py and
+  tests/helpers/).
 
-``python tests/test_structure.py`` prints the import graph's strongly connected components and
+``python tests/cli/test_structure.py`` prints the import graph's strongly connected components and
 every deferred import, for a look without pytest.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import ast
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "m6rec"
 MAX_LINES = 600
 MAX_LOOP_LINES = 60
@@ -183,6 +185,15 @@ def test_file_and_loop_sizes():
     trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
     loop = next(n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name == "train")
     assert loop.end_lineno - loop.lineno + 1 <= MAX_LOOP_LINES
+
+
+def test_test_modules_import_no_other_test_module():
+    """Shared test code lives in tests/conftest.py and tests/helpers/, not in test modules."""
+    tests = ROOT / "tests"
+    names = {p.stem for p in tests.rglob("test_*.py")}
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {what}" for p in sorted(tests.rglob("*.py"))
+           for what, line, _ in imports_of(p, set()) if what.split(".")[-1] in names or what.split(".")[0] in names]
+    assert not bad, "\n".join(bad)
 
 
 def test_the_checker_finds_a_cycle_and_a_deferred_import(tmp_path):

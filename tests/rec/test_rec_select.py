@@ -8,8 +8,8 @@ import warnings
 
 import numpy as np
 import pytest
-from test_prepare import generic_cfg, write_generic_logs
-from test_rec_generative import MODEL, _shard_samples
+from helpers.generic_data import generic_cfg, write_generic_logs
+from helpers.runs import MODEL, shard_samples
 
 from m6rec.cli import main as cli_main
 from m6rec.config import ConfigError, load_config
@@ -115,18 +115,18 @@ def test_held_out_items_are_in_no_training_window_and_get_their_columns(shop):
     train_rows = sp[sp.split == "train"]
     assert train_rows["item_id"].isin(held).any()  # they were in training rows, and are dropped below
     n = 0
-    for meta, _, _ in _shard_samples(out, "train"):
+    for meta, _, _ in shard_samples(out, "train"):
         assert not set(meta["items"]) & held, meta
         n += 1
     assert n > 0
     # every non-held training row is still predicted by some window (beyond each user's first item)
-    predicted = {(m["user_id"], p) for m, _, _ in _shard_samples(out, "train")
+    predicted = {(m["user_id"], p) for m, _, _ in shard_samples(out, "train")
                  for p in m["positions"][len(m["items"]) - len(m["targets"]):]}
     keep = train_rows[~train_rows["item_id"].isin(held)]
     first = keep.groupby("user_id")["position"].transform("min")
     assert {(u, p) for u, p, f in zip(keep.user_id, keep.position, first) if p != f} <= predicted
     # held-out items stay valid/test targets and in valid/test histories
-    valid_samples = list(_shard_samples(out, "valid"))
+    valid_samples = list(shard_samples(out, "valid"))
     assert any(set(m["items"]) & held for m, _, _ in valid_samples)
     # popularity never counted them; the columns count the targets that are held-out items
     counts = data.train_counts()

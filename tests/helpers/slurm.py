@@ -2,7 +2,7 @@
 
 Wraps ``scripts/slurm_local.sh`` (start / stop by recorded pids).  Use it as::
 
-    from slurm_cluster import SlurmUnavailable, local_slurm
+    from helpers.slurm import SlurmUnavailable, local_slurm
 
     @pytest.fixture(scope="module")
     def slurm(tmp_path_factory):
@@ -35,11 +35,13 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local.sh"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 
 #: states after which a job (or array task) never runs again
 TERMINAL_STATES = frozenset(
@@ -297,3 +299,23 @@ def cluster_for_module(tmp_path_factory) -> Iterator[LocalSlurm]:
         yield cluster
     finally:
         cm.__exit__(None, None, None)
+
+
+# --- submitting m6rec's sbatch scripts -----------------------------------------------
+def job_env(**extra) -> dict:
+    return {"M6REC_VENV": sys.prefix, "M6REC_WORKDIR": str(ROOT), "M6REC_NPROC_PER_NODE": "2",
+            "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
+
+
+def submit(slurm, script: str, sbatch_args: list, script_args: list, env: dict) -> str:
+    proc = slurm.run(["sbatch", "--parsable", "--chdir", str(ROOT), *sbatch_args, str(ROOT / script), *script_args],
+                     env=env)
+    return proc.stdout.strip().split(";")[0]
+
+
+def train_args(data: Path, run_dir: Path, steps: int, **kw) -> list[str]:
+    args = ["configs/pretrain/tiny.yaml", "--data.output", str(data), "--train.run_dir", str(run_dir),
+            "--train.steps", str(steps), "--train.eval_every", "0", "--data.stream.num_workers", "1"]
+    for k, v in kw.items():
+        args += [f"--train.{k}", str(v)]
+    return args

@@ -11,7 +11,7 @@ from m6rec.model import ModelArgs, build_model
 from m6rec.model.info import count_params, flops_per_token
 from m6rec.train.zero_memory import format_info, main, model_info, zero_memory
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "model"
 RANGES = {  # total parameters the issue asks for (vocab as in the preset)
     "tiny": (0.5e6, 3e6), "small": (10e6, 30e6), "base": (100e6, 120e6), "350m": (320e6, 380e6),
     "1b": (0.95e9, 1.2e9), "7b": (6.5e9, 7.0e9),

@@ -21,7 +21,7 @@ from m6rec.train import leftovers as LEFT
 from m6rec.train import optim as OPT
 from m6rec.train import resume as RES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs" / "deepspeed").glob("*.yaml"))
 
 
@@ -293,7 +293,7 @@ def test_resumed_run_logs_each_step_once(tmp_path):
     import subprocess
     import sys
 
-    from test_metrics import read_wandb_records, wandb_history
+    from helpers.wandb_files import read_wandb_records, wandb_history
 
     from m6rec.cli import main
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import sys
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import streams as stream_helpers  # noqa: E402
+from helpers.streams import (  # noqa: E402
+    IMAGE_ID,
+    PAD_ID,
+    batch_digest,
+    random_specs,
+    realistic_lengths,
+    write_dataset,
+)
 from PIL import Image
 
 from m6rec.config import DataConfig, StreamConfig
@@ -23,17 +31,6 @@ from m6rec.data.stream import (
     DroppedDataWarning,
     StreamStateError,
     shard_locations,
-)
-
-sys.path.insert(0, str(Path(__file__).parent))
-import stream_helpers  # noqa: E402
-from stream_helpers import (  # noqa: E402
-    IMAGE_ID,
-    PAD_ID,
-    batch_digest,
-    random_specs,
-    realistic_lengths,
-    write_dataset,
 )
 
 # The tiny test datasets have few shards per slot; the warning about it has its own test.
@@ -398,7 +395,7 @@ def _run_ranks(root: Path, tmp: Path, tag: str, extra: list[str], world: int = 2
     Processes are forked from pytest (torch already imported: a fresh
     interpreter spends seconds importing it) and share nothing with each
     other or with earlier runs; the same code runs as a script with
-    ``python tests/stream_helpers.py consume ...``."""
+    ``python tests/helpers/streams.py consume ...``."""
     ctx = multiprocessing.get_context("fork")
     procs = []
     for rank in range(world):

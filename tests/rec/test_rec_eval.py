@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from test_prepare import generic_cfg, write_generic_logs
+from helpers.generic_data import generic_cfg, write_generic_logs
 
 from m6rec.data.prepare import prepare
 from m6rec.rec.evaluate import EvalData, Popularity, evaluate, write_outputs

@@ -1,6 +1,6 @@
 """slurm/train.sbatch requeued with another size resumes on the new world size (issue 12, item 4).
 
-On the local single-node Slurm (tests/slurm_cluster.py, CPUs=2): a job submitted with
+On the local single-node Slurm (tests/helpers/slurm.py, CPUs=2): a job submitted with
 ``--ntasks 2`` trains on 2 ranks, is preempted (USR1 to the batch script, as Slurm does
 before a time limit), checkpoints and requeues itself; while it is pending again it is
 resized to one task (``scontrol hold`` / ``update NumTasks=1`` / ``release`` -- what an
@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import cluster_for_module
-from test_slurm import job_env, submit, train_args
+from helpers.slurm import cluster_for_module, job_env, submit, train_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 16
 
 

@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_multirank import _env, _free_port, jsonl, read_trace
+from helpers.runs import free_port, jsonl, rank_env, read_trace
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 NODES = ["127.0.0.1", "127.0.0.2"]  # the node names of the hostfile; --no_ssh only counts them
 STEPS, MORE = 4, 2
@@ -77,12 +77,12 @@ def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 42
 def test_two_nodes_train_checkpoint_and_resume_on_one(data_dir, tmp_path):
     run = tmp_path / "run"
     args = [*ARGS, "--data.output", str(data_dir), "--train.run_dir", str(run)]
-    env = _env(tmp_path)
+    env = rank_env(tmp_path)
 
     # One job, two nodes, one rank each.
     two = _hostfile(tmp_path / "hostfile", NODES)
     assert two.read_text() == "127.0.0.1 slots=1\n127.0.0.2 slots=1\n"
-    port = _free_port()
+    port = free_port()
     logs = [tmp_path / f"node{k}.log" for k in (0, 1)]
     procs = [_launch(two, k, port, [*args, "--train.steps", str(STEPS), "--data.stream.num_workers", "1"], env,
                      logs[k]) for k in (0, 1)]
@@ -113,7 +113,7 @@ def test_two_nodes_train_checkpoint_and_resume_on_one(data_dir, tmp_path):
     # The same job resumed on one node, one rank, the same global batch.
     one = _hostfile(tmp_path / "hostfile1", NODES[:1])
     log1 = tmp_path / "one_node.log"
-    _finish([_launch(one, 0, _free_port(), [*args, "--train.steps", str(STEPS + MORE), "--data.stream.num_workers",
+    _finish([_launch(one, 0, free_port(), [*args, "--train.steps", str(STEPS + MORE), "--data.stream.num_workers",
                                             "2", "--train.grad_accum", "2", "--resume", "auto"], env, log1)], [log1])
     text = log1.read_text(errors="replace")
     assert "nnodes=1, num_local_procs=1, node_rank=0" in text

@@ -1,0 +1,1 @@
+"""What several test modules share (tests import no other test module)."""
