@@ -10,18 +10,45 @@ import torch
 import torch.distributed as dist
 
 from m6rec.config import Config, ConfigError
+from m6rec.model import build_model
+from m6rec.model.args import ModelArgs
 from m6rec.train import checkpoint as ckpt
 from m6rec.train.ds_config import effective_zero_stage
 from m6rec.train.optim import param_groups
+from m6rec.train.run_dir import resolve_checkpoint
 
 log = logging.getLogger("m6rec.train")
 
 
-SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden", "tie_embeddings",
-               "image_size", "patch_size", "image_channels", "item_vector_dim", "item_proj")
+def parameter_shapes(args: ModelArgs) -> dict[str, tuple]:
+    """Every parameter of the model of ``args`` and its shape, built on the meta device (nothing
+    is allocated): what a checkpoint's weights and optimizer moments must fit."""
+    model = build_model(ModelArgs.from_dict({**args.to_dict(), "init_from": None, "compile": False}), meta=True)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def plan_resume(ckpt_dir: Path, resume: str, cfg: Config, world: int, margs) -> Optional[dict]:
+def shape_differences(saved: dict, now: ModelArgs) -> list[str]:
+    """The model settings by which a checkpoint saved with model args ``saved`` does not fit the
+    model of ``now`` (empty when every parameter has the same shape): each setting that differs
+    and, set back alone to its saved value, changes a parameter's shape -- found from the
+    models themselves, so no list of "shape settings" can miss one."""
+    now_d = now.to_dict()
+
+    def shapes(d: dict):
+        try:
+            return parameter_shapes(ModelArgs.from_dict(d))
+        except (ValueError, AssertionError) as e:  # a combination ModelArgs refuses
+            return str(e)
+
+    now_shapes = shapes(now_d)
+    if shapes({**now_d, **saved}) == now_shapes:
+        return []
+    differing = [k for k in now_d if k in saved and saved[k] != now_d[k]]
+    culprits = [k for k in differing if shapes({**now_d, k: saved[k]}) != now_shapes] or differing
+    return [f"{k}: saved {saved[k]!r}, this run {now_d[k]!r}" for k in culprits]
+
+
+def plan_resume(ckpt_dir: Path, resume: str, cfg: Config, world: int, margs: ModelArgs) -> Optional[dict]:
     """Which tag ``--resume`` loads and how: ``same`` (the topology that wrote it: DeepSpeed's
     own load), ``plain`` (no ZeRO before and now: the full state loads on any number of
     ranks), ``universal`` (ZeRO 1-3 now, ZeRO 1-3 before on another number of ranks or
@@ -34,16 +61,15 @@ def plan_resume(ckpt_dir: Path, resume: str, cfg: Config, world: int, margs) -> 
         return None
     if resume != "auto" and not ckpt.TAG_RE.match(resume):
         raise ConfigError(f"--resume: expected 'auto', 'none' or a checkpoint tag like step00000100, got {resume!r}")
-    tag = ckpt.latest_complete(ckpt_dir) if resume == "auto" else resume
-    if tag is None:
-        log.info("--resume auto: no complete checkpoint in %s, starting from step 0", ckpt_dir)
-        return None
-    if not ckpt.is_complete(ckpt_dir, tag):
-        raise ConfigError(f"--resume {resume}: {ckpt_dir / tag} is not a complete checkpoint")
+    if resume == "auto":
+        tag = ckpt.latest_complete(ckpt_dir)
+        if tag is None:
+            log.info("--resume auto: no complete checkpoint in %s, starting from step 0", ckpt_dir)
+            return None
+    else:
+        _, tag = resolve_checkpoint(ckpt_dir, resume, label=f"--resume {resume}")
     meta = ckpt.read_meta(ckpt_dir, tag)
-    saved_args, now_args = meta.get("model_args") or {}, margs.to_dict()
-    diff = [f"{k}: saved {saved_args[k]!r}, this run {now_args.get(k)!r}" for k in SHAPE_KEYS
-            if k in saved_args and saved_args[k] != now_args.get(k)]
+    diff = shape_differences(meta.get("model_args") or {}, margs)
     if diff:
         raise ConfigError(f"checkpoint {ckpt_dir / tag} holds another model shape ({'; '.join(diff)}): its weights "
                           f"and optimizer state do not fit this model; resume with the same model settings (another "

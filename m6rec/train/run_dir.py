@@ -9,7 +9,7 @@
 ``best``, or none: the newest complete) into a checkpoint; :func:`fp32_state_dict`
 reads a checkpoint's weights (any ZeRO stage, on the CPU); :meth:`Run.load_model`
 and :func:`load_run` build the model with them.  Every reader of a run goes
-through here: ``m6rec eval``/``recommend``/``export``/``finetune``, the
+through here: ``m6rec eval``/``recommend``/``export``/``finetune``, ``--resume TAG``, the
 ``run:`` item encoder (data.text.item_encoder) and ``model.init_from: run:``.
 """
 from __future__ import annotations

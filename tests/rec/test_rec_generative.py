@@ -247,6 +247,31 @@ def test_eval_tag_applies_to_every_run(runs, tmp_path, capsys):
     assert f"--ckpt {a} --tag best: {a / 'best.json'} missing" in capsys.readouterr().err
 
 
+def test_export_fp32_and_hf_of_both_checkpoints(runs, tmp_path, capsys):
+    """`m6rec export` of the fixture's real checkpoints (ZeRO 2: merged from the optimizer's fp32
+    partitions; ZeRO 0: the module itself): the weights the run directory's opener loads, and a
+    Llama directory that loads back to the same logits."""
+    from safetensors.torch import load_file
+
+    from m6rec.model.hf import load_hf
+
+    for name in ("text", "token"):
+        setup = runs[name]
+        out = tmp_path / f"{name}.safetensors"
+        assert cli_main(["export", "--ckpt", str(setup.run_dir / "checkpoints"), str(out)]) == 0
+        assert f"fp32 weights written to {out}" in capsys.readouterr().out
+        exported, live = load_file(str(out)), setup.model.state_dict()
+        assert exported.keys() == live.keys()
+        assert all(torch.equal(exported[k], live[k].float()) for k in live)
+    hf_dir = tmp_path / "hf"
+    assert cli_main(["export", "--ckpt", str(runs["token"].run_dir / "checkpoints" / "step00000006"), "--to", "hf",
+                     str(hf_dir)]) == 0
+    back, ids = load_hf(hf_dir), torch.randint(4, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(back(Batch(ids)).logits, runs["token"].model(Batch(ids)).logits,
+                                   atol=1e-4, rtol=0)
+
+
 def _printed_items(out):
     return [line.split()[1] for line in out.splitlines() if line[:4].strip().rstrip(".").isdigit()]
 

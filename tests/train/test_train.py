@@ -218,6 +218,12 @@ def test_resume_plan_takes_every_world_size_and_stage(tmp_path):
     assert plan(1, 0, 2, 3) == "from_plain" and plan(1, 0, 2, 0) == "plain"
     with pytest.raises(ConfigError, match=r"another model shape \(n_layers: saved 3, this run 2\)"):
         plan(2, 2, 2, 3, n_layers=3)
+    # found from the models themselves: of two differing settings, the one that changes a shape is
+    # named; settings that change no shape resume
+    with pytest.raises(ConfigError, match=r"another model shape \(ffn_hidden: saved None, this run 384\)"):
+        plan(2, 2, 2, 2, ffn_hidden=None, ffn_multiple_of=512)  # a 512-wide SwiGLU, not 384
+    assert plan(2, 2, 2, 2, ffn_hidden=None, ffn_multiple_of=128) == "same"  # the Llama rule gives 384 too
+    assert plan(2, 2, 2, 2, resid_dropout=0.3, item_proj_layers=3) == "same"  # no item vectors: no projection
 
 
 def test_stage3_universal_files_and_own_step_tensors(tmp_path):
