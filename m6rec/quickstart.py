@@ -161,7 +161,6 @@ def _headline(results: list[dict]) -> list[str]:
 def main(cfg: Config, args) -> int:
     """``m6rec quickstart``.  ``cfg`` (the CLI's defaults + overrides) is not used: the
     shipped preset, or ``--config``, is loaded here with the same overrides."""
-
     omp, threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
     try:
         return _run(args)
@@ -274,7 +273,6 @@ def _set_threads(threads: int | None) -> int:
     engine's default (the cores split between the ranks of this machine).  One thread: on a
     2-core machine that other jobs share, two OpenMP threads spin-wait for each other and the
     tiny model trains ~6x slower (measured: docs/training.md#quickstart)."""
-
     if threads is None:
         threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
     if threads > 0:

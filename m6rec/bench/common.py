@@ -1,7 +1,7 @@
 """What the benchmarks share: the machine's description, clocks and step timing, peak memory, the
 Markdown table, the synthetic batch, the engine's config and shape, and benchmark rank processes.
 
-The matmul peak every benchmark divides by is :func:`m6rec.train.metrics.measure_matmul_peak`
+The matmul peak every benchmark divides by is :func:`m6rec.train.peak.measure_matmul_peak`
 (the trainer's MFU uses the same measurer).
 """
 from __future__ import annotations

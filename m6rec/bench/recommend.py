@@ -10,7 +10,9 @@ import torch
 
 from m6rec.bench.common import machine
 from m6rec.config import ConfigError
-from m6rec.rec.generative import GenerativeRecommender, contexts_for, load_run
+from m6rec.data.prompts import contexts_for
+from m6rec.rec.generative import GenerativeRecommender
+from m6rec.train.run_dir import load_run
 
 
 def bench_recommend(cfg: Any, args: Any) -> dict[str, Any]:

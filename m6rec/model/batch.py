@@ -23,6 +23,11 @@ from torch import Tensor
 from m6rec.model.masks import AttentionMask
 
 
+#: keys of loader and collator dicts that are not the model's: the samples of each row (logs, traces),
+#: the stream's padding flag and counters, a prompt collator's prompt lengths
+NOT_THE_MODELS = frozenset({"sample_keys", "is_padding", "stream_stats", "lengths"})
+
+
 @dataclasses.dataclass
 class Batch:
     input_ids: Tensor
@@ -42,9 +47,13 @@ class Batch:
 
     @classmethod
     def of(cls, d: Mapping[str, Any], **fields) -> "Batch":
-        """The model's fields of a loader or collator dict (its other keys, such as ``sample_keys``
-        or ``lengths``, are not the model's), with ``fields`` set over them."""
+        """The model's fields of a loader or collator dict, with ``fields`` set over them.  The keys
+        the data layer adds for others (:data:`NOT_THE_MODELS`) are left out; any other key is an
+        error, so that a misspelled field is not silently dropped."""
         names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - NOT_THE_MODELS
+        if unknown:
+            raise KeyError(f"Batch.of: {sorted(unknown)} are not fields of the batch contract ({sorted(names)})")
         return cls(**{**{k: v for k, v in d.items() if k in names}, **fields})
 
     def replace(self, **fields) -> "Batch":

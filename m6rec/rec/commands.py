@@ -67,7 +67,6 @@ def _same_protocol(a, b, split: str) -> bool:
 
 
 def _set_threads(threads: int) -> None:
-
     if threads > 0:
         torch.set_num_threads(threads)
 

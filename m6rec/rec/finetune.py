@@ -104,7 +104,6 @@ def with_options(p: Prompt, n: int, placeholder: int) -> Prompt:
 # ---------------------------------------------------------------------------
 class TaskModel(nn.Module):
     """The LM plus what a task adds: the retrieval temperature, the ranking bias, options."""
-
     def __init__(self, lm: nn.Module, task: str, method: str, ft, answer_ids: tuple[int, int], placeholder: int = 3):
         super().__init__()
         self.lm, self.task, self.method = lm, task, method
@@ -176,7 +175,6 @@ def answer_ids(tokenizer) -> tuple[int, int]:
 # ---------------------------------------------------------------------------
 class Examples:
     """Training examples from the saved split: (user, position) pairs of train interactions."""
-
     def __init__(self, ctx: ContextBuilder, task: str):
         self.ctx, self.task = ctx, task
         self.users = sorted(ctx._timeline)
@@ -218,7 +216,6 @@ def ranking_prompt(ctx: ContextBuilder, p: Prompt, item_id: str) -> Prompt:
 # ---------------------------------------------------------------------------
 class TaskRun:
     """A fine-tuned run (or a pretrained one used as is): model, contexts, item index cache."""
-
     def __init__(self, model: TaskModel, cfg: Config, tokenizer, dataset_dir: Path, meta: dict, out_dir: Optional[Path]):
         self.model, self.cfg, self.tokenizer, self.dataset_dir = model, cfg, tokenizer, Path(dataset_dir)
         self.meta, self.out_dir = meta, out_dir
@@ -284,6 +281,10 @@ def load_task_run(path: str | Path, task: str, device: str = "cpu", tag: Optiona
     meta_file = path / "finetune.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
+        if tag is not None:  # silently ranking the fine-tuned weights instead would be the wrong row
+            raise ConfigError(f"--ckpt {path} --tag {tag}: a fine-tuned run holds one set of weights "
+                              f"(weights.safetensors, tuned from {meta['base_run']} at {meta['base_tag']}); "
+                              "--tag selects a checkpoint of a pretraining run")
         if meta["task"] != task:
             raise ConfigError(f"--ckpt {path}: fine-tuned for {meta['task']!r}, not {task!r}")
         run = load_run(path / meta["base_run"], meta["base_tag"], device="cpu")  # relative to path, or absolute
@@ -319,7 +320,6 @@ def load_task_run(path: str | Path, task: str, device: str = "cpu", tag: Optiona
 # ---------------------------------------------------------------------------
 class Retriever:
     """Two-tower top-k: the cached item index times the query embedding, history excluded."""
-
     def __init__(self, run: TaskRun, ctx: ContextBuilder, batch_size: int = 64):
         self.run, self.ctx, self.batch_size = run, ctx, batch_size
         self.name = run.name

@@ -62,13 +62,11 @@ from m6rec.data.prompts import (
     Prompt,
     batches_by_length,
     collate,
-    contexts_for,
 )
 from m6rec.data.vectors import attach_catalog, posters_lost
 from m6rec.model.batch import Batch
 from m6rec.model.decode import KVCache, decode
 from m6rec.rec.evaluate import Query, top_k_excluding
-from m6rec.train.run_dir import load_run
 
 
 # ---------------------------------------------------------------------------
@@ -82,7 +80,6 @@ class ItemTrie:
     ``child_node[...]``; node 0 is the root.  ``item_node[i]``: the node where
     catalog item ``i``'s sequence ends; ``item_path[i]``: its nodes, root
     first.  ``subtree[n]``: items ending in ``n``'s subtree."""
-
     def __init__(self, sequences: Sequence[Sequence[int]]):
         edges: dict[tuple[int, int], int] = {}
         parent = [-1]
@@ -143,7 +140,6 @@ class GenerativeRecommender:
     ``mode``: "auto" (item tokens when the data has them, else text),
     "token" or "text".  ``beam``: beam width of text mode (at least ``k``
     is always used).  ``batch_size``: users per forward pass."""
-
     def __init__(self, model, contexts: ContextBuilder, mode: str = "auto", beam: int = 0, batch_size: int = 16,
                  name: Optional[str] = None, length_norm: float = 1.0):
         repr_ = contexts.text_cfg.item_repr
@@ -363,7 +359,6 @@ class _BeamDecoder:
     """The beam search's view of :func:`m6rec.model.decode.decode`: one cache row per user
     holding its prompt and every token any of its slots was fed (a tree), and per slot the
     cached positions its next token reads (``reads [U, B, S]``: the prompt and its ancestors)."""
-
     @torch.no_grad()
     def __init__(self, model, batch: dict):
         self.model, self.lengths = model, batch.pop("lengths")
@@ -389,11 +384,3 @@ class _BeamDecoder:
         h = decode(self.model, Batch(tokens, position_ids=(self.lengths[:, None] + t).expand(U, B)), self.cache,
                    attn_mask=self.reads)
         return F.linear(h, self.model.head_weight).float()
-
-
-def recommender_from_run(run_dir: str | Path, tag: Optional[str] = None, mode: str = "auto", beam: int = 0,
-                         batch_size: int = 16, device: str = "cpu", length_norm: float = 1.0) -> GenerativeRecommender:
-    """``load_run`` + ``contexts_for`` + ``GenerativeRecommender`` in one call."""
-    run = load_run(run_dir, tag, device)
-    ctx = contexts_for(run.cfg, run.tokenizer, run.dataset_dir)
-    return GenerativeRecommender(run.model, ctx, mode=mode, beam=beam, batch_size=batch_size, length_norm=length_norm)

@@ -206,10 +206,6 @@ def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, Optional[dict]]:
     return client_state or {}, rank_state
 
 
-def saved_world_size(ckpt_dir: Path, tag: str) -> int:
-    return int(read_meta(ckpt_dir, tag)["world_size"])
-
-
 def describe(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     files = sorted(p.name for p in (Path(ckpt_dir) / tag).iterdir())
     return {"tag": tag, "files": files, **read_meta(ckpt_dir, tag)}

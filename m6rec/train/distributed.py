@@ -61,7 +61,6 @@ def local_world_size() -> int:
     return int(env.get("WORLD_SIZE", "1"))
 
 
-
 def unlink_shm_buffer() -> None:
     """Remove this rank's name for DeepSpeed's CPU all-reduce buffer, once every rank has mapped it.
 
@@ -78,7 +77,6 @@ def unlink_shm_buffer() -> None:
     if dist.get_world_size() > 1:  # one rank (LOCAL_SIZE=1) maps only its own: nothing to wait for
         dist.barrier()
     shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
-
 
 
 SHM_COMM_OP = "deepspeed_shm_comm"

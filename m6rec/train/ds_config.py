@@ -90,9 +90,6 @@ def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool, *, optimizer_cl
     return out
 
 
-
-
-
 if __name__ == "__main__":  # print the rendered DeepSpeed JSON of a config
     import argparse
 

@@ -25,7 +25,6 @@ def shm_buffer_path(rank: int) -> Path:
                                f"{env.get('MASTER_PORT', '')}_{rank}")
 
 
-
 def stale_shm_buffers() -> list[Path]:
     """This user's DeepSpeed CPU all-reduce buffers in /dev/shm that no live process maps:
     what runs without :func:`unlink_shm_buffer` (older m6rec, other DeepSpeed programs) left."""
@@ -93,7 +92,6 @@ def warn_stale_build_locks() -> list[Path]:
               "removes it (with a home directory shared between machines, first make sure none of them is "
               "building).", file=sys.stderr, flush=True)
     return stale
-
 
 
 def clean_shm_main(cfg: Config, args) -> int:

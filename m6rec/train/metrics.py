@@ -56,6 +56,7 @@ METRICS: dict[str, str] = {
     "nonfinite_steps": "updates skipped because the loss was not finite, so far",
 }
 
+
 # --------------------------------------------------------------------------
 # Step timing and memory
 # --------------------------------------------------------------------------

@@ -169,7 +169,6 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, on_gpu: bool) -> torch.
     return skippable(cls)(groups, **kw)
 
 
-
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The global L2 norm of ``grads`` as a device scalar (fp32), read nowhere."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())

@@ -40,7 +40,6 @@ def measure_matmul_peak(dtype: Any = None, device: Any = "cpu", sizes: tuple[int
     what is left of it.  ``flops`` is per wall-clock second; on CPU ``flops_per_cpu_s`` divides by
     the process's CPU time over the threads instead (what a busy, shared machine disturbs least;
     it equals ``flops`` on an idle one)."""
-
     dtype = dtype or torch.float32
     is_cuda = torch.device(device).type == "cuda"
     threads = 1 if is_cuda else torch.get_num_threads()

@@ -2,7 +2,7 @@
 
 Pure Python over ``train.*`` and the counters of the steps read so far -- no torch, no
 DeepSpeed -- so every decision is unit-tested on its own (tests/train/test_schedule.py).
-:class:`Cadence` holds what depends on the step number alone; :class:`LoopState` holds the
+:class:`HostFlags` is what the host adds to a step's all-reduced vector; :class:`Cadence` holds what depends on the step number alone; :class:`LoopState` holds the
 counters that the steps' all-reduced numbers (:class:`~m6rec.train.step.StepStats`) update,
 and the decisions that depend on them.
 """
@@ -12,14 +12,32 @@ import dataclasses
 import math
 from typing import Optional
 
-#: the host flags and data counters of a step's vector that the loop keeps (the latest read)
-SHARED_FIELDS = ("signalled", "stop_file", "skipped", "corrupt", "infilled")
+
+@dataclasses.dataclass(frozen=True)
+class HostFlags:
+    """What the host adds to a step's all-reduced vector, summed over ranks: a stop signal, the
+    stop file (rank 0 looks), time to save (``train.save_every_minutes``), the loader's skipped
+    samples and corrupt shards, and the documents rewritten for infilling.  Summed, a flag is
+    non-zero when any rank raised it, so every rank takes the same branch."""
+    signalled: float = 0.0
+    stop_file: float = 0.0
+    time_save: float = 0.0
+    skipped: float = 0.0
+    corrupt: float = 0.0
+    infilled: float = 0.0
+
+    def values(self) -> list[float]:
+        return [float(getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+
+#: the host flags and data counters of a step's vector that the loop keeps (the latest read); a
+#: time to save is a save made due instead (LoopState.save_due)
+SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(HostFlags) if f.name != "time_save")
 
 
 @dataclasses.dataclass(frozen=True)
 class Cadence:
     """What happens at optimizer step ``step`` (1-based: the step just queued) by its number."""
-
     steps: int
     log_every: int
     eval_every: int = 0
@@ -57,7 +75,6 @@ class Cadence:
 @dataclasses.dataclass
 class LoopState:
     """The loop's counters, updated from each step's numbers in step order (:meth:`account`)."""
-
     cadence: Cadence
     max_nonfinite: int
     loss_divisor: float  # ranks x micro-batches: the all-reduced loss sum over this is the step's mean loss

@@ -23,6 +23,7 @@ from m6rec.train.ds_config import (
     effective_zero_stage,
 )
 from m6rec.train.optim import StepOnDevice, build_optimizer, grad_norm
+from m6rec.train.schedule import HostFlags
 
 
 def prepare_inputs(model, batch: Mapping, device: torch.device) -> tuple[Batch, int]:
@@ -44,25 +45,6 @@ def prepare_inputs(model, batch: Mapping, device: torch.device) -> tuple[Batch, 
     return inputs.replace(attention_mask=mask), n_tokens
 
 
-
-@dataclasses.dataclass(frozen=True)
-class HostFlags:
-    """What the host adds to a step's all-reduced vector, summed over ranks: a stop signal, the
-    stop file (rank 0 looks), time to save (``train.save_every_minutes``), the loader's skipped
-    samples and corrupt shards, and the documents rewritten for infilling.  Summed, a flag is
-    non-zero when any rank raised it, so every rank takes the same branch."""
-
-    signalled: float = 0.0
-    stop_file: float = 0.0
-    time_save: float = 0.0
-    skipped: float = 0.0
-    corrupt: float = 0.0
-    infilled: float = 0.0
-
-    def values(self) -> list[float]:
-        return [float(getattr(self, f.name)) for f in dataclasses.fields(self)]
-
-
 class StepStats:
     """What one step tells every rank, all-reduced on the device and read only when needed.
 
@@ -73,7 +55,6 @@ class StepStats:
     :meth:`values` waits for this step's work only, not for the steps queued
     since: the trainer reads a step's numbers one step late and keeps the device
     busy (or at once, on log and save steps)."""
-
     FIELDS = ("loss_sum", "tokens", *(f.name for f in dataclasses.fields(HostFlags)))
 
     def __init__(self, vector: torch.Tensor, local_losses: list, keys: list, lr: float, tokens: int):
@@ -108,7 +89,6 @@ class TrainStep:
     reads the all-reduced loss sum on the device and skips the update there when it
     is not finite; DeepSpeed's JIT optimizers can only skip on a host flag, so with
     them it is read before the boundary (one host sync more per step)."""
-
     def __init__(self, engine, optimizer, cfg: Config, device: torch.device, clips: bool):
         self.engine, self.optimizer, self.device = engine, optimizer, device
         self.accum = cfg.train.grad_accum
@@ -178,7 +158,6 @@ class TrainStep:
         else:  # stage 0 without StepOnDevice: measured here; ZeRO: DeepSpeed's own
             norm = self.last_norm if self.stage0_norm else self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
-
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, world: int, device: torch.device,

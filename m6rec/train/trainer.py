@@ -61,10 +61,10 @@ from m6rec.train.optim import lr_at
 from m6rec.train.peak import peak_flops
 from m6rec.train.resume import convert_for_resume, load_resume, plan_resume
 from m6rec.train.run_dir import init_from_run
-from m6rec.train.schedule import Cadence, LoopState, finite_or_none
+from m6rec.train.schedule import Cadence, HostFlags, LoopState, finite_or_none
 from m6rec.train.select import Selector
 from m6rec.train.signals import STOP_FILE, StopFlag, shielded_children
-from m6rec.train.step import HostFlags, StepStats, build_engine, prepare_inputs
+from m6rec.train.step import StepStats, build_engine, prepare_inputs
 from m6rec.train.trace import Trace
 
 log = logging.getLogger("m6rec.train")
@@ -106,7 +106,7 @@ def model_config_for(cfg: Config, manifest: dict):
                                              patch_size=manifest["image"]["patch_size"])))
 
 
-def evaluate(engine, loader, device, max_batches: int) -> float:
+def validation_loss(engine, loader, device, max_batches: int) -> float:
     """Token-weighted mean loss over the validation split, from its start.
 
     ``max_batches`` (train.eval_batches) counts batches over all ranks; each
@@ -132,10 +132,6 @@ def evaluate(engine, loader, device, max_batches: int) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-
-# ---------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------
 def train(cfg: Config, resume: str = "none") -> dict:
     """Run training; returns a summary (last step, why it stopped, ...)."""
     stop = StopFlag()  # first: a signal during start-up still ends in a clean stop after one step
@@ -151,7 +147,6 @@ class Trainer:
 
     ``cleanup`` closes the loaders (and their workers, the next epoch's among them) however
     the run ends; ``stop`` is the SIGTERM/SIGUSR1 flag, installed before anything else."""
-
     def __init__(self, cfg: Config, resume: str, stop: StopFlag, cleanup: contextlib.ExitStack):
         self.rank, self.world, self.device = init_distributed()
         on_gpu = self.device.type == "cuda"
@@ -177,7 +172,7 @@ class Trainer:
         plan = plan_resume(self.ckpt_dir, resume, cfg, self.world, self.margs)
         if plan is not None:
             convert_for_resume(plan, self.ckpt_dir, self.rank)
-        self.engine, self.optimizer, self.runner, ds_config = build_engine(
+        self.engine, self.optimizer, self.train_step, ds_config = build_engine(
             cfg, model, self.world, self.device, load_universal=plan is not None and plan["mode"] == "universal")
         if self.rank == 0:
             (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
@@ -229,7 +224,7 @@ class Trainer:
         while s.step < cadence.steps:
             lr = lr_at(self.cfg, s.step)
             batches, infilled = self.micro_batches()
-            queued = self.runner.run(s.step, lr, batches, lambda: self.host_flags(infilled))
+            queued = self.train_step.run(s.step, lr, batches, lambda: self.host_flags(infilled))
             s.step += 1
             self.pending.append((s.step, queued))
             log_now = cadence.log_due(s.step)
@@ -313,7 +308,7 @@ class Trainer:
         row = {
             "loss": s.take_interval_loss(),
             "lr": lr,
-            "grad_norm": None if s.consecutive_nonfinite else finite_or_none(self.runner.grad_norm()),
+            "grad_norm": None if s.consecutive_nonfinite else finite_or_none(self.train_step.grad_norm()),
             **self.timer.interval_metrics(self.world, self.flops_per_token, self.peak),
             "tokens_seen": s.tokens_seen,
             "samples_skipped": int(s.shared["skipped"]),
@@ -331,7 +326,7 @@ class Trainer:
     def validate(self) -> dict[str, Any]:
         """Validation loss (and ``train.select_by``'s ranking metric: a better one makes a save due)."""
         with self.timer.paused():
-            row = {"val_loss": evaluate(self.engine, self.val_loader, self.device, self.cfg.train.eval_batches)}
+            row = {"val_loss": validation_loss(self.engine, self.val_loader, self.device, self.cfg.train.eval_batches)}
             if self.selector is not None:
                 row.update(self.selector.evaluate(self.engine.module, self.state.step))
                 self.state.save_due |= self.selector.improved
@@ -412,3 +407,4 @@ def main(cfg: Config, args) -> int:
     if summary["stopped_by"] != "steps":
         log.info("stopped by %s at step %d after checkpoint %s", summary["stopped_by"], summary["step"],
                  summary["last_checkpoint"])
+    return 0

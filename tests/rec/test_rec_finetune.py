@@ -239,6 +239,8 @@ def test_eval_ranking_reports_auc_and_logloss(setup, tmp_path):
     assert "auc" in out.with_suffix(".md").read_text()
     with pytest.raises(ConfigError, match="fine-tuned for 'ranking'"):
         load_task_run(tmp / "rank_full", "retrieval")
+    with pytest.raises(ConfigError, match="--tag step00000002: a fine-tuned run holds one set of weights"):
+        load_task_run(tmp / "rank_full", "ranking", tag="step00000002")
 
 
 def test_zero_shot_on_another_catalog(setup, tmp_path):

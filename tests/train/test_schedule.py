@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from m6rec.train.schedule import Cadence, LoopState
-from m6rec.train.step import HostFlags, StepStats
+from m6rec.train.schedule import Cadence, HostFlags, LoopState
+from m6rec.train.step import StepStats
 from m6rec.train.trainer import NonFiniteLossError, Trainer
 
 
@@ -107,7 +107,7 @@ def scripted_trainer(tmp_path, steps=10, log_every=5, eval_every=0, save_every=0
                                                   max_nonfinite=max_nonfinite, precision="fp32", infill_rate=0))
     t.cadence = Cadence(steps=steps, log_every=log_every, eval_every=eval_every, save_every=save_every)
     t.state = LoopState(t.cadence, max_nonfinite, loss_divisor=1.0)
-    t.runner, t.pending, t.rank, t.world, t.engine = ScriptedRunner(losses), [], 0, 1, None
+    t.train_step, t.pending, t.rank, t.world, t.engine = ScriptedRunner(losses), [], 0, 1, None
     t.trace, t.timer, t.bar, t.metrics = Trace(tmp_path, 0), StepTimer(), progress(steps, rank=1), Metrics()
     t.compile_note, t.start_step, t.last_saved, t.stop_at, t.stopped_by = False, 0, 0, set(stop_at), "steps"
     t.stop, t.run_dir, t.ckpt_dir = SimpleNamespace(signal=None), tmp_path, tmp_path / "checkpoints"
@@ -142,7 +142,7 @@ def test_loop_reads_a_step_one_step_late_and_stops_on_a_signal(tmp_path):
     summary = t.train()
     # step 3 raised the flag; its numbers are read after step 4 is queued: stop there, saved
     assert summary["stopped_by"] == "signal on another rank" and summary["step"] == 4
-    assert t.runner.ran == [0, 1, 2, 3] and t.saves == [(4, "preempted", 12)]
+    assert t.train_step.ran == [0, 1, 2, 3] and t.saves == [(4, "preempted", 12)]
     t = scripted_trainer(tmp_path, steps=10, log_every=100, stop_at={6})
     assert t.train()["stopped_by"] == "stop_at@6" and t.saves == [(6, "preempted", 18)]
 
