@@ -13,8 +13,8 @@ BASE=${1:?usage: scripts/same_losses.sh BASE_REVISION [STEPS]}
 STEPS=${2:-50}
 PY=$PWD/.venv/bin/python
 WORK=$(mktemp -d /tmp/m6rec-same-losses.XXXXXX)
-# the worktree goes in every case; the runs stay for a look when they differ
-trap 'git worktree remove --force "$WORK/base" >/dev/null 2>&1 || true' EXIT
+KEEP=1  # the worktree goes in every case; the runs stay for a look unless they are the same
+trap 'git worktree remove --force "$WORK/base" >/dev/null 2>&1 || true; [ "$KEEP" = 1 ] || rm -rf "$WORK"' EXIT
 git worktree add -q --detach "$WORK/base" "$BASE"
 PRESET=$PWD/m6rec/configs/quickstart.yaml
 COMMON=(--train.log_every 5 --train.wandb.mode disabled --data.output "$WORK/data")
@@ -47,8 +47,6 @@ for suffix in ("", "_accum"):
     if not same:
         print(f"  first difference: {first}; val losses {vals}; the runs are in {work}")
     ok &= same
-if ok:
-    import shutil
-    shutil.rmtree(work)
 sys.exit(0 if ok else 1)
 EOF
+KEEP=0
