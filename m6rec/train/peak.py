@@ -45,11 +45,14 @@ def measure_matmul_peak(dtype: Any = None, device: Any = "cpu", sizes: tuple[int
     threads = 1 if is_cuda else torch.get_num_threads()
     deadline = time.perf_counter() + budget if budget is not None else math.inf
     best, best_cpu, per_size, rep_s, last_n = 0.0, 0.0, {}, 0.0, 0
+    # its own generator: how many sizes fit the budget depends on the machine's load, and draws
+    # from torch's global RNG would leave a run's random state depending on it too
+    gen = torch.Generator(device=device).manual_seed(0)
     for n in sizes:
         if best and time.perf_counter() + 5 * (n / last_n) ** 3 * rep_s > deadline:  # 5 matmuls of this size
             break
-        a = torch.randn(n, n, dtype=dtype, device=device)
-        b = torch.randn(n, n, dtype=dtype, device=device)
+        a = torch.randn(n, n, dtype=dtype, device=device, generator=gen)
+        b = torch.randn(n, n, dtype=dtype, device=device, generator=gen)
         for _ in range(2):  # warm-up: thread pool, kernel selection
             a @ b
         reps, t0 = 0, time.perf_counter()
