@@ -25,6 +25,7 @@ from m6rec.bench.common import (
     bench_shape,
     format_table,
     init_rank,
+    rank_step_times,
     run_ranks,
     synthetic_batch,
 )
@@ -82,14 +83,8 @@ def _checkpoint_worker(rank: int, world: int, port: int, spec: dict, out: str) -
         model = build_model(margs)
         n_params = model.num_params()
         engine, opt, runner, _ = build_engine(cfg, model, world, cpu)
-        times = []
-        for i in range(spec["warmup"] + spec["steps"]):
-            dist.barrier()
-            t = time.perf_counter()
-            runner.run(i, 1e-4, [batch]).values()
-            dist.barrier()
-            if i >= spec["warmup"]:
-                times.append(time.perf_counter() - t)
+        times, _ = rank_step_times(lambda i, steps=runner: steps.run(i, 1e-4, [batch]).values(), spec["warmup"],
+                                   spec["steps"])
         ckpt_dir = root / f"zero{stage}"
         meta = {"world_size": world, "zero_stage": stage, "model_args": margs.to_dict()}
         saves, fsyncs = [], []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from m6rec.config import Config, load_config
@@ -110,6 +111,21 @@ def synthetic_batch(vocab: int, rows: int, seq_len: int, *, doc_len: int | None 
 # ---------------------------------------------------------------------------
 # The engine's config and shape; benchmark rank processes
 # ---------------------------------------------------------------------------
+def rank_step_times(step: Callable[[int], Any], warmup: int, steps: int) -> tuple[list[float], Any]:
+    """In a benchmark rank: ``step(i)`` for ``warmup`` untimed then ``steps`` timed steps, each between
+    two barriers (every rank starts and ends it together).  Returns the timed steps' seconds and what
+    the last step returned."""
+    times, out = [], None
+    for i in range(warmup + steps):
+        dist.barrier()
+        t = time.perf_counter()
+        out = step(i)
+        dist.barrier()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times, out
+
+
 def bench_config(stage: int, seq_len: int, rows: int, **train) -> Config:
     """The config a benchmark engine is built from: ZeRO ``stage``, ``rows`` x ``seq_len`` per
     rank, gradient clipping at 1.0 (as the presets), ``train`` overrides."""

@@ -49,6 +49,7 @@ from m6rec.bench.common import (
     bench_shape,
     format_table,
     init_rank,
+    rank_step_times,
     rss_bytes,
     run_ranks,
     synthetic_batch,
@@ -110,17 +111,15 @@ def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
         opt = build_optimizer(cfg, model, on_gpu=False)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world, False))
         batch = synthetic_batch(margs.vocab_size, B, T, seed=rank)
-        times = []
-        for i in range(spec["warmup"] + spec["steps"]):
-            dist.barrier()
-            t = time.perf_counter()
+
+        def step(i, engine=engine, batch=batch):
             loss = engine(Batch.of(batch)).loss
             engine.backward(loss)
             engine.step()
             float(loss)
-            dist.barrier()
-            if i >= spec["warmup"]:
-                times.append(time.perf_counter() - t)
+            return loss
+
+        times, loss = rank_step_times(step, spec["warmup"], spec["steps"])
         adam, master = _optimizer_bytes(opt, stage)
         mine = dict(adam=adam, master=master, rss=rss_bytes(), times=times, loss=float(loss))
         every = [None] * world
