@@ -227,6 +227,19 @@ class TrainConfig:
     # improves, and RUN_DIR/best.json names the best tag (kept through keep_last pruning).
     select_by: Optional[str] = None
     select_users: int = 1000
+    # The item loss (items as item tokens or text vectors; docs/training.md "Item loss at any catalog size").
+    # full: each item label scores the whole catalog -- exact, and its cost grows with the catalog.
+    # sampled: it scores its target against item_negatives items drawn per micro-batch and shared by the
+    # batch (uniform, or popularity^popularity_alpha), with the logQ correction and the target masked
+    # where it was drawn; only those items' rows are read.  in_batch_negatives: the batch's own targets
+    # join them; mask_history_negatives: a candidate in the user's own history is not a negative.
+    # Validation loss, evaluation and m6rec recommend always score the whole catalog.
+    item_loss: Literal["full", "sampled"] = "full"
+    item_negatives: int = 256
+    negative_sampler: Literal["uniform", "popularity"] = "uniform"
+    popularity_alpha: float = 0.75
+    in_batch_negatives: bool = False
+    mask_history_negatives: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -519,6 +532,13 @@ def _check(cfg: Config) -> None:
                           "or null")
     if t.select_users < 0:
         raise ConfigError(f"config key 'train.select_users': bad value {t.select_users!r}; allowed: >= 0 (0 = all)")
+    if t.item_negatives < 1:
+        raise ConfigError(f"config key 'train.item_negatives': bad value {t.item_negatives!r}; allowed: >= 1")
+    if t.popularity_alpha < 0:
+        raise ConfigError(f"config key 'train.popularity_alpha': bad value {t.popularity_alpha!r}; allowed: >= 0")
+    if t.item_loss == "sampled" and d.text.item_repr == "text":
+        raise ConfigError("config key 'train.item_loss': 'sampled' needs items that are rows to sample (item_repr "
+                          "token, both, vector or vector_token); with item_repr text an item is its title's words")
     if d.filters.kcore < 0:
         raise ConfigError(f"config key 'data.filters.kcore': bad value {d.filters.kcore!r}; allowed: >= 0")
 

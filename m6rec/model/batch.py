@@ -7,10 +7,10 @@ of the batch and where their slots start, and the item text-vector slots with th
 rows.  The loaders and the prompt collators produce plain dicts (what DataLoader workers
 pickle and pin); :meth:`Batch.of` takes the model's part of one.
 
-The last four fields are what the trainer adds from the loader's host copy before the batch
-goes to the device (m6rec/train/step.py ``prepare_inputs``): the mask every layer applies,
-built once, and the flat positions of the labels, so that the loss reads nothing back from
-the device.  The model computes them itself when they are absent.
+The trainer adds the rest from the loader's host copy before the batch goes to the device
+(m6rec/train/step.py ``prepare_inputs``): the mask every layer applies, built once, and the flat
+positions of the labels, so that the loss reads nothing back from the device (the model computes
+them itself when they are absent); with the sampled item loss, the step's candidate items.
 """
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ class Batch:
     label_index: Optional[Tensor] = None
     item_label_index: Optional[Tensor] = None
     item_targets: Optional[Tensor] = None
+    # the sampled item loss (train.item_loss sampled; m6rec/data/negatives.py): the step's shared candidate
+    # items (item-token ids, or catalog rows in the vector modes), the log of each one's expected count
+    # among the candidates and of each item label's target's (the logQ correction), and which
+    # candidates are in each item label's own history (masked; absent = none masked)
+    item_candidates: Optional[Tensor] = None
+    item_candidate_logq: Optional[Tensor] = None
+    item_target_logq: Optional[Tensor] = None
+    item_history_hits: Optional[Tensor] = None
 
     @classmethod
     def of(cls, d: Mapping[str, Any], **fields) -> "Batch":

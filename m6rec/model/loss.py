@@ -85,3 +85,29 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: Optio
         logits = (h[s:s + chunk] @ weight.t()).float()
         total += F.cross_entropy(logits, labels[s:s + chunk], reduction="sum", label_smoothing=smoothing)
     return total
+
+
+def sampled_softmax_loss(h: Tensor, target_emb: Tensor, cand_emb: Tensor, excluded: Tensor,
+                         target_logq: Optional[Tensor] = None, cand_logq: Optional[Tensor] = None,
+                         smoothing: float = 0.0) -> Tensor:
+    """Sum over positions of the sampled-softmax cross-entropy: position ``i`` (``h [L, D]``) scores its
+    target (``target_emb [L, D]``) against ``K`` shared candidates (``cand_emb [K, D]``), each logit
+    minus the log of how often the sampler puts that item among the candidates (``*_logq``: the logQ
+    correction, which makes the sampled softmax an estimate of the full one; None = no correction).
+    ``excluded [L, K]`` (bool): candidates position ``i`` must not score against -- the target itself
+    (an accidental hit) or an item of the user's own history.  ``smoothing`` spreads eps over the
+    target and the candidates left in."""
+    pos = (h * target_emb.to(h.dtype)).sum(-1).float()
+    neg = (h @ cand_emb.to(h.dtype).t()).float()
+    if target_logq is not None:
+        pos = pos - target_logq.float()
+    if cand_logq is not None:
+        neg = neg - cand_logq.float()[None, :]
+    logits = torch.cat([pos[:, None], neg.masked_fill(excluded, float("-inf"))], dim=1)
+    logp = torch.log_softmax(logits, dim=1)
+    nll = -logp[:, 0]
+    if smoothing:
+        kept = torch.cat([torch.ones_like(excluded[:, :1]), ~excluded], dim=1)
+        uniform = -(logp.masked_fill(~kept, 0.0).sum(1) / kept.sum(1))
+        nll = (1.0 - smoothing) * nll + smoothing * uniform
+    return nll.sum()

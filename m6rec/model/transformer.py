@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from m6rec.model.args import ModelArgs
 from m6rec.model.batch import Batch
-from m6rec.model.loss import linear_cross_entropy
+from m6rec.model.loss import linear_cross_entropy, sampled_softmax_loss
 from m6rec.model.masks import (
     AttentionMask,
     attend,
@@ -231,6 +231,9 @@ class M6Transformer(nn.Module):
         # training softmax over a subset of the catalog (held-out items excluded): rows and row -> position
         self.register_buffer("item_loss_rows", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("item_loss_position", torch.zeros(0, dtype=torch.long), persistent=False)
+        # item tokens as items of their own loss (train.item_loss sampled, item_repr token/both):
+        # the first item token; the item tokens are the vocabulary's last rows (set_item_tokens)
+        self.item_token_start: Optional[int] = None
         self.init_weights()
 
     # --- initialisation -----------------------------------------------------
@@ -292,16 +295,41 @@ class M6Transformer(nn.Module):
             position[loss_rows.long().cpu()] = torch.arange(len(loss_rows))
             self.item_loss_position = position.to(dev)
 
+    def set_item_tokens(self, start: int) -> None:
+        """Item tokens are ids ``start .. vocab_size - 1``; their labels leave the token loss for the
+        item loss (:meth:`label_positions`), which a batch with ``item_candidates`` computes over those
+        candidates only, the token loss then over the rows before ``start`` only."""
+        if not 0 < start < self.args.vocab_size:
+            raise ValueError(f"first item token {start} outside the vocabulary of {self.args.vocab_size}")
+        self.item_token_start = start
+
+    @property
+    def has_catalog(self) -> bool:
+        """Items are catalog rows with text vectors (item_repr vector modes, catalog attached)."""
+        return self.item_proj is not None and bool(self.item_bank.shape[0])
+
     def catalog_embeddings(self, projected: Optional[Tensor] = None) -> Tensor:
         """``[N, D]``: every catalog item's output embedding -- its projected text vector (``projected``:
         already computed), plus its item-token embedding where it has one (vector_token)."""
-        if self.item_proj is None or not self.item_bank.shape[0]:
+        if not self.has_catalog:
             raise ValueError("no item catalog: call set_item_catalog first (item_repr vector modes)")
         e = self._project_rows(None) if projected is None else projected
-        if self.item_token_ids.numel():
-            ids = self.item_token_ids
-            e = e + self.tok_embeddings(ids.clamp(min=0)).to(e.dtype) * (ids >= 0)[:, None].to(e.dtype)
-        return e
+        return self._with_item_tokens(e, self.item_token_ids)
+
+    def _with_item_tokens(self, e: Tensor, token_ids: Tensor) -> Tensor:
+        """vector_token: the item-token embeddings of ``token_ids`` (-1: none) added to ``e``."""
+        if not self.item_token_ids.numel():
+            return e
+        return e + self.tok_embeddings(token_ids.clamp(min=0)).to(e.dtype) * (token_ids >= 0)[:, None].to(e.dtype)
+
+    def item_embeddings(self, items: Tensor) -> Tensor:
+        """Output embeddings ``[n, D]`` of ``items`` only: catalog rows in the vector modes (their text
+        vectors projected, plus their item tokens' rows in vector_token), else item-token ids (rows of
+        the LM head).  What the sampled item loss reads: nothing catalog-sized."""
+        if self.has_catalog:
+            return self._with_item_tokens(self._project_rows(items), self.item_token_ids.index_select(0, items)
+                                          if self.item_token_ids.numel() else self.item_token_ids)
+        return self.head_weight.index_select(0, items)
 
     def _project_rows(self, rows: Optional[Tensor]) -> Tensor:
         """Projected text vectors of catalog ``rows`` (all when None)."""
@@ -318,16 +346,15 @@ class M6Transformer(nn.Module):
                 total -= self.output.weight.numel()
         return total
 
-    def embed(self, batch: Batch, item_projected: Optional[Tensor] = None) -> Tensor:
+    def embed(self, batch: Batch, slot_vectors: Optional[Tensor] = None) -> Tensor:
         """Token embeddings with each image's patch embeddings written over its slot tokens, and each
-        item vector slot's projected text vector added to its token's embedding (``item_projected``:
-        the whole catalog's, already computed)."""
+        item vector slot's projected text vector added to its token's embedding (``slot_vectors``:
+        those, already computed; by default the slots' rows are projected here)."""
         x = self.tok_embeddings(batch.input_ids)
         image_patches, image_positions = batch.image_patches, batch.image_positions
         item_positions, item_catalog_rows = batch.item_positions, batch.item_catalog_rows
         if item_positions is not None and item_positions.numel():
-            v = (self._project_rows(item_catalog_rows) if item_projected is None
-                 else item_projected.index_select(0, item_catalog_rows)).to(x.dtype)
+            v = (self._project_rows(item_catalog_rows) if slot_vectors is None else slot_vectors).to(x.dtype)
             x = x.index_put((item_positions[:, 0], item_positions[:, 1]), v, accumulate=True)
         if image_patches is not None and image_patches.numel():
             n, P = image_patches.shape[:2]
@@ -337,7 +364,7 @@ class M6Transformer(nn.Module):
             x = x.index_put((rows.reshape(-1), cols.reshape(-1)), emb.reshape(n * P, -1))
         return x
 
-    def hidden_states(self, batch: Batch, item_projected: Optional[Tensor] = None) -> Tensor:
+    def hidden_states(self, batch: Batch, slot_vectors: Optional[Tensor] = None) -> Tensor:
         """The final-normed hidden states ``[B, T, D]``.  ``batch.attention_mask``: one built
         beforehand from the same batch (:meth:`attention_mask`), e.g. by the trainer from the
         loader's host copy; by default it is built here."""
@@ -348,7 +375,7 @@ class M6Transformer(nn.Module):
         mask = batch.attention_mask if batch.attention_mask is not None else \
             self.attention_mask(T, batch.document_ids, batch.prefix_mask, input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
-        x = self.embed(batch, item_projected)
+        x = self.embed(batch, slot_vectors)
         if self.args.embed_dropout and self.training:
             x = F.dropout(x, self.args.embed_dropout, True)
         ckpt = self.args.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -388,19 +415,24 @@ class M6Transformer(nn.Module):
         then already be final.  Without it they are found here, which reads
         their number back from the device (a host sync).
 
-        Item vector slots (``item_positions``, ``item_catalog_rows``; item_repr vector*): a label
-        whose token is such a slot is an *item* label: the position before the slot scores every
-        catalog item (:meth:`catalog_embeddings`, the full catalog softmax) instead of the
-        vocabulary.  ``item_label_index`` / ``item_targets`` (from :meth:`label_positions`) are
-        those positions and their catalog rows; the loss is the mean over token and item labels."""
+        Item labels: a label whose token is an item vector slot (``item_positions``,
+        ``item_catalog_rows``; item_repr vector*) or, after :meth:`set_item_tokens`, an item token.
+        The position before it scores every catalog item (:meth:`catalog_embeddings`; item tokens:
+        the whole vocabulary), or with ``batch.item_candidates`` only the target and those shared
+        candidates (the sampled softmax: :func:`sampled_softmax_loss`, with the logQ correction and
+        accidental hits masked; token labels then score the non-item vocabulary).
+        ``item_label_index`` / ``item_targets`` (from :meth:`label_positions`) are those positions
+        and their items; the loss is the mean over token and item labels."""
         labels, item_positions = batch.labels, batch.item_positions
-        projected = None
-        if (labels is not None and item_positions is not None and item_positions.numel()
-                and self.item_proj is not None and self.item_bank.shape[0]):
-            # training: one projection of the whole catalog serves the slots' inputs and the item loss
+        sampled = batch.item_candidates is not None
+        projected = slot_vectors = None
+        if labels is not None and not sampled and item_positions is not None and item_positions.numel() \
+                and self.has_catalog:
+            # full item loss: one projection of the whole catalog serves the slots' inputs and the loss
             # (a 4,096-token batch holds ~2,000 slots; projecting them again cost a third more)
             projected = self._project_rows(None)
-        h = self.hidden_states(batch, projected)
+            slot_vectors = projected.index_select(0, batch.item_catalog_rows)
+        h = self.hidden_states(batch, slot_vectors)
         out = ModelOutput(hidden=h if return_hidden else None)
         if return_logits is None:
             return_logits = labels is None
@@ -420,8 +452,17 @@ class M6Transformer(nn.Module):
             if label_index.numel():
                 hs = flat.index_select(0, label_index)
                 ys = labels.flatten().index_select(0, label_index)
-                total = total + linear_cross_entropy(hs, self.head_weight, ys, smoothing=smoothing)
-            if n_items:
+                head = self.head_weight
+                if sampled and self.item_token_start is not None:
+                    head = head[:self.item_token_start]
+                total = total + linear_cross_entropy(hs, head, ys, smoothing=smoothing)
+            if n_items and sampled:
+                total = total + self._sampled_item_loss(flat.index_select(0, item_label_index), batch, item_targets,
+                                                        smoothing)
+            elif n_items and not self.has_catalog:  # item tokens, full: their rows of the whole vocabulary
+                total = total + linear_cross_entropy(flat.index_select(0, item_label_index), self.head_weight,
+                                                     item_targets, smoothing=smoothing)
+            elif n_items:
                 catalog = self.catalog_embeddings(projected)
                 # training: the training catalog (held-out items are not in it); evaluation (validation loss,
                 # whose targets include held-out items) scores the whole catalog, as ranking does
@@ -433,18 +474,36 @@ class M6Transformer(nn.Module):
             out.loss = total / max(n, 1)
         return out
 
+    def _sampled_item_loss(self, hs: Tensor, batch: Batch, targets: Tensor, smoothing: float) -> Tensor:
+        """Summed sampled-softmax loss of the item labels (``hs``: their hidden states): each target
+        against the batch's shared candidates, reading the embeddings of those items only."""
+        candidates = batch.item_candidates
+        both = self.item_embeddings(torch.cat([targets, candidates]))
+        excluded = targets[:, None] == candidates[None, :]  # accidental hits
+        if batch.item_history_hits is not None:
+            excluded = excluded | batch.item_history_hits
+        return sampled_softmax_loss(hs, both[:targets.numel()], both[targets.numel():], excluded,
+                                    batch.item_target_logq, batch.item_candidate_logq, smoothing)
+
     def label_positions(self, batch: Batch) -> Batch:
         """``batch`` with its labels made final and ``label_index``, ``item_label_index`` and
         ``item_targets`` set for :meth:`forward`, computed where the tensors are (the trainer calls
         it on the loader's CPU copy, so the counts cost no device sync).  Labels whose token is an
-        item vector slot move from the token loss to the item loss (the last two; None without
-        vector slots)."""
+        item vector slot, or an item token after :meth:`set_item_tokens`, move from the token loss to
+        the item loss (the last two; None without such labels)."""
         labels, document_ids, prefix_mask = batch.labels, batch.document_ids, batch.prefix_mask
         item_positions, item_catalog_rows = batch.item_positions, batch.item_catalog_rows
         if self.args.attention == "prefix" and prefix_mask is not None:
             labels = self._drop_visible_labels(labels, document_ids, prefix_mask)
         item_label_index = item_targets = None
-        if item_positions is not None and item_positions.numel():
+        if self.item_token_start is not None:
+            flat = labels.flatten()
+            item_label_index = (flat >= self.item_token_start).nonzero().flatten()
+            item_targets = flat.index_select(0, item_label_index)
+            flat = flat.clone()
+            flat[item_label_index] = IGNORE_INDEX
+            labels = flat.view_as(labels)
+        elif item_positions is not None and item_positions.numel():
             T = labels.shape[1]
             rows, cols = item_positions[:, 0], item_positions[:, 1]
             before = rows * T + cols - 1  # the position that predicts the slot

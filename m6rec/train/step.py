@@ -7,6 +7,7 @@ what a step tells every rank (one all-reduced vector), read only when needed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Mapping, Optional, Union
 
@@ -26,7 +27,8 @@ from m6rec.train.optim import StepOnDevice, build_optimizer, grad_norm
 from m6rec.train.schedule import HostFlags
 
 
-def prepare_inputs(model, batch: Mapping, device: torch.device) -> tuple[Batch, int]:
+def prepare_inputs(model, batch: Mapping, device: torch.device,
+                   candidates: Optional[Callable[[Batch], Batch]] = None) -> tuple[Batch, int]:
     """The model's inputs for a loader batch, and its number of real (non-padding) tokens.
 
     Everything that needs values rather than shapes is computed here from the
@@ -35,8 +37,11 @@ def prepare_inputs(model, batch: Mapping, device: torch.device) -> tuple[Batch, 
     kernel -- the document spans of the attention mask.  Tensors go to the device
     from pinned memory without blocking; on CUDA the FlexAttention block mask is
     then built once for the batch from the device copies (shared by every layer,
-    and by the recomputation of activation checkpointing)."""
+    and by the recomputation of activation checkpointing).  ``candidates``: adds the sampled item
+    loss's candidates to the host batch (:meth:`m6rec.data.negatives.NegativeSampler.attach`)."""
     host = model.label_positions(Batch.of(batch))
+    if candidates is not None:
+        host = candidates(host)
     n_tokens = int(np.count_nonzero(host.document_ids.numpy() >= 0)) if host.document_ids is not None \
         else host.input_ids.numel()
     inputs = host.to(device, non_blocking=True)
@@ -91,6 +96,7 @@ class TrainStep:
     them it is read before the boundary (one host sync more per step)."""
     def __init__(self, engine, optimizer, cfg: Config, device: torch.device, clips: bool):
         self.engine, self.optimizer, self.device = engine, optimizer, device
+        self.negatives = None  # the sampled item loss's NegativeSampler (the trainer sets it)
         self.accum = cfg.train.grad_accum
         self.on_device = isinstance(optimizer, StepOnDevice)
         if self.on_device:
@@ -117,7 +123,8 @@ class TrainStep:
         losses, keys, tokens = [], [], 0
         for micro, batch in enumerate(batches):
             keys.append(batch.get("sample_keys"))
-            inputs, n = prepare_inputs(self.engine.module, batch, self.device)
+            draw = None if self.negatives is None else functools.partial(self.negatives.attach, step=step, micro=micro)
+            inputs, n = prepare_inputs(self.engine.module, batch, self.device, draw)
             tokens += n
             loss = self.engine(inputs).loss
             if step + 1 in self.nan_steps:

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from m6rec.config import Config, ConfigError, save_config, to_dict
 from m6rec.data.infill import infill_documents
 from m6rec.data.loader import StreamLoader
+from m6rec.data.negatives import sampler_for
 from m6rec.data.vectors import attach_catalog
 from m6rec.model import build_model
 from m6rec.model.args import ModelArgs
@@ -172,8 +173,10 @@ class Trainer:
         plan = plan_resume(self.ckpt_dir, resume, cfg, self.world, self.margs)
         if plan is not None:
             convert_for_resume(plan, self.ckpt_dir, self.rank)
+        negatives = sampler_for(cfg, model, self.rank) if cfg.train.item_loss == "sampled" else None
         self.engine, self.optimizer, self.train_step, ds_config = build_engine(
             cfg, model, self.world, self.device, load_universal=plan is not None and plan["mode"] == "universal")
+        self.train_step.negatives = negatives
         if self.rank == 0:
             (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
         self.train_loader = StreamLoader.from_config(cfg.data, "train", train=True, rank=self.rank,
