@@ -28,7 +28,7 @@ COMMANDS = {
     "config": ("m6rec.cli", "show_config", "print the resolved configuration (or one key with --get)"),
     "prepare": ("m6rec.data.prepare", "main", "raw logs -> M6-Rec text -> tokenizer -> WebDataset shards"),
     "model-info": ("m6rec.train.zero_memory", "main", "parameters, FLOPs/token and ZeRO memory of a model preset"),
-    "bench": ("m6rec.bench", "main", "benchmarks: data | model | train | gpu | recommend"),
+    "bench": ("m6rec.bench", "main", "benchmarks: data | model | train | gpu | recommend | catalog"),
     "train": ("m6rec.train.trainer", "main", "pretrain with DeepSpeed (one machine; launch/train.py for clusters)"),
     "plot": ("m6rec.train.plot", "main", "draw a run's metrics.jsonl to a PNG"),
     "export": ("m6rec.train.export", "main", "a ZeRO checkpoint -> fp32 safetensors or a Hugging Face Llama directory"),
@@ -151,14 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/metrics.png)")
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("bench", help=COMMANDS["bench"][2])
-    p.add_argument("what", choices=["data", "model", "train", "gpu", "recommend"])
+    p.add_argument("what", choices=["data", "model", "train", "gpu", "recommend", "catalog"])
     _add_common(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--only", choices=["scaling", "overhead", "checkpoint"], default=None,
-                   help="train: only the ZeRO scaling table, the engine overhead table or the checkpoint cost table")
+    p.add_argument("--only", choices=["scaling", "overhead", "checkpoint", "cells", "zero"], default=None,
+                   help="train: only the ZeRO scaling table, the engine overhead table or the checkpoint cost table; "
+                        "catalog: only the size x representation cells, or only the 2-rank ZeRO memory of the table")
     p.add_argument("--quick", action="store_true",
                    help="train: a shortened run (what CI runs): ZeRO stages 0 and 2, 1 warm-up and 2 timed steps "
                         "in each part, one checkpoint save, the tiny preset at 64 tokens x 2 rows unless --config")
+    p.add_argument("--sizes", default=None,
+                   help="catalog: catalog sizes, e.g. 10k,100k,1M,10M (the default; --quick: 1k,4k)")
     p.add_argument("--tiny", action="store_true", help="gpu: a tiny fp32 model on the CPU (what CI runs)")
     p.add_argument("--ckpt", action="append", default=None, help="recommend: a run directory (repeat to compare)")
     p.add_argument("--users", type=int, default=200, help="recommend: timed requests per run (after 10 warm-up)")

@@ -55,6 +55,7 @@ from m6rec.bench.common import (
     synthetic_batch,
 )
 from m6rec.bench.overhead import bench_overhead
+from m6rec.config import ConfigError
 from m6rec.model import build_model
 from m6rec.model.args import ModelArgs
 from m6rec.model.batch import Batch
@@ -70,6 +71,8 @@ def bench_train(cfg: Any, args: Any) -> dict[str, Any]:
     """Every part: ZeRO scaling at 1 and 2 ranks, the checkpoint cost and the engine overhead
     (``--only`` picks one, ``--quick`` shortens them)."""
     only, quick = getattr(args, "only", None), getattr(args, "quick", False)
+    if only not in (None, "scaling", "overhead", "checkpoint"):
+        raise ConfigError(f"bench train --only: {only!r}; allowed: scaling, overhead, checkpoint")
     out: dict[str, Any] = {"bench": "train"}
     if only in (None, "scaling"):
         out.update(bench_scaling(cfg, args))

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from m6rec.model.masks import AttentionMask
 
-
 #: keys of loader and collator dicts that are not the model's: the samples of each row (logs, traces),
 #: the stream's padding flag and counters, a prompt collator's prompt lengths
 NOT_THE_MODELS = frozenset({"sample_keys", "is_padding", "stream_stats", "lengths"})
