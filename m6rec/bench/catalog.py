@@ -101,6 +101,7 @@ def _cell(rank: int, world: int, port: int, spec: dict, out: str) -> None:
               "params": sum(p.numel() for p in model.parameters()), **serve,
               "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
 
 
 def _train(spec: dict, world: int = 1, rank: int = 0):
@@ -245,6 +246,8 @@ def _zero_rank(rank: int, world: int, port: int, spec: dict, out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps({"peak_mb": peaks, "step_ms": round(1000 * statistics.median(times), 1),
                                          "final_loss": round(loss, 3)}))
+    dist.barrier()
+    dist.destroy_process_group()  # a rank that exits with its group open can abort the other (gloo)
 
 
 def zero_memory(base: dict, sizes: list[int], stages: tuple[int, ...]) -> list[dict]:
