@@ -240,6 +240,10 @@ class TrainConfig:
     popularity_alpha: float = 0.75
     in_batch_negatives: bool = False
     mask_history_negatives: bool = False
+    # item tokens with the sampled loss: the token table's gradient as the rows a step read, and those rows
+    # updated by a lazy row-wise Adam (m6rec/train/item_rows.py) -- a step's cost then follows the rows,
+    # not the catalog.  null: on where it can be (ZeRO 0-2, fp32 or bf16, tied embeddings), else off.
+    sparse_item_rows: Optional[bool] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -470,6 +474,19 @@ def parse_overrides(args: list[str]) -> dict:
     return tree
 
 
+def sparse_rows_obstacle(cfg: Config) -> Optional[str]:
+    """Why ``train.sparse_item_rows`` cannot be on for ``cfg`` (None: it can)."""
+    if cfg.train.item_loss != "sampled" or cfg.data.text.item_repr not in ("token", "both"):
+        return "it applies to item tokens (data.text.item_repr token or both) with train.item_loss sampled"
+    if cfg.deepspeed.zero_stage == 3:
+        return "ZeRO 3 partitions the table across ranks (deepspeed.zero_stage 3)"
+    if cfg.train.precision == "fp16":
+        return "fp16's loss scale would reach the rows unscaled (train.precision fp16; use bf16)"
+    if not cfg.model.tie_embeddings:
+        return "the rows are the tied token table's (model.tie_embeddings false)"
+    return None
+
+
 def _check(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     d = cfg.data
@@ -536,6 +553,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.item_negatives': bad value {t.item_negatives!r}; allowed: >= 1")
     if t.popularity_alpha < 0:
         raise ConfigError(f"config key 'train.popularity_alpha': bad value {t.popularity_alpha!r}; allowed: >= 0")
+    if t.sparse_item_rows:
+        why = sparse_rows_obstacle(cfg)
+        if why:
+            raise ConfigError(f"config key 'train.sparse_item_rows': true, but {why}; set it to null or false")
     if t.item_loss == "sampled" and d.text.item_repr == "text":
         raise ConfigError("config key 'train.item_loss': 'sampled' needs items that are rows to sample (item_repr "
                           "token, both, vector or vector_token); with item_repr text an item is its title's words")

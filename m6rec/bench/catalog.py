@@ -35,7 +35,10 @@ from m6rec.data.negatives import NegativeSampler
 from m6rec.model.args import ModelArgs
 from m6rec.model.batch import Batch
 from m6rec.model.transformer import IGNORE_INDEX, M6Transformer
+from m6rec.rec.evaluate import top_k_excluding
+from m6rec.rec.generative import CatalogScorer
 from m6rec.train.distributed import free_port
+from m6rec.train.item_rows import RowAdam, detach_table
 from m6rec.train.step import build_engine
 
 TEXT_VOCAB = 300  # a byte BPE's worth of non-item tokens (the Beauty preset's vocabulary before its items)
@@ -125,7 +128,12 @@ def _train(spec: dict, world: int = 1, rank: int = 0):
                                       "text": {"item_repr": "token" if tokens else "vector"}},
                              "train": {"item_loss": spec["loss"], "item_negatives": spec["negatives"], "lr": 1e-3,
                                        "grad_clip": 1.0, "wandb": {"mode": "disabled"}}})
+    sparse = tokens and spec["loss"] == "sampled" and spec.get("sparse_rows", True) and spec.get("stage", 0) < 3
+    if sparse:
+        detach_table(model)
     _, _, step, _ = build_engine(cfg, model, world, torch.device("cpu"))
+    if sparse:
+        step.rows = RowAdam(model.tok_embeddings.weight, model.row_grads, clip=1.0)
     if spec["loss"] == "sampled":
         if tokens:
             model.set_item_tokens(TEXT_VOCAB)
@@ -145,28 +153,31 @@ def _train(spec: dict, world: int = 1, rank: int = 0):
 
 @torch.no_grad()
 def _serve(model: M6Transformer, spec: dict, tokens: bool) -> dict:
-    """Median latency of one exact top-10 request on one thread: a ``history``-item history's
-    forward, the last position's score for every catalog item, ``topk``.  The catalog's output
-    embeddings are computed once beforehand (``catalog_ms``), as a server does at load."""
+    """Median latency of one exact top-10 request on one thread, as ``m6rec recommend`` serves it
+    (:class:`CatalogScorer`, :func:`top_k_excluding`): a ``history``-item history's forward, the last
+    position's log-probability for every catalog item, the top 10 outside the history.  The
+    catalog's output embeddings are computed once beforehand (``catalog_ms``), as a server does at
+    load.  One thread: torch's, and OpenBLAS's (``OPENBLAS_NUM_THREADS=1``, set for the cell)."""
     torch.set_num_threads(1)
     model.eval()
     t0 = time.perf_counter()
-    catalog = model.head_weight[TEXT_VOCAB:] if tokens else model.catalog_embeddings()
+    scorer = CatalogScorer(model.head_weight[TEXT_VOCAB:] if tokens else model.catalog_embeddings())
     catalog_ms = 1000 * (time.perf_counter() - t0)
     rng = np.random.default_rng(1)
     H, n, ms = spec["history"], spec["items"], []
+    ids = np.arange(n)
     for r in range(spec["requests"] + 3):
         items = torch.from_numpy(rng.integers(0, n, (1, H)))
         if tokens:
-            batch = dict(input_ids=items + TEXT_VOCAB)
+            batch = Batch(input_ids=items + TEXT_VOCAB)
         else:
-            batch = dict(input_ids=torch.full((1, H), VECTOR_SLOT), item_catalog_rows=items[0],
-                         item_positions=torch.stack([torch.zeros(H, dtype=torch.long), torch.arange(H)], 1))
+            batch = Batch(input_ids=torch.full((1, H), VECTOR_SLOT), item_catalog_rows=items[0],
+                          item_positions=torch.stack([torch.zeros(H, dtype=torch.long), torch.arange(H)], 1))
         t = time.perf_counter()
-        h = model.hidden_states(Batch(**batch))[0, -1]
-        top = torch.topk(catalog @ h, 10).indices
+        h = model.hidden_states(batch)[:, -1]
+        top = top_k_excluding(scorer.log_probs(h)[0], ids, set(items[0].tolist()), 10)
         elapsed = 1000 * (time.perf_counter() - t)
-        assert top.numel() == 10
+        assert len(top) == 10
         if r >= 3:
             ms.append(elapsed)
     return {"serve_ms": round(statistics.median(ms), 2), "catalog_ms": round(catalog_ms, 1)}
@@ -197,6 +208,7 @@ def bench_catalog(cfg: Any, args: Any) -> dict[str, Any]:
         raise ConfigError(f"bench catalog --only: {only!r}; allowed: cells, zero")
     zero = [] if only == "cells" else zero_memory(base, [1_000, 4_000] if quick else [10_000, 1_000_000],
                                                    (3,) if quick else (0, 2, 3))
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # the cells' numpy (the serving product) on one thread
     cells: list[dict] = []
     for repr_, loss in CELLS if only != "zero" else []:
         done: list[dict] = []

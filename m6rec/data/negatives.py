@@ -11,8 +11,9 @@ items' share of the training interactions, ``B``: the batch's item labels): subt
 from the logits makes the sampled softmax an estimate of the full one (Bengio & Senecal;
 TensorFlow's ``sampled_softmax_loss``; Yi et al. 2019 for retrieval).
 
-The draw is seeded by ``(train.seed, step, rank, micro-batch)``: a resumed run draws the same
-negatives, and ranks draw different ones.  Nothing here is catalog-sized per step: the
+The draw is seeded by ``train.seed``, the step and the micro-batch's index among all ranks': a
+resumed run draws the same negatives, ranks draw different ones, and 2 ranks draw what 1 rank
+with twice the gradient accumulation draws.  Nothing here is catalog-sized per step: the
 tables are built once (``8`` bytes per item each), a draw is ``N`` integers.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ class NegativeSampler:
 
     def __init__(self, items: np.ndarray, counts: np.ndarray, negatives: int, sampler: str = "uniform",
                  alpha: float = 1.0, in_batch: bool = False, mask_history: bool = False,
-                 token_start: Optional[int] = None, seed: int = 0, rank: int = 0):
+                 token_start: Optional[int] = None, seed: int = 0, rank: int = 0, grad_accum: int = 1):
         items, counts = np.asarray(items, np.int64), np.asarray(counts, np.float64)
         if negatives < 1:
             raise ConfigError(f"config key 'train.item_negatives': bad value {negatives!r}; allowed: >= 1")
@@ -52,7 +53,7 @@ class NegativeSampler:
                               f"{len(items)} items that train; allowed: 1 .. {len(items)}")
         self.items, self.negatives, self.sampler = items, negatives, sampler
         self.in_batch, self.mask_history, self.token_start = in_batch, mask_history, token_start
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.grad_accum = seed, rank, grad_accum
         if sampler == "uniform":
             q = np.full(len(items), 1.0 / len(items))
             self.cdf = None
@@ -74,8 +75,10 @@ class NegativeSampler:
             self.p_of[items] = counts / counts.sum()
 
     def draw(self, step: int, micro: int = 0) -> np.ndarray:
-        """The ``train.item_negatives`` items of micro-batch ``micro`` of step ``step`` on this rank."""
-        rng = np.random.default_rng([self.seed, step, self.rank, micro])
+        """The ``train.item_negatives`` items of micro-batch ``micro`` of step ``step`` on this rank.
+        Seeded by the step and the micro-batch's index among all ranks' (``rank * grad_accum + micro``):
+        2 ranks draw what 1 rank with twice the accumulation draws."""
+        rng = np.random.default_rng([self.seed, step, self.rank * self.grad_accum + micro])
         if self.cdf is None:
             idx = rng.integers(0, len(self.items), self.negatives)
         else:
@@ -180,7 +183,7 @@ def sampler_for(cfg: Config, model, rank: int = 0) -> NegativeSampler:
     else:
         names = np.arange(len(item_ids), dtype=np.int64)
     sampler = NegativeSampler(names[keep], counts[keep], t.item_negatives, t.negative_sampler, t.popularity_alpha,
-                              t.in_batch_negatives, t.mask_history_negatives, token_start, t.seed, rank)
+                              t.in_batch_negatives, t.mask_history_negatives, token_start, t.seed, rank, t.grad_accum)
     if rank == 0:
         log.info("sampled item loss: %d %s negatives per micro-batch from %d items%s%s", t.item_negatives,
                  t.negative_sampler, len(sampler.items), " + the batch's targets" if t.in_batch_negatives else "",

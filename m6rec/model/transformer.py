@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from m6rec.model.args import ModelArgs
 from m6rec.model.batch import Batch
+from m6rec.model.item_projection import ItemProjection
 from m6rec.model.loss import linear_cross_entropy, sampled_softmax_loss
 from m6rec.model.masks import (
     AttentionMask,
@@ -41,6 +42,7 @@ from m6rec.model.masks import (
     bidirectional_region,
     build_attention_mask,
 )
+from m6rec.model.rows import RowGradients
 
 if TYPE_CHECKING:
     from m6rec.model.decode import LayerKV
@@ -165,53 +167,6 @@ class PatchEmbed(nn.Module):
         return self.proj(patches.to(self.proj.weight.dtype) * 2 - 1) + pos
 
 
-class ItemProjection(nn.Module):
-    """Cached item text vectors ``[N, d_v]`` (unit norm, from a frozen sentence encoder) into the
-    model's width: the item's input embedding at its slot and its output embedding in the catalog
-    softmax (tied, as token embeddings are).  The only item parameters of the vector mode: they act
-    on text vectors, never on item ids, so any catalog's vectors go through them."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        dv, d = args.item_vector_dim, args.dim
-        self.kind = args.item_proj
-        if self.kind == "mlp":
-            h = args.item_proj_hidden or 4 * d
-            self.w1 = nn.Linear(dv, h, bias=True)
-            # deeper: residual hidden layers, each h -> h (pre-norm, so depth does not change the scale)
-            self.hidden = nn.ModuleList(nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h, bias=True))
-                                        for _ in range(max(0, args.item_proj_layers - 1)))
-            self.w2 = nn.Linear(h, d, bias=False)
-        else:
-            self.w1 = nn.Linear(dv, d, bias=False)
-            self.hidden = nn.ModuleList()
-            self.w2 = None
-
-    def reset_parameters(self, init_std: float) -> None:
-        # unit-norm inputs: pre-activations of std ~1, outputs at the token embeddings' scale
-        if self.w2 is None:
-            nn.init.normal_(self.w1.weight, std=init_std)
-            return
-        nn.init.normal_(self.w1.weight, std=1.0)
-        nn.init.zeros_(self.w1.bias)
-        h = self.w2.in_features
-        for block in self.hidden:
-            block[0].reset_parameters()
-            # each residual layer starts small: the stack begins as the one-hidden-layer MLP
-            nn.init.normal_(block[1].weight, std=0.1 / math.sqrt(h))
-            nn.init.zeros_(block[1].bias)
-        nn.init.normal_(self.w2.weight, std=init_std / math.sqrt(0.425 * h))  # E[gelu(z)^2]
-
-    def forward(self, v: Tensor) -> Tensor:
-        v = v.to(self.w1.weight.dtype)
-        if self.w2 is None:
-            return self.w1(v)
-        x = self.w1(v)
-        for block in self.hidden:
-            x = x + block(F.gelu(x))
-        return self.w2(F.gelu(x))
-
-
 # ---------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------
@@ -234,6 +189,8 @@ class M6Transformer(nn.Module):
         # item tokens as items of their own loss (train.item_loss sampled, item_repr token/both):
         # the first item token; the item tokens are the vocabulary's last rows (set_item_tokens)
         self.item_token_start: Optional[int] = None
+        # the token table's gradient as rows (train.sparse_item_rows; m6rec/model/rows.py), else None
+        self.row_grads: Optional[RowGradients] = None
         self.init_weights()
 
     # --- initialisation -----------------------------------------------------
@@ -320,7 +277,7 @@ class M6Transformer(nn.Module):
         """vector_token: the item-token embeddings of ``token_ids`` (-1: none) added to ``e``."""
         if not self.item_token_ids.numel():
             return e
-        return e + self.tok_embeddings(token_ids.clamp(min=0)).to(e.dtype) * (token_ids >= 0)[:, None].to(e.dtype)
+        return e + self.table_rows(token_ids.clamp(min=0)).to(e.dtype) * (token_ids >= 0)[:, None].to(e.dtype)
 
     def item_embeddings(self, items: Tensor) -> Tensor:
         """Output embeddings ``[n, D]`` of ``items`` only: catalog rows in the vector modes (their text
@@ -329,7 +286,13 @@ class M6Transformer(nn.Module):
         if self.has_catalog:
             return self._with_item_tokens(self._project_rows(items), self.item_token_ids.index_select(0, items)
                                           if self.item_token_ids.numel() else self.item_token_ids)
-        return self.head_weight.index_select(0, items)
+        return self.table_rows(items) if self.output is None else self.output.weight.index_select(0, items)
+
+    def table_rows(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the token table, through :attr:`row_grads` when it collects their gradients."""
+        if self.row_grads is not None and torch.is_grad_enabled():
+            return self.row_grads.gather(self.tok_embeddings.weight, ids)
+        return self.tok_embeddings(ids)  # the module's call: ZeRO 3 gathers the table in its hook
 
     def _project_rows(self, rows: Optional[Tensor]) -> Tensor:
         """Projected text vectors of catalog ``rows`` (all when None)."""
@@ -350,7 +313,7 @@ class M6Transformer(nn.Module):
         """Token embeddings with each image's patch embeddings written over its slot tokens, and each
         item vector slot's projected text vector added to its token's embedding (``slot_vectors``:
         those, already computed; by default the slots' rows are projected here)."""
-        x = self.tok_embeddings(batch.input_ids)
+        x = self.table_rows(batch.input_ids)
         image_patches, image_positions = batch.image_patches, batch.image_positions
         item_positions, item_catalog_rows = batch.item_positions, batch.item_catalog_rows
         if item_positions is not None and item_positions.numel():
@@ -454,7 +417,8 @@ class M6Transformer(nn.Module):
                 ys = labels.flatten().index_select(0, label_index)
                 head = self.head_weight
                 if sampled and self.item_token_start is not None:
-                    head = head[:self.item_token_start]
+                    head = (self.table_rows(torch.arange(self.item_token_start, device=hs.device))
+                            if self.output is None else head[:self.item_token_start])
                 total = total + linear_cross_entropy(hs, head, ys, smoothing=smoothing)
             if n_items and sampled:
                 total = total + self._sampled_item_loss(flat.index_select(0, item_label_index), batch, item_targets,

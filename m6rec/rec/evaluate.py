@@ -93,8 +93,16 @@ class Recommender(Protocol):
 
 
 def top_k_excluding(scores: np.ndarray, catalog: np.ndarray, exclude: set, k: int) -> list[str]:
-    """Top-k catalog items by score, skipping ``exclude`` (ties broken by catalog order)."""
-    order = np.argsort(-scores, kind="stable")
+    """Top-k catalog items by score, skipping ``exclude`` (ties broken by catalog order).  Only the
+    items scoring at least the ``k + len(exclude)``-th best are sorted (every tie with it included):
+    the same answer as a sort of the whole catalog, in time linear in the catalog."""
+    m = k + len(exclude)
+    if m < len(scores):
+        threshold = np.partition(scores, len(scores) - m)[len(scores) - m]  # the m-th best score
+        candidates = np.flatnonzero(scores >= threshold)
+        order = candidates[np.argsort(-scores[candidates], kind="stable")]
+    else:
+        order = np.argsort(-scores, kind="stable")
     out = []
     for idx in order:
         item = catalog[idx]

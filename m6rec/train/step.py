@@ -97,6 +97,7 @@ class TrainStep:
     def __init__(self, engine, optimizer, cfg: Config, device: torch.device, clips: bool):
         self.engine, self.optimizer, self.device = engine, optimizer, device
         self.negatives = None  # the sampled item loss's NegativeSampler (the trainer sets it)
+        self.rows = None  # the token table's RowAdam (train.sparse_item_rows; the trainer sets it)
         self.accum = cfg.train.grad_accum
         self.on_device = isinstance(optimizer, StepOnDevice)
         if self.on_device:
@@ -153,6 +154,8 @@ class TrainStep:
         else:
             self.optimizer.skip_update = not bool(vector[0].isfinite())  # a host read: see the class docstring
         self.engine.step()  # the boundary: clip + optimizer step (skipped if non-finite)
+        if self.rows is not None:
+            self.rows.step(lr, torch.isfinite(vector[0]))
         self.optimizer.skip_update = False
         if self.on_device:
             self.optimizer.shared_loss = None

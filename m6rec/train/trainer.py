@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from m6rec.config import Config, ConfigError, save_config, to_dict
+from m6rec.config import Config, ConfigError, save_config, sparse_rows_obstacle, to_dict
 from m6rec.data.infill import infill_documents
 from m6rec.data.loader import StreamLoader
 from m6rec.data.negatives import sampler_for
@@ -57,6 +57,7 @@ from m6rec.model.info import flops_per_token
 from m6rec.train import checkpoint as ckpt
 from m6rec.train.distributed import init_distributed
 from m6rec.train.ds_config import deepspeed_config, effective_zero_stage
+from m6rec.train.item_rows import RowAdam, detach_table
 from m6rec.train.metrics import MetricsLogger, StepTimer, memory_stats, progress
 from m6rec.train.optim import lr_at
 from m6rec.train.peak import peak_flops
@@ -174,9 +175,15 @@ class Trainer:
         if plan is not None:
             convert_for_resume(plan, self.ckpt_dir, self.rank)
         negatives = sampler_for(cfg, model, self.rank) if cfg.train.item_loss == "sampled" else None
+        sparse_rows = negatives is not None and sparse_rows_obstacle(cfg) is None \
+            and cfg.train.sparse_item_rows is not False
+        if sparse_rows:
+            detach_table(model)  # before the engine: the table is then not one of its parameters
         self.engine, self.optimizer, self.train_step, ds_config = build_engine(
             cfg, model, self.world, self.device, load_universal=plan is not None and plan["mode"] == "universal")
         self.train_step.negatives = negatives
+        if sparse_rows:
+            self.train_step.rows = RowAdam(model.tok_embeddings.weight, model.row_grads, clip=cfg.train.grad_clip)
         if self.rank == 0:
             (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
         self.train_loader = StreamLoader.from_config(cfg.data, "train", train=True, rank=self.rank,
@@ -188,6 +195,8 @@ class Trainer:
         cleanup.callback(self.train_loader.close)
         cleanup.callback(lambda: self.batches.close())  # the current epoch's (rebound per epoch)
         client = load_resume(self.engine, self.optimizer, self.ckpt_dir, plan, self.train_loader)
+        if self.train_step.rows is not None and "item_rows" in client:
+            self.train_step.rows.load_state_dict(client["item_rows"])
         self.stage = effective_zero_stage(cfg, self.world)
         self.selector = None  # train.select_by: the validation ranking metric and the best tag
         if cfg.train.select_by:
@@ -339,6 +348,8 @@ class Trainer:
         s = self.state
         client = {"step": s.step, "tokens_seen": s.tokens_seen, "stream": self.train_loader.state_dict(),
                   "nonfinite_steps": s.nonfinite_total, "reason": reason, "world_size": self.world}
+        if self.train_step.rows is not None:
+            client["item_rows"] = self.train_step.rows.state_dict()
         with self.timer.paused():
             tag = ckpt.save(self.engine, self.ckpt_dir, s.step, client, {"rng": ckpt.rng_state()},
                             self.cfg.train.keep_last, self.meta,

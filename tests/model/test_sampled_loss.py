@@ -245,3 +245,29 @@ def test_vector_token_sampled_loss_adds_the_item_token_rows():
         everything = model(batch.replace(item_candidates=torch.arange(300))).loss
         torch.testing.assert_close(model.item_embeddings(torch.arange(300)), model.catalog_embeddings())
     torch.testing.assert_close(everything, full, rtol=1e-5, atol=1e-6)
+
+
+def test_row_gradients_equal_the_dense_gradient_rows_and_leave_no_table_gradient():
+    """model.row_grads: the token table's gradient comes back as (rows, values) -- the same numbers as
+    autograd's dense gradient at those rows, zero elsewhere -- and the table gets no .grad at all."""
+    from m6rec.model.rows import RowGradients
+
+    dense, rows = _model(), _model()
+    rows.load_state_dict(dense.state_dict())
+    for m in (dense, rows):
+        m.set_item_tokens(TEXT_VOCAB)
+    rows.row_grads = RowGradients()
+    rows.tok_embeddings.weight.requires_grad_(False)
+    batch = dense.label_positions(_item_batch(item_labels_only=False))
+    batch = batch.replace(item_candidates=torch.tensor([TEXT_VOCAB + 1, TEXT_VOCAB + 9, TEXT_VOCAB + 100]))
+    dense(batch).loss.backward()
+    rows(batch).loss.backward()
+    assert rows.tok_embeddings.weight.grad is None
+    ids, values = rows.row_grads.take()
+    full = torch.zeros_like(dense.tok_embeddings.weight)
+    full[ids] = values
+    torch.testing.assert_close(full, dense.tok_embeddings.weight.grad, rtol=1e-5, atol=1e-8)
+    assert ids.numel() < TEXT_VOCAB + N_ITEMS and not rows.row_grads.rows  # taken: the collector is empty
+    for (name, a), b in zip(dense.named_parameters(), rows.parameters()):
+        if name != "tok_embeddings.weight":
+            torch.testing.assert_close(b.grad, a.grad, msg=name)

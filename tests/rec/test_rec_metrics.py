@@ -40,3 +40,22 @@ def test_auc_and_logloss_by_hand():
     assert M.auc([1, 0], [0.3, 0.3]) == pytest.approx(0.5)  # a tie counts one half
     assert math.isnan(M.auc([1, 1], [0.2, 0.3]))
     assert M.log_loss([1, 0], [0.8, 0.4]) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
+
+
+def test_top_k_excluding_equals_a_full_stable_sort_ties_and_exclusions_included():
+    """The partition-then-sort top k returns what sorting the whole catalog returns -- ties broken by
+    catalog order, excluded items skipped -- on scores full of ties."""
+    import numpy as np
+
+    from m6rec.rec.evaluate import top_k_excluding
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(5, 300))
+        scores = rng.integers(0, 6, n).astype(np.float32)  # few distinct values: many ties
+        catalog = np.array([f"i{j}" for j in range(n)], dtype=object)
+        exclude = set(rng.choice(catalog, int(rng.integers(0, min(n, 20))), replace=False).tolist())
+        k = int(rng.integers(1, 15))
+        order = np.argsort(-scores, kind="stable")
+        expected = [catalog[j] for j in order if catalog[j] not in exclude][:k]
+        assert top_k_excluding(scores, catalog, exclude, k) == expected, trial

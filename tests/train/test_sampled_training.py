@@ -60,3 +60,64 @@ def test_sampled_loss_config_errors_name_the_key():
         load_config(None, ["--train.item_loss", "sampled", "--data.text.item_repr", "text"])
     with pytest.raises(ConfigError, match="train.popularity_alpha"):
         load_config(None, ["--train.popularity_alpha", "-1"])
+
+
+def test_row_adam_first_step_is_adamw_and_later_steps_move_only_the_rows_read():
+    """RowAdam against torch's AdamW on the same gradients: step 1 is the same update on every row
+    (rows never read have zero moments either way); after it a row that is not read stays put,
+    where dense AdamW keeps moving it on momentum."""
+    import torch
+
+    from m6rec.model.rows import RowGradients
+    from m6rec.train.item_rows import RowAdam
+
+    torch.manual_seed(0)
+    w_dense = torch.nn.Parameter(torch.randn(50, 4))
+    w_rows = torch.nn.Parameter(w_dense.detach().clone(), requires_grad=False)
+    sink = RowGradients()
+    opt = torch.optim.AdamW([w_dense], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    rows = RowAdam(w_rows, sink)
+    for step, read in enumerate([torch.tensor([1, 3, 3, 7]), torch.tensor([3, 20])]):
+        g = torch.randn(len(read), 4)
+        dense_grad = torch.zeros(50, 4).index_add_(0, read, g)
+        w_dense.grad = dense_grad
+        opt.step()
+        sink.rows.append(read)
+        sink.values.append(g)
+        rows.step(0.01)
+        if step == 0:
+            torch.testing.assert_close(w_rows.data, w_dense.data)
+    assert rows.last_rows == 2
+    assert torch.equal(w_rows.data[7], rows.table[7]) and not torch.allclose(w_dense.data[7], w_rows.data[7])
+    assert rows.steps.tolist()[:8] == [0, 1, 0, 2, 0, 0, 0, 1]
+    # a non-finite loss somewhere: nothing moves
+    before = w_rows.data.clone()
+    sink.rows.append(torch.tensor([5]))
+    sink.values.append(torch.ones(1, 4))
+    rows.step(0.01, torch.tensor(False))
+    assert torch.equal(w_rows.data, before) and rows.steps[5] == 0
+
+
+def test_sparse_rows_resume_draws_and_updates_as_the_uninterrupted_run(shop, monkeypatch):
+    """train.sparse_item_rows (on by default here): the table is not an engine parameter, its rows'
+    Adam state rides in the checkpoint, and a run resumed at step 3 repeats steps 4-6 exactly."""
+    _, straight = _train(shop, "rows_straight", *SAMPLED, "--train.save_every", "3")
+    tmp, root = shop
+    cfg = generic_cfg(root, tmp / "ds", "--data.text.item_repr", "token", "--data.text.images", "false", *MODEL,
+                      "--train.run_dir", str(tmp / "rows_resumed"), "--deepspeed.zero_stage", "0",
+                      "--train.wandb.mode", "disabled", "--train.log_every", "1", *SAMPLED, "--train.save_every", "3")
+    monkeypatch.setenv("M6REC_FAULT", "stop_at@3")  # stops after step 3 as a STOP file would, with a checkpoint
+    assert train(cfg)["step"] == 3
+    monkeypatch.delenv("M6REC_FAULT")
+    train(cfg, resume="auto")
+    resumed = [r for r in jsonl(tmp / "rows_resumed") if "loss" in r]
+    assert [r["step"] for r in resumed][-3:] == [4, 5, 6]
+    assert [r["loss"] for r in resumed][-3:] == [r["loss"] for r in straight][-3:]
+
+
+def test_sparse_rows_refused_where_they_cannot_work():
+    with pytest.raises(ConfigError, match="train.sparse_item_rows.*ZeRO 3"):
+        load_config(None, ["--train.sparse_item_rows", "true", "--train.item_loss", "sampled",
+                           "--data.text.item_repr", "token", "--deepspeed.zero_stage", "3"])
+    with pytest.raises(ConfigError, match="train.sparse_item_rows.*item tokens"):
+        load_config(None, ["--train.sparse_item_rows", "true", "--data.text.item_repr", "token"])
