@@ -68,6 +68,9 @@ class Trace:
         out = {}
         for name, p in engine.module.named_parameters():
             shape = getattr(p, "ds_shape", p.shape)
+            if not p.requires_grad:  # not the engine's to step (train.sparse_item_rows: the token table)
+                out[f"fp32/{name}"] = p.detach().float().cpu().reshape(shape).clone()
+                continue
             if zero:
                 got = {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
                        "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}

@@ -121,3 +121,42 @@ def test_sparse_rows_refused_where_they_cannot_work():
                            "--data.text.item_repr", "token", "--deepspeed.zero_stage", "3"])
     with pytest.raises(ConfigError, match="train.sparse_item_rows.*item tokens"):
         load_config(None, ["--train.sparse_item_rows", "true", "--data.text.item_repr", "token"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sparse_rows_on_two_ranks_at_zero_2_match_one_rank_with_accumulation(shop):
+    """2 real DeepSpeed ranks (ZeRO 2, one micro-batch each) against 1 rank with 2 accumulated
+    micro-batches: the same samples, the same negatives (drawn by global micro-batch), and the rows'
+    gradients all-gathered and averaged -- so the same losses, step after step, and the same table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from helpers.generic_data import generic_args
+    from helpers.runs import free_port, rank_env, read_trace
+
+    tmp, root = shop
+    bin_dir = Path(sys.executable).parent
+    common = [*generic_args(root, tmp / "ds", "--data.text.item_repr", "token", "--data.text.images", "false"),
+              *MODEL, *SAMPLED, "--train.wandb.mode", "disabled", "--train.log_every", "1", "--train.save_every", "6"]
+    env = rank_env(tmp)
+    runs = {"one": ([sys.executable, "launch/train.py"], ["--data.stream.num_workers", "2", "--train.grad_accum", "2"]),
+            "two": ([str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                     "launch/train.py"], ["--data.stream.num_workers", "1", "--deepspeed.zero_stage", "2"])}
+    repo = Path(__file__).resolve().parents[2]
+    for name, (launcher, extra) in runs.items():
+        proc = subprocess.run([*launcher, *common, *extra, "--train.run_dir", str(tmp / f"ranks_{name}")], cwd=repo,
+                              env=env, capture_output=True, text=True, timeout=500)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = read_trace(tmp / "ranks_one"), read_trace(tmp / "ranks_two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        la, lb = float.fromhex(a["loss"]), float.fromhex(b["loss"])
+        assert abs(la - lb) < 2e-5 * abs(la), (a["step"], la, lb)
+    from m6rec.train.run_dir import load_run
+
+    w_one = load_run(tmp / "ranks_one").model.tok_embeddings.weight
+    w_two = load_run(tmp / "ranks_two").model.tok_embeddings.weight
+    torch.testing.assert_close(w_two, w_one, rtol=1e-4, atol=1e-6)
