@@ -30,7 +30,8 @@ class RowAdam:
                  clip: float = 0.0):
         self.weight, self.sink = weight, sink
         self.betas, self.eps, self.clip = betas, eps, clip
-        self.table = weight.detach().float().clone()  # fp32 master rows (the weight may be bf16 in the engine)
+        # the fp32 rows updated: the table itself in fp32, an fp32 master copy of a bf16 table
+        self.table = weight.data if weight.dtype == torch.float32 else weight.detach().float().clone()
         self.m = torch.zeros_like(self.table)
         self.v = torch.zeros_like(self.table)
         self.steps = torch.zeros(self.table.shape[0], dtype=torch.int32, device=self.table.device)
@@ -85,7 +86,8 @@ class RowAdam:
         self.steps.index_add_(0, rows, ok.int().expand(rows.numel()))
         new = torch.where(ok, new, old)
         self.table.index_copy_(0, rows, new)
-        self.weight.data.index_copy_(0, rows, new.to(self.weight.dtype))
+        if self.table.data_ptr() != self.weight.data_ptr():  # a master copy: write the rows back
+            self.weight.data.index_copy_(0, rows, new.to(self.weight.dtype))
 
     def state_dict(self) -> dict:
         return {"table": self.table, "m": self.m, "v": self.v, "steps": self.steps}
@@ -96,7 +98,8 @@ class RowAdam:
                              f"{tuple(self.table.shape)}")
         for name in ("table", "m", "v", "steps"):
             getattr(self, name).copy_(state[name])
-        self.weight.data.copy_(self.table.to(self.weight.dtype))
+        if self.table.data_ptr() != self.weight.data_ptr():  # a master copy: write the rows back
+            self.weight.data.copy_(self.table.to(self.weight.dtype))
 
 
 def detach_table(model) -> RowGradients:

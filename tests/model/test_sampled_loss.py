@@ -243,7 +243,9 @@ def test_vector_token_sampled_loss_adds_the_item_token_rows():
     with torch.no_grad():
         full = model(batch).loss
         everything = model(batch.replace(item_candidates=torch.arange(300))).loss
-        torch.testing.assert_close(model.item_embeddings(torch.arange(300)), model.catalog_embeddings())
+        served = model.catalog_embeddings()  # no grad: projected in blocks
+        torch.testing.assert_close(model.item_embeddings(torch.arange(300)), served)
+    torch.testing.assert_close(served, model.catalog_embeddings().detach())  # in training: in one piece
     torch.testing.assert_close(everything, full, rtol=1e-5, atol=1e-6)
 
 

@@ -160,3 +160,21 @@ def test_sparse_rows_on_two_ranks_at_zero_2_match_one_rank_with_accumulation(sho
     w_one = load_run(tmp / "ranks_one").model.tok_embeddings.weight
     w_two = load_run(tmp / "ranks_two").model.tok_embeddings.weight
     torch.testing.assert_close(w_two, w_one, rtol=1e-4, atol=1e-6)
+
+
+def test_row_adam_keeps_fp32_master_rows_for_a_bf16_table():
+    import torch
+
+    from m6rec.model.rows import RowGradients
+    from m6rec.train.item_rows import RowAdam
+
+    w = torch.nn.Parameter(torch.randn(10, 4).bfloat16(), requires_grad=False)
+    sink = RowGradients()
+    rows = RowAdam(w, sink)
+    for _ in range(3):  # updates far below bf16's resolution add up in the fp32 rows
+        sink.rows.append(torch.tensor([2]))
+        sink.values.append(torch.ones(1, 4))
+        rows.step(1e-4)
+    assert rows.table.dtype == torch.float32 and rows.table.data_ptr() != w.data_ptr()
+    torch.testing.assert_close(w.data[2], rows.table[2].bfloat16())
+    assert torch.equal(w.data[3], rows.table[3].bfloat16())
