@@ -231,14 +231,16 @@ class TrainConfig:
     # full: each item label scores the whole catalog -- exact, and its cost grows with the catalog.
     # sampled: it scores its target against item_negatives items drawn per micro-batch and shared by the
     # batch (uniform, or popularity^popularity_alpha), with the logQ correction and the target masked
-    # where it was drawn; only those items' rows are read.  in_batch_negatives: the batch's own targets
-    # join them; mask_history_negatives: a candidate in the user's own history is not a negative.
+    # where it was drawn; only those items' rows are read.  in_batch_negatives: the micro-batch's own
+    # targets join them (on ml-1m at 500 steps: validation HR@10 0.177 with them, 0.046 without; it costs
+    # labels x (negatives + labels) logits); mask_history_negatives: a candidate in the user's own
+    # history is not a negative.
     # Validation loss, evaluation and m6rec recommend always score the whole catalog.
     item_loss: Literal["full", "sampled"] = "full"
     item_negatives: int = 256
     negative_sampler: Literal["uniform", "popularity"] = "uniform"
     popularity_alpha: float = 0.75
-    in_batch_negatives: bool = False
+    in_batch_negatives: bool = True
     mask_history_negatives: bool = False
     # item tokens with the sampled loss: the token table's gradient as the rows a step read, and those rows
     # updated by a lazy row-wise Adam (m6rec/train/item_rows.py) -- a step's cost then follows the rows,

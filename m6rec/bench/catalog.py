@@ -138,7 +138,8 @@ def _train(spec: dict, world: int = 1, rank: int = 0):
         if tokens:
             model.set_item_tokens(TEXT_VOCAB)
         names = np.arange(n) + (TEXT_VOCAB if tokens else 0)
-        step.negatives = NegativeSampler(names, np.ones(n), spec["negatives"], seed=0, rank=rank)
+        step.negatives = NegativeSampler(names, np.ones(n), spec["negatives"], in_batch=spec["in_batch"], seed=0,
+                                         rank=rank)
     rng = np.random.default_rng(rank)
     batches = [_batch(spec, rng) for _ in range(2)]
     times = []
@@ -198,7 +199,7 @@ def bench_catalog(cfg: Any, args: Any) -> dict[str, Any]:
     quick = getattr(args, "quick", False)
     sizes = parse_sizes(getattr(args, "sizes", None) or ("1k,4k" if quick else SIZES))
     base = dict(dim=64, layers=2, heads=2, vector_dim=64, seq_len=256 if not quick else 64, rows=4, history=50,
-                negatives=256 if not quick else 32, warmup=1 if quick else 2, steps=1 if quick else 5,
+                negatives=256 if not quick else 32, in_batch=False,  # the catalog's cost, not the batch's warmup=1 if quick else 2, steps=1 if quick else 5,
                 requests=3 if quick else 20, threads=torch.get_num_threads())
     print(f"bench catalog: dim {base['dim']}, {base['layers']} layers, {base['rows']} x {base['seq_len']} tokens "
           f"a step (every next item a label), {base['negatives']} sampled negatives, {base['vector_dim']}-wide "
