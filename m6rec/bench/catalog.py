@@ -199,7 +199,8 @@ def bench_catalog(cfg: Any, args: Any) -> dict[str, Any]:
     quick = getattr(args, "quick", False)
     sizes = parse_sizes(getattr(args, "sizes", None) or ("1k,4k" if quick else SIZES))
     base = dict(dim=64, layers=2, heads=2, vector_dim=64, seq_len=256 if not quick else 64, rows=4, history=50,
-                negatives=256 if not quick else 32, in_batch=False,  # the catalog's cost, not the batch's warmup=1 if quick else 2, steps=1 if quick else 5,
+                # no in-batch candidates: what the catalog costs, not what the batch costs
+                negatives=256 if not quick else 32, in_batch=False, warmup=1 if quick else 2, steps=1 if quick else 5,
                 requests=3 if quick else 20, threads=torch.get_num_threads())
     print(f"bench catalog: dim {base['dim']}, {base['layers']} layers, {base['rows']} x {base['seq_len']} tokens "
           f"a step (every next item a label), {base['negatives']} sampled negatives, {base['vector_dim']}-wide "
