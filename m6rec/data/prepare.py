@@ -470,6 +470,33 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+#: what clean() drops, by report key: (the report's counter, why, in words)
+DROPPED = (("duplicates_removed", "duplicate rows (same user, item, time, rating and event)"),
+           ("unknown_items_removed", "interactions whose item_id is not in the items file"),
+           ("below_min_rating_removed", "ratings below data.filters.min_rating"),
+           ("kcore_removed", "interactions outside the data.filters.kcore core"),
+           ("short_user_interactions_removed", "interactions of users below data.filters.min_user_interactions"))
+
+
+def skipped_summary(report: dict, examples: int = 3) -> list[str]:
+    """The console's account of what preparation left out (the whole list is prepare_report.json's):
+    malformed rows with their first ``file:line: reason``, the rows each cleaning rule dropped, the
+    images that failed to load."""
+    lines = []
+    n = report.get("malformed_rows", 0)
+    if n:
+        first = report.get("malformed_examples", [])[:examples]
+        lines.append(f"skipped {n:,} malformed row(s): " + "; ".join(first) + (" ..." if n > len(first) else ""))
+    for key, why in DROPPED:
+        if report.get(key):
+            lines.append(f"dropped {report[key]:,} {why}")
+    failed = report.get("images_failed") or []
+    if failed:
+        lines.append(f"left out {len(failed):,} image(s) that failed to load: "
+                     + "; ".join(str(f) for f in failed[:examples]) + (" ..." if len(failed) > examples else ""))
+    return lines
+
+
 def main(cfg, args) -> int:
     d = cfg.data
     if args.merge:
@@ -485,5 +512,9 @@ def main(cfg, args) -> int:
     else:
         m = prepare(d, args.workers or d.workers)
     print(summary(m))
+    report_path = Path(d.output) / "prepare_report.json"
+    if report_path.is_file():
+        for line in skipped_summary(json.loads(report_path.read_text())):
+            print(line)
     print(f"written to {d.output}")
     return 0

@@ -219,3 +219,28 @@ def test_real_small_sets(tmp_path, shared_data, name, users):
     _, samples = read_all(tmp_path / name)
     keys = Counter(json.loads(s["json"])["split"] for s in samples.values())
     assert keys["valid"] == keys["test"] == users
+
+
+def test_prepare_says_on_the_console_what_it_skipped(tmp_path, capsys):
+    """Four malformed rows planted in the interactions file, a duplicate row and the shop's broken
+    poster: `m6rec prepare` names them on the console (count, why, the first as file:line), not only
+    in prepare_report.json."""
+    import warnings
+
+    root = write_generic_logs(tmp_path / "logs")
+    path = root / "interactions.csv"
+    lines = path.read_text().splitlines()
+    lines += ["user.1,sku-2,not-a-time,4.0", "user.2,sku-3", "user.3,sku-4,1600000000,five", lines[1],
+              "user.4,,1600000000,3.0"]
+    path.write_text("\n".join(lines) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert cli_main(["prepare", *generic_args(root, tmp_path / "ds")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "ds" / "prepare_report.json").read_text())
+    n = report["malformed_rows"]
+    assert n == 4, report["malformed_examples"]
+    assert f"skipped {n:,} malformed row(s): {report['malformed_examples'][0]}" in out
+    assert "interactions.csv:" in out
+    assert f"dropped {report['duplicates_removed']:,} duplicate rows" in out and report["duplicates_removed"] >= 1
+    assert "left out 1 image(s) that failed to load" in out and "broken.jpg" in out
