@@ -210,31 +210,15 @@ def bench_catalog(cfg: Any, args: Any) -> dict[str, Any]:
         raise ConfigError(f"bench catalog --only: {only!r}; allowed: cells, zero")
     zero = [] if only == "cells" else zero_memory(base, [1_000, 4_000] if quick else [10_000, 1_000_000],
                                                    (3,) if quick else (0, 2, 3))
+    blas_threads = os.environ.get("OPENBLAS_NUM_THREADS")
     os.environ["OPENBLAS_NUM_THREADS"] = "1"  # the cells' numpy (the serving product) on one thread
-    cells: list[dict] = []
-    for repr_, loss in CELLS if only != "zero" else []:
-        done: list[dict] = []
-        for n in sizes:
-            row = {"repr": repr_, "loss": loss, "items": n}
-            need = _extrapolated_mb(done, n)
-            avail = _available_mb()
-            if need is not None and need > 0.9 * avail:
-                row["skipped"] = (f"needs ~{need / 1024:.1f} GiB (extrapolated from the {_label(done[-2]['items'])} "
-                                  f"and {_label(done[-1]['items'])} cells' peaks), {avail / 1024:.1f} GiB available")
-            else:
-                try:
-                    big = n >= 1_000_000 and not quick  # fewer steps where one takes seconds
-                    row.update(_run_cell({**base, "repr": repr_, "loss": loss, "items": n,
-                                          **({"warmup": 1, "steps": 3} if big else {})}))
-                    done.append(row)
-                except Exception as e:  # a cell that dies (e.g. killed for memory) is reported, not dropped
-                    lines = [line for line in str(e).splitlines() if line.strip()]
-                    row["skipped"] = f"failed: {lines[-1] if lines else type(e).__name__}"
-            cells.append(row)
-            print("  " + (f"{repr_:<12} {loss:<7} {_label(n):>5}: " +
-                          (row["skipped"] if "skipped" in row else
-                           f"step {row['step_ms']} ms, peak {row['peak_mb']:.0f} MB, serve {row['serve_ms']} ms, "
-                           f"{row['params']:,} params")), flush=True)
+    try:
+        cells = _run_cells(base, sizes, quick, only)
+    finally:  # this process's own setting back, for whatever it spawns next
+        if blas_threads is None:
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = blas_threads
     growth = {}
     for repr_, loss in CELLS:
         by = {c["items"]: c for c in cells if c["repr"] == repr_ and c["loss"] == loss and "step_ms" in c}
@@ -285,6 +269,35 @@ def zero_memory(base: dict, sizes: list[int], stages: tuple[int, ...]) -> list[d
               f"per rank, {row['table_mb_per_rank']} MB more than at {_label(sizes[0])}; step {row['step_ms']} ms",
               flush=True)
     return rows
+
+
+def _run_cells(base: dict, sizes: list[int], quick: bool, only) -> list[dict]:
+    """Every (representation, loss, size) cell of the table, each in its own process."""
+    cells: list[dict] = []
+    for repr_, loss in CELLS if only != "zero" else []:
+        done: list[dict] = []
+        for n in sizes:
+            row = {"repr": repr_, "loss": loss, "items": n}
+            need = _extrapolated_mb(done, n)
+            avail = _available_mb()
+            if need is not None and need > 0.9 * avail:
+                row["skipped"] = (f"needs ~{need / 1024:.1f} GiB (extrapolated from the {_label(done[-2]['items'])} "
+                                  f"and {_label(done[-1]['items'])} cells' peaks), {avail / 1024:.1f} GiB available")
+            else:
+                try:
+                    big = n >= 1_000_000 and not quick  # fewer steps where one takes seconds
+                    row.update(_run_cell({**base, "repr": repr_, "loss": loss, "items": n,
+                                          **({"warmup": 1, "steps": 3} if big else {})}))
+                    done.append(row)
+                except Exception as e:  # a cell that dies (e.g. killed for memory) is reported, not dropped
+                    lines = [line for line in str(e).splitlines() if line.strip()]
+                    row["skipped"] = f"failed: {lines[-1] if lines else type(e).__name__}"
+            cells.append(row)
+            print("  " + (f"{repr_:<12} {loss:<7} {_label(n):>5}: " +
+                          (row["skipped"] if "skipped" in row else
+                           f"step {row['step_ms']} ms, peak {row['peak_mb']:.0f} MB, serve {row['serve_ms']} ms, "
+                           f"{row['params']:,} params")), flush=True)
+    return cells
 
 
 def _extrapolated_mb(done: list[dict], n: int) -> float | None:
