@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 
 from m6rec.config import Config, ConfigError
-from m6rec.data import text as T
 from m6rec.data.tokenizer import load_tokenizer
+from m6rec.data.vectors import catalog_token_ids
 from m6rec.model.batch import Batch
 
 log = logging.getLogger("m6rec.data")
@@ -144,11 +144,10 @@ class NegativeSampler:
         return (matches[last] - matches[first]) > 0
 
 
-def item_token_start(tokenizer, item_ids: list[str], vocab_size: int) -> int:
-    """The first item token of a tokenizer whose item tokens are its last ids, in one block (how
-    ``m6rec prepare`` writes them); anything else is an error."""
-    ids = np.array([tokenizer.token_to_id(T.item_token(i)) if tokenizer.token_to_id(T.item_token(i)) is not None
-                    else -1 for i in item_ids], np.int64)
+def item_token_start(ids: np.ndarray, item_ids: list[str], vocab_size: int) -> int:
+    """The first item token, given each catalog item's token id (``ids``, -1: none; from
+    :func:`m6rec.data.vectors.catalog_token_ids`), when the item tokens are the vocabulary's last ids
+    in one block (how ``m6rec prepare`` writes them); anything else is an error."""
     if (ids < 0).any():
         raise ConfigError(f"config key 'train.item_loss': the tokenizer has no item token for "
                           f"{int((ids < 0).sum())} catalog items (first: {item_ids[int(np.argmax(ids < 0))]!r})")
@@ -163,10 +162,7 @@ def item_token_start(tokenizer, item_ids: list[str], vocab_size: int) -> int:
 def sampler_for(cfg: Config, model, rank: int = 0) -> NegativeSampler:
     """The sampler of a training run on the dataset at ``data.output``; for item-token models it also
     makes the model's item tokens items of their own loss (``model.set_item_tokens``)."""
-    t, repr_ = cfg.train, cfg.data.text.item_repr
-    if repr_ == "text":
-        raise ConfigError("config key 'train.item_loss': 'sampled' needs items that are rows to sample (item_repr "
-                          "token, both, vector or vector_token); with item_repr text an item is its title's words")
+    t, repr_ = cfg.train, cfg.data.text.item_repr  # item_repr text with a sampled loss: refused by load_config
     d = Path(cfg.data.output)
     item_ids = pd.read_parquet(d / "items.parquet", columns=["item_id"])["item_id"].astype(str).tolist()
     held = set(json.loads((d / "manifest.json").read_text()).get("held_out_items", []))
@@ -176,9 +172,8 @@ def sampler_for(cfg: Config, model, rank: int = 0) -> NegativeSampler:
     keep = np.array([i not in held for i in item_ids])
     token_start = None
     if repr_ in ("token", "both"):
-        tok = load_tokenizer(d / "tokenizer.json")
-        token_start = item_token_start(tok, item_ids, model.args.vocab_size)
-        names = np.array([tok.token_to_id(T.item_token(i)) for i in item_ids], np.int64)
+        names = catalog_token_ids(load_tokenizer(d / "tokenizer.json"), item_ids)
+        token_start = item_token_start(names, item_ids, model.args.vocab_size)
         model.set_item_tokens(token_start)
     else:
         names = np.arange(len(item_ids), dtype=np.int64)
