@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from m6rec.bench.common import format_table, init_rank, machine, run_ranks
@@ -37,7 +35,6 @@ from m6rec.model.batch import Batch
 from m6rec.model.transformer import IGNORE_INDEX, M6Transformer
 from m6rec.rec.evaluate import top_k_excluding
 from m6rec.rec.generative import CatalogScorer
-from m6rec.train.distributed import free_port
 from m6rec.train.item_rows import RowAdam, detach_table
 from m6rec.train.step import build_engine
 
@@ -185,13 +182,7 @@ def _serve(model: M6Transformer, spec: dict, tokens: bool) -> dict:
 
 
 def _run_cell(spec: dict) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    try:
-        mp.start_processes(_cell, args=(1, free_port(), spec, out), nprocs=1, start_method="spawn")
-        return json.loads(Path(out).read_text())
-    finally:
-        os.unlink(out)
+    return run_ranks(_cell, 1, spec)  # one rank, in its own process: its peak memory is its own
 
 
 def bench_catalog(cfg: Any, args: Any) -> dict[str, Any]:
