@@ -112,9 +112,14 @@ def add_recommend_arguments(p) -> None:
 
 
 def _add_model_arguments(p) -> None:
-    p.add_argument("--mode", choices=["auto", "text", "token"], default="auto",
-                   help="auto: item tokens when the data has them, else text (trie beam search)")
-    p.add_argument("--beam", type=int, default=0, help="beam width of text mode (at least the largest k)")
+    p.add_argument("--mode", choices=["auto", "text", "token", "vector", "semantic_id"], default="auto",
+                   help="auto: as the run's data.text.item_repr writes items (item tokens, text vectors, semantic "
+                        "IDs: trie beam search, text: trie beam search)")
+    p.add_argument("--beam", type=int, default=0, help="beam width of the trie beam (text and semantic_id modes; "
+                   "at least the largest k; 0 = the run's eval.beam)")
+    p.add_argument("--agreement-users", type=int, default=200,
+                   help="m6rec eval, semantic_id and text modes: on this many of the users, the beam's top 10 is "
+                        "compared with the exact top 10 (a beam as wide as the catalog); 0 = off")
     p.add_argument("--length-norm", type=float, default=1.0,
                    help="text mode: score = log p(item text + END) / (tokens + 1) ** this (1 = mean per token, "
                         "0 = the item's probability)")

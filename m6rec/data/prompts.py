@@ -16,13 +16,14 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from m6rec.config import Config, ConfigError, DataConfig, _build
+from m6rec.data import semantic_ids
 from m6rec.data import text as T
 from m6rec.data.images import image_patches, load_images
 from m6rec.data.sources import load_source
@@ -40,6 +41,8 @@ class Prompt:
     context_items: list = field(default_factory=list)  # the items written in the prompt
     vector_items: list = field(default_factory=list)  # item of each text-vector slot (item_repr vector*)
     vector_starts: list = field(default_factory=list)  # its token position
+    # free-text items not in the catalog (item_repr vector): their text vectors, encoded on the fly
+    new_vectors: dict = field(default_factory=dict)
 
 
 _TARGET = "\x00target"  # placeholder row for the item to predict (cut off before it is written)
@@ -82,6 +85,10 @@ class ContextBuilder:
         self._timeline = {u: (g["item_id"].to_numpy(), g["timestamp"].to_numpy(), g["rating"].to_numpy(np.float64))
                           for u, g in splits.groupby("user_id", sort=False)}
         self.catalog = T.Catalog(dict(zip(self.items["item_id"], self.items["text"])), {}, {}, {})
+        self.semantic_ids = None
+        if t.item_repr == "semantic_id":
+            self.semantic_ids = semantic_ids.load(self.dataset_dir)
+            self.catalog.item_codes = self.semantic_ids.tokens()
         self.tokenizer = tokenizer
         self.enc = SegmentEncoder(tokenizer, self.P)
         self._pixels: dict[str, np.ndarray] = {}
@@ -130,7 +137,7 @@ class ContextBuilder:
 
     # -- rendering -----------------------------------------------------------
     def _render(self, user_id: str, items: np.ndarray, ts: np.ndarray, ratings: np.ndarray, catalog: T.Catalog,
-                exclude: set) -> Prompt:
+                exclude: set, new_vectors: Optional[dict] = None) -> Prompt:
         """The last max_items-1 of ``items`` as context, then <|predict|><|item|>."""
         n = len(items)
         start = max(0, n + 1 - self.cfg.data.max_items)
@@ -147,12 +154,13 @@ class ContextBuilder:
         imgs = [s.image_item for s in segs if s.image_item is not None]
         assert len(starts) == len(imgs)
         vecs = [s.vector_item for s in segs if s.vector_item is not None]
-        unknown = [i for i in vecs if i not in self.item_index]
+        new_vectors = new_vectors or {}
+        unknown = [i for i in vecs if i not in self.item_index and i not in new_vectors]
         if unknown:
-            raise ConfigError(f"items as text vectors: {unknown[0]!r} is not an item of {self.dataset_dir} (only "
-                              "catalog items have cached vectors; free-text titles must match catalog titles)")
+            raise ConfigError(f"items as text vectors: {unknown[0]!r} is not an item of {self.dataset_dir}")
         return Prompt(ids.astype(np.int64), (mask & T.MASK_CONTEXT) != 0, imgs, starts, exclude, user_id,
-                      [str(i) for i in items[start:]], vecs, np.flatnonzero(mask & T.MASK_VECTOR).tolist())
+                      [str(i) for i in items[start:]], vecs, np.flatnonzero(mask & T.MASK_VECTOR).tolist(),
+                      {i: v for i, v in new_vectors.items() if i in vecs})
 
     def _item_segments(self, item_id: str) -> list:
         """``item_id`` as a one-item window: ``<|bos|><|context|><|predict|><|item|>``, its item
@@ -216,26 +224,65 @@ class ContextBuilder:
             out.append((t, exact.get(t) or lower.get(t.casefold())))
         return out
 
-    def for_titles(self, titles: Sequence[str] | str) -> tuple[Prompt, list[tuple[str, Optional[str]]]]:
+    def for_titles(self, titles: Sequence[str] | str, encode: Optional[Callable] = None
+                   ) -> tuple[Prompt, list[tuple[str, Optional[str]]]]:
         """A user the model never saw, from a free-text history ("Toy Story (1995); Heat (1995)").
 
         Known titles become their catalog items (with genres and posters as in
-        training); unknown ones stay plain text items (the model reads text).
-        No ratings, times "same day", no profile."""
+        training).  An unknown one is a new item written from its text: as plain
+        text (item_repr text), as its text vector encoded now by ``encode``
+        (texts -> vectors: the run's item encoder, :func:`m6rec.data.vectors.text_encoder`;
+        item_repr vector), or as the codes of that vector under the dataset's
+        semantic-ID centroids (semantic_id from text).  Item tokens have no
+        way to write it: an error naming the title.  No ratings, times
+        "same day", no profile."""
         if isinstance(titles, str):
             titles = [t for t in titles.split(";") if t.strip()]
         matched = self.match_titles(titles)
-        cat = T.Catalog(dict(self.catalog.item_text), self.catalog.item_image, {}, {})
-        ids = []
+        cat = T.Catalog(dict(self.catalog.item_text), self.catalog.item_image, {}, {},
+                        dict(self.catalog.item_codes))
+        ids, new = [], {}
         for n, (t, iid) in enumerate(matched):
             if iid is None:
                 iid = f"\x00text{n}"
                 cat.item_text[iid] = t
+                new[iid] = t
             ids.append(iid)
+        new_vectors = self._new_items(new, cat, encode)
         items = np.array(ids, dtype=object)
         prompt = self._render("", items, np.zeros(len(items), dtype=np.int64), np.full(len(items), np.nan), cat,
-                              {i for _, i in matched if i is not None})
+                              {i for _, i in matched if i is not None}, new_vectors)
         return prompt, matched
+
+    def _new_items(self, new: dict, cat: T.Catalog, encode: Optional[Callable]) -> dict:
+        """Free-text items (placeholder id -> title) in the run's item representation: their text vectors
+        (returned, item_repr vector) or their codes (written into ``cat``, semantic_id)."""
+        repr_ = self.text_cfg.item_repr
+        if not new or repr_ in ("text", "both"):
+            return {}
+        first = next(iter(new.values()))
+        source = self.semantic_ids.report.get("source", "") if self.semantic_ids is not None else ""
+        if repr_ in ("token", "vector_token") or (repr_ == "semantic_id" and not source.startswith("text")):
+            why = ("its items are item tokens, ids of its own catalog" if repr_ != "semantic_id" else
+                   f"its semantic IDs come from {source}, which has no vector for new text")
+            raise ConfigError(f"--history: {first!r} is not an item of {self.dataset_dir}, and this run cannot write "
+                              f"an item from its text ({why}); name items of the catalog")
+        if encode is None:
+            raise ConfigError(f"--history: {first!r} is not an item of {self.dataset_dir}; a new item is written "
+                              "from its text by the run's item encoder, and none was given")
+        vecs = encode(list(new.values()))
+        if repr_ in T.VECTOR_MODES:
+            return dict(zip(new, vecs))
+        codes = semantic_ids.quantize(vecs, self.semantic_ids.centroids)
+        prefixes = {}
+        for row in self.semantic_ids.codes:
+            prefixes[tuple(row[:-1])] = prefixes.get(tuple(row[:-1]), 0) + 1
+        k = self.semantic_ids.report["codebook_size"]
+        for iid, row in zip(new, codes):
+            # a new item after the catalog items sharing its codes: the next number of the final level
+            digit = min(prefixes.get(tuple(row), 0), k - 1)
+            cat.item_codes[iid] = [T.code_token(level, int(c)) for level, c in enumerate([*row, digit])]
+        return {}
 
 
 def contexts_for(run_cfg: Config, tokenizer, run_dataset_dir: str | Path, dataset: Optional[str] = None) -> ContextBuilder:
@@ -301,7 +348,7 @@ def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device,
     ids = np.full((B, L), pad_id, dtype=np.int64)
     doc = np.full((B, L), -1, dtype=np.int64)
     prefix = np.zeros((B, L), dtype=bool)
-    patches, where, vec_where, vec_rows = [], [], [], []
+    patches, where, vec_where, vec_rows, new_vectors = [], [], [], [], []
     for b, p in enumerate(prompts):
         n = len(p.ids)
         ids[b, :n], doc[b, :n], prefix[b, :n] = p.ids, 0, p.prefix
@@ -310,10 +357,12 @@ def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device,
             where.append((b, st))
         for item, st in zip(p.vector_items, p.vector_starts):
             vec_where.append((b, st))
-            vec_rows.append(ctx.item_index[item])
+            if item in p.new_vectors:  # a free-text item: row -1, its vector in "new_item_vectors"
+                new_vectors.append((len(vec_rows), p.new_vectors[item]))
+            vec_rows.append(ctx.item_index.get(item, -1))
     P, pd_ = ctx.P, 3 * ctx.patch_size ** 2
     t = torch.from_numpy
-    return {
+    out = {
         "input_ids": t(ids).to(device),
         "position_ids": t(np.where(doc >= 0, np.arange(L), 0)).to(device),
         "document_ids": t(doc).to(device),
@@ -324,3 +373,6 @@ def collate(prompts: Sequence[Prompt], ctx: ContextBuilder, pad_id: int, device,
         "item_catalog_rows": torch.tensor(vec_rows, dtype=torch.int64).to(device),
         "lengths": torch.tensor([len(p.ids) for p in prompts], device=device),
     }
+    if new_vectors:  # (slot index among the item slots, raw text vector) of free-text items
+        out["new_item_vectors"] = new_vectors
+    return out

@@ -256,9 +256,10 @@ class PackedStream(IterableDataset):
         self.shuffle_shards, self.seed, self.strict = shuffle_shards, seed, strict
         self.shuffle, self.policy = shuffle, policy
         self.pad_id = int(manifest.get("special_tokens", {}).get("<|pad|>", 0))
-        # StreamConfig.item_marker_loss: None decides by item_repr (one position per item: no marker loss)
+        # StreamConfig.item_marker_loss: None decides by item_repr (an item of fixed length -- one position, or
+        # semantic_id's codes -- makes the marker after it certain: no marker loss)
         if item_marker_loss is None:
-            item_marker_loss = manifest.get("item_repr", "text") not in ("token", *VECTOR_MODES)
+            item_marker_loss = manifest.get("item_repr", "text") not in ("token", "semantic_id", *VECTOR_MODES)
         marker = manifest.get("special_tokens", {}).get(ITEM)
         self.unlabelled_id = -1 if item_marker_loss or marker is None else int(marker)
         # The slot width is baked into the shards, so the manifest's image

@@ -37,6 +37,11 @@ def item_token(item_id: str) -> str:
     return f"<item_{item_id}>"
 
 
+def code_token(level: int, code: int) -> str:
+    """The token of one semantic-ID code (item_repr semantic_id): one vocabulary per position."""
+    return f"<sid_{level}_{code}>"
+
+
 def safe_name(s: str) -> str:
     """A tar member name piece.  webdataset cuts keys at the first dot and lower-cases
     extensions, so other ids get a checksum suffix that keeps them distinct."""
@@ -131,6 +136,7 @@ class Catalog:
     item_image: dict[str, str]  # item_id -> image path, only for items that have one
     profiles: dict[str, str]  # user_id -> profile sentence
     tags: dict[tuple[str, str], str] = field(default_factory=dict)  # (user, item) -> "a, b"
+    item_codes: dict[str, list[str]] = field(default_factory=dict)  # item_repr semantic_id: its code tokens
 
 
 def render_item_text(title: str, genres: list[str], extra: dict[str, str] | None, cfg: TextConfig) -> str:
@@ -198,6 +204,11 @@ def window_segments(
         segs.append(Segment(ITEM, target, True))
         if cfg.item_repr in ("token", "both"):
             segs.append(Segment(item_token(iid), target, True))
+        elif cfg.item_repr == "semantic_id":
+            # <|item|><sid_0_12><sid_1_7><sid_2_201><sid_3_0>: the codes, coarse to fine, each a token
+            # (every catalog item has codes; a prompt's placeholder for the item to predict has none and is cut
+            # off after its <|item|>)
+            segs.extend(Segment(c, target, True) for c in catalog.item_codes.get(iid, ()))
         elif cfg.item_repr in VECTOR_MODES:
             # one position per item after <|item|>, as an item token is: the model adds the item's text
             # vector there and, at <|item|>, scores every catalog item's vector

@@ -247,6 +247,79 @@ def encode_texts(texts: Sequence[str], spec: str, batch_size: int = 256, progres
     return np.asarray(vecs, dtype=np.float32)
 
 
+def _cached(path: Path, sha: str, key: str, posters_sha: str = "") -> np.ndarray | None:
+    """The vectors in ``path`` when they were made from these texts and posters by this encoder."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+    if meta.get("texts_sha256") == sha and meta.get("encoder") == key and meta.get("posters_sha256", "") == posters_sha:
+        return load_file(str(path))["vectors"]
+    log.info("%s: made from other item texts, posters or another encoder (%s); encoding again", path,
+             meta.get("encoder"))
+    return None
+
+
+def _save_bank(path: Path, vecs: np.ndarray, key: str, sha: str, n_posters: int = 0, posters_sha: str = "") -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"vectors": vecs}, str(tmp), metadata={"encoder": key, "texts_sha256": sha, "dim": str(vecs.shape[1]),
+                                                     "items": str(len(vecs)), "posters": str(n_posters),
+                                                     "posters_sha256": posters_sha})
+    os.replace(tmp, path)
+
+
+def bank_for_texts(texts: Sequence[str], spec: str, write_dir: Path, reuse: Sequence[Path] = ()) -> np.ndarray:
+    """Text-only vectors of ``texts`` (catalog order), cached as ``write_dir``'s bank: taken from
+    ``write_dir`` or one of ``reuse`` (an earlier preparation) when made from the same texts by the
+    same encoder, else encoded.  For datasets not yet written (``m6rec prepare``'s semantic IDs)."""
+    sha, key = texts_sha256(texts), encoder_key(spec)
+    Path(write_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(write_dir) / bank_file(spec)
+    for d in [Path(write_dir), *map(Path, reuse)]:
+        vecs = _cached(d / bank_file(spec), sha, key)
+        if vecs is not None:
+            if d != Path(write_dir):
+                _save_bank(path, vecs, key, sha)
+            return vecs
+    show = int(os.environ.get("RANK", "0")) == 0 and sys.stderr.isatty()
+    log.info("encoding %d item texts with %s", len(texts), key)
+    vecs = encode_texts(texts, key, progress=show)
+    _save_bank(path, vecs, key, sha)
+    return vecs
+
+
+def run_item_embeddings(spec: str, item_ids: Sequence[str], key: str) -> np.ndarray:
+    """``run:RUN_DIR[@TAG]``'s output embedding of each of ``item_ids``' item tokens (``[N, dim]``
+    float32): the collaborative vector of a trained item-token model.  The run's catalog must be
+    exactly ``item_ids`` (the same items; its checkpoint is resolved like an encoder's)."""
+    path, tag = _run_spec(spec)
+    if not Path(path).is_dir():
+        raise ConfigError(f"config key '{key}': {spec!r}: no run directory {path}")
+    run = load_run(path, tag)
+    if run.cfg.data.text.item_repr not in ("token", "both", "vector_token"):
+        raise ConfigError(f"config key '{key}': {spec!r} wrote items as {run.cfg.data.text.item_repr!r}; "
+                          "collaborative codes need a run trained on item tokens (item_repr token or both)")
+    theirs = pd.read_parquet(Path(run.dataset_dir) / "items.parquet", columns=["item_id"])["item_id"].astype(str)
+    mine = [str(i) for i in item_ids]
+    if set(theirs) != set(mine):
+        extra, missing = len(set(mine) - set(theirs)), len(set(theirs) - set(mine))
+        raise ConfigError(f"config key '{key}': {spec!r} was trained on another catalog ({len(theirs)} items in "
+                          f"{run.dataset_dir}; this dataset has {extra} items it lacks and lacks {missing} of its "
+                          "items)")
+    ids = [run.tokenizer.token_to_id(T.item_token(i)) for i in mine]
+    if any(t is None for t in ids):
+        raise ConfigError(f"config key '{key}': {spec!r}'s tokenizer has no item token for some items")
+    with torch.no_grad():
+        return run.model.head_weight[torch.tensor(ids)].float().numpy().astype(np.float32)
+
+
+def text_encoder(spec: str):
+    """``texts -> [n, d]`` vectors of the item encoder ``spec`` (as the bank's): what a free-text item of
+    a history is written with (:meth:`m6rec.data.prompts.ContextBuilder.for_titles`)."""
+    key = encoder_key(spec)
+    return lambda texts: encode_texts(list(texts), key)
+
+
 def ensure_bank(dataset_dir: str | Path, spec: str, progress: bool = True) -> np.ndarray:
     """The item vectors of a prepared dataset, encoding (and caching) them when the cache is missing
     or was made from other texts, other posters or by another encoder.  The dataset's posters
@@ -271,23 +344,14 @@ def ensure_bank(dataset_dir: str | Path, spec: str, progress: bool = True) -> np
                 h.update(str(i).encode() + b"\x00" + hashlib.sha256(p).digest())
         posters_sha = h.hexdigest()
     path = dataset_dir / bank_file(spec)
-    if path.is_file():
-        with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
-        if (meta.get("texts_sha256") == sha and meta.get("encoder") == key
-                and meta.get("posters_sha256", "") == posters_sha):
-            return load_file(str(path))["vectors"]
-        log.info("%s: made from other item texts, posters or another encoder (%s); encoding again", path,
-                 meta.get("encoder"))
+    vecs = _cached(path, sha, key, posters_sha)
+    if vecs is not None:
+        return vecs
     show = progress and (int(os.environ.get("RANK", "0")) == 0) and sys.stderr.isatty()
     log.info("encoding %d item texts (%d with posters) of %s with %s", len(texts), n_posters, dataset_dir, key)
     # the key names the checkpoint it was keyed by
     vecs = encode_texts(texts, key, progress=show, posters=posters if n_posters else None)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"vectors": vecs}, str(tmp), metadata={"encoder": key, "texts_sha256": sha, "dim": str(vecs.shape[1]),
-                                                     "items": str(len(texts)), "posters": str(n_posters),
-                                                     "posters_sha256": posters_sha})
-    os.replace(tmp, path)
+    _save_bank(path, vecs, key, sha, n_posters, posters_sha)
     return vecs
 
 

@@ -19,10 +19,12 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from m6rec.config import ConfigError
 from m6rec.data.prompts import contexts_for
+from m6rec.data.vectors import text_encoder
 from m6rec.rec import metrics as M
 from m6rec.rec.evaluate import (
     EvalData,
@@ -84,7 +86,7 @@ def eval_main(cfg, args) -> int:
     evaluate_runs(args.ckpt, args.out, task=args.task, tag=args.tag, baseline=args.baseline, dataset=args.dataset,
                   split=args.split, max_users=args.max_users, seed=args.seed, ks=args.ks, mode=args.mode,
                   beam=args.beam, length_norm=args.length_norm, batch_size=args.batch_size, device=args.device,
-                  threads=args.threads)
+                  threads=args.threads, agreement_users=args.agreement_users)
     return 0
 
 
@@ -92,7 +94,7 @@ def evaluate_runs(ckpt: Sequence[str | Path], out: str | Path, *, task: str = "n
                   baseline: Optional[Sequence[str | Path]] = None, dataset: Optional[str] = None,
                   split: str = "valid", max_users: int = 0, seed: int = 0, ks: Optional[str] = None,
                   mode: str = "auto", beam: int = 0, length_norm: float = 1.0, batch_size: int = 16,
-                  device: str = "cpu", threads: int = 1) -> dict:
+                  device: str = "cpu", threads: int = 1, agreement_users: int = 200) -> dict:
     """``m6rec eval`` (the defaults are the command's): ranks with popularity and every run in ``ckpt``
     (each at checkpoint ``tag``, else its newest complete one) and writes ``out`` (.json, .md, .png);
     returns what ``out`` holds (``{"results", "meta"}``)."""
@@ -181,6 +183,11 @@ def evaluate_runs(ckpt: Sequence[str | Path], out: str | Path, *, task: str = "n
 
             row = evaluate(_Fixed(), data, queries, ks, cold=cold)
             row["seconds_per_user"] = stats["seconds_per_user"]
+            if "invalid_items" in stats:  # a trie beam: how often it returned a sequence that is no catalog item's
+                row["invalid_item_rate"] = stats["invalid_items"] / max(1, stats["items_returned"])
+                if agreement_users:
+                    row["beam_exact_agreement@10"], stats["agreement"] = beam_exact_agreement(
+                        rec, ranked, [ctx.for_query(q) for q in queries], agreement_users, seed)
             name = rec.name
         rows.append(row)
         m = {"model": name, "task": kind, "dataset_trained": str(run.dataset_dir), "load_seconds": round(load_s, 2),
@@ -188,8 +195,8 @@ def evaluate_runs(ckpt: Sequence[str | Path], out: str | Path, *, task: str = "n
         if kind == "next_item":
             ck = run.model.checkpoint
             m.update({"run_dir": ck["run_dir"], "checkpoint": ck["tag"], "step": ck["step"], "mode": rec.mode,
-                      "beam": max(max(ks), beam) if rec.mode == "text" else None,
-                      "length_norm": length_norm if rec.mode == "text" else None,
+                      "beam": stats.get("beam"),
+                      "length_norm": rec.length_norm if rec.mode == "text" else None,
                       "source_rebuilt": ctx.source_loaded})
         else:
             m.update({k: run.meta.get(k) for k in ("method", "base_run", "base_tag", "steps", "trained_parameters",
@@ -211,6 +218,22 @@ def evaluate_runs(ckpt: Sequence[str | Path], out: str | Path, *, task: str = "n
     print(markdown_table(rows, ks))
     print(f"written {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}", file=sys.stderr)
     return json.loads(out.read_text())
+
+
+def beam_exact_agreement(rec, ranked: list, prompts: list, users: int, seed: int, k: int = 10) -> tuple[float, dict]:
+    """The share of ``users`` (a seeded subset) whose beam top ``k`` (``ranked``) is the same set of items as
+    the exact top ``k`` (:meth:`GenerativeRecommender.exact`), and what that cost."""
+    pick = np.random.default_rng([seed, 0xBEA4]).permutation(len(prompts))[:users]
+    exact = rec.exact()
+    truth = exact.rank_prompts([prompts[i] for i in pick], k, progress=True)
+    same = [{i for i, _ in ranked[u][:k]} == {i for i, _ in t} for u, t in zip(pick, truth)]
+    overlap = [len({i for i, _ in ranked[u][:k]} & {i for i, _ in t}) / max(1, len(t)) for u, t in zip(pick, truth)]
+    info = {"users": len(pick), "k": k, "same_top_k": float(np.mean(same)), "mean_overlap": float(np.mean(overlap)),
+            "exact_seconds_per_user": exact.stats.get("seconds_per_user"),
+            "exact_invalid_items": exact.stats.get("invalid_items")}
+    print(f"  beam {rec.stats.get('beam')} vs exact on {len(pick)} users: top {k} the same for "
+          f"{info['same_top_k']:.1%}, mean overlap {info['mean_overlap']:.1%}", file=sys.stderr)
+    return info["same_top_k"], info
 
 
 def recommend_main(cfg, args) -> int:
@@ -237,18 +260,21 @@ def recommend_main(cfg, args) -> int:
         print(f"user {args.user}: {len(prompt.exclude)} items in the history (excluded), "
               f"the last {len(prompt.context_items)} written in the prompt")
     else:
-        prompt, matched = ctx.for_titles(args.history)
+        prompt, matched = ctx.for_titles(args.history, encode=text_encoder(ctx.text_cfg.item_encoder))
         if not matched:
             raise ConfigError("--history: no titles (separate them with ';')")
         for title, iid in matched:
+            new = {"vector": "encoded from its text", "semantic_id": "given codes from its text"}.get(
+                rec.mode, "read as plain text")
             print(f"  history: {title!r} -> " + (f"item {iid} ({ctx.catalog.item_text[iid]})" if iid is not None
-                                                  else "not in the catalog: read as plain text"))
+                                                  else f"not in the catalog: {new}"))
     t1 = time.perf_counter()
     (ranked,) = rec.rank_prompts([prompt], args.k)
     dt = time.perf_counter() - t1
     what = ("log p(item) (item-token softmax)" if rec.mode == "token" else
             "log p(item) (softmax over the catalog's cached text vectors)" if rec.mode == "vector" else
             "cosine(user, item) of the two towers (cached item index)" if rec.mode == "retrieval" else
+            "log p(item's codes) (trie beam search)" if rec.mode == "semantic_id" else
             f"log p(item text + END) / (tokens + 1) ** {args.length_norm:g}")
     print(f"top {len(ranked)} by {rec.name} (score = {what}):")
     width = max((len(str(i)) for i, _ in ranked), default=4)

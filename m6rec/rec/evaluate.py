@@ -181,9 +181,9 @@ def markdown_table(rows: list[dict], ks: Sequence[int]) -> str:
                   for r in rows]
         return "\n".join(lines)
     cols = ["model"] + [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
-    extra = [c for c in rows[0] if c.startswith(("coverage", "diversity", "hr@10_head", "hr@10_tail", "hr@10_cold",
-                                                 "ndcg@10_cold", "hr@10_heldout", "ndcg@10_heldout",
-                                                 "hr@10_rest", "ndcg@10_rest"))] if rows else []
+    shown = ("coverage", "diversity", "hr@10_head", "hr@10_tail", "hr@10_cold", "ndcg@10_cold", "hr@10_heldout",
+             "ndcg@10_heldout", "hr@10_rest", "ndcg@10_rest", "invalid_item_rate", "beam_exact_agreement")
+    extra = [c for c in dict.fromkeys(k for r in rows for k in r) if c.startswith(shown)]
     cols += extra
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -169,7 +169,11 @@ class GenerativeRecommender:
                  name: Optional[str] = None, length_norm: float = 1.0):
         repr_ = contexts.text_cfg.item_repr
         if mode == "auto":
-            mode = "vector" if repr_ in T.VECTOR_MODES else "token" if repr_ in ("token", "both") else "text"
+            mode = ("vector" if repr_ in T.VECTOR_MODES else "token" if repr_ in ("token", "both") else
+                    "semantic_id" if repr_ == "semantic_id" else "text")
+        if (mode == "semantic_id") != (repr_ == "semantic_id"):
+            raise ConfigError(f"mode {mode!r} does not fit data.text.item_repr {repr_!r} (items as semantic IDs are "
+                              "ranked with mode 'semantic_id', and only they)")
         if (mode == "vector") != (repr_ in T.VECTOR_MODES):
             raise ConfigError(f"mode {mode!r} does not fit data.text.item_repr {repr_!r} (items as text vectors are "
                               "ranked with mode 'vector', and only they)")
@@ -178,10 +182,10 @@ class GenerativeRecommender:
         if mode == "text" and repr_ != "text":
             raise ConfigError(f"mode 'text' needs data.text.item_repr 'text' (this run's data has {repr_!r}: "
                               "its item text follows an item token); use mode 'token'")
-        if mode not in ("text", "token", "vector"):
-            raise ConfigError(f"mode must be auto, text, token or vector, got {mode!r}")
+        if mode not in ("text", "token", "vector", "semantic_id"):
+            raise ConfigError(f"mode must be auto, text, token, vector or semantic_id, got {mode!r}")
         self.model, self.ctx, self.mode = model, contexts, mode
-        self.beam, self.batch_size, self.length_norm = beam, batch_size, float(length_norm)
+        self.beam, self.batch_size, self.length_norm = beam or contexts.cfg.eval.beam, batch_size, float(length_norm)
         self.device = next(model.parameters()).device
         # fixed batch shapes where kernels are compiled per shape (collate's docstring says why)
         self.static_shape = dict(rows=batch_size, multiple=SHAPE_MULTIPLE) if self.device.type == "cuda" else {}
@@ -208,6 +212,12 @@ class GenerativeRecommender:
                 raise ConfigError(f"tokenizer has no item token for {len(missing)} catalog items (e.g. {missing[0]})")
             self.item_token_ids = torch.tensor(ids, device=self.device)
             self.refresh()
+        elif mode == "semantic_id":
+            # every item has levels + 1 codes: the beam ranks by the summed code log-probability, no
+            # END event and no length normalisation are needed
+            self.sequences = [[tok.token_to_id(c) for c in contexts.catalog.item_codes[i]] for i in contexts.catalog_ids]
+            self.trie = ItemTrie(self.sequences)
+            self.end_ids, self.length_norm = [], 0.0
         else:
             texts = [contexts.catalog.item_text[i] for i in contexts.catalog_ids]
             contexts.enc.prime(texts)
@@ -254,7 +264,8 @@ class GenerativeRecommender:
         bar = None
         if progress:
             bar = tqdm(total=len(prompts), desc=f"rank {self.name}", unit="user")
-        rank = self._rank_text if self.mode == "text" else self._rank_catalog_softmax
+        rank = self._rank_text if self.mode in ("text", "semantic_id") else self._rank_catalog_softmax
+        self._returned = self._invalid = 0
         for idx, group in batches_by_length(prompts, self.batch_size):
             res = rank(group, k)
             for i, r in zip(idx, res):
@@ -267,7 +278,21 @@ class GenerativeRecommender:
         self.stats = {"users": len(prompts), "seconds": round(dt, 3),
                       "seconds_per_user": round(dt / max(1, len(prompts)), 5),
                       "prompt_tokens_mean": float(np.mean([len(p.ids) for p in prompts])) if prompts else 0.0}
+        if self.mode in ("text", "semantic_id"):
+            self.stats.update(beam=self.beam_width(k), items_returned=self._returned, invalid_items=self._invalid)
         return out
+
+    def beam_width(self, k: int) -> int:
+        return max(k, self.beam)
+
+    def exact(self) -> "GenerativeRecommender":
+        """This recommender with a beam as wide as the catalog: every prefix is kept at every depth, so
+        the ranking is the exact one by summed (text mode: length-normalised) log-probability."""
+        twin = object.__new__(GenerativeRecommender)
+        twin.__dict__.update(self.__dict__)
+        twin.beam, twin.stats = len(self.catalog), {}
+        twin.name = f"{self.name} exact"
+        return twin
 
     # -- item tokens, item text vectors: one softmax over the catalog -------------
     @torch.no_grad()
@@ -277,7 +302,14 @@ class GenerativeRecommender:
         by :meth:`refresh`), softmaxed over the catalog."""
         b = collate(prompts, self.ctx, self.pad_id, self.device, **self.static_shape)
         lengths = b.pop("lengths")
-        h = self.model.hidden_states(Batch.of(b))
+        slot_vectors = None
+        new = b.pop("new_item_vectors", None)
+        if new:  # free-text items of a history: their text vectors projected as the catalog's are
+            raw = self.model.item_bank.index_select(0, b["item_catalog_rows"].clamp(min=0)).clone()
+            for slot, vec in new:
+                raw[slot] = torch.as_tensor(vec, dtype=raw.dtype, device=raw.device)
+            slot_vectors = self.model.item_proj(raw)
+        h = self.model.hidden_states(Batch.of(b), slot_vectors)
         last = h[torch.arange(len(prompts), device=h.device), lengths - 1]
         scores = self.scorer.log_probs(last)
         out = []
@@ -290,7 +322,7 @@ class GenerativeRecommender:
     @torch.no_grad()
     def _rank_text(self, prompts: list[Prompt], k: int) -> list:
         trie, U = self.trie, len(prompts)
-        B = max(k, self.beam)
+        B = self.beam_width(k)
         dec = _BeamDecoder(self.model, collate(prompts, self.ctx, self.pad_id, self.device))
         logits = dec.logits[:, None, :]  # [U, 1, V]: only slot 0 (the root) is live at first
         # per user: history items out of the trie
@@ -306,8 +338,9 @@ class GenerativeRecommender:
         act = np.arange(U)  # users still searching (rows of node/cum and of the decoder's caches)
         node = np.full((U, 1), 0, dtype=np.int64)
         cum = np.zeros((U, 1), dtype=np.float64)
-        finished: list[list[tuple[float, int]]] = [[] for _ in range(U)]
-        end_ids = torch.tensor(self.end_ids, device=self.device)
+        paths = np.zeros((U, 1, 0), dtype=np.int64)  # the tokens each slot generated
+        finished: list[list[tuple[float, int, tuple]]] = [[] for _ in range(U)]
+        end_ids = torch.tensor(self.end_ids, device=self.device, dtype=torch.int64)
         alpha = self.length_norm
         t = 0
         while True:
@@ -322,7 +355,8 @@ class GenerativeRecommender:
             if term.any():
                 end_lp = torch.logsumexp(logp[..., end_ids], dim=-1).cpu().numpy()
                 for a, b in zip(*np.nonzero(term)):
-                    finished[act[a]].append(((cum[a, b] + end_lp[a, b]) / (t + 1) ** alpha, int(node[a, b])))
+                    finished[act[a]].append(((cum[a, b] + end_lp[a, b]) / (t + 1) ** alpha, int(node[a, b]),
+                                             tuple(paths[a, b])))
             # expansions of every live slot into its children still holding an eligible item
             flat = np.flatnonzero(live.ravel())
             fa, fb, fn = flat // width, flat % width, node.ravel()[flat]
@@ -350,6 +384,12 @@ class GenerativeRecommender:
             new_row = np.full(A, -1, dtype=np.int64)
             new_row[keep_users] = np.arange(len(keep_users))
             su = new_row[ca[sel]]
+            if not self.end_ids and (trie.child_ptr[cnode[sel] + 1] == trie.child_ptr[cnode[sel]]).all():
+                # fixed-length items (semantic IDs): every selected child is a whole item, and with no END
+                # event its score is complete -- finished without feeding the leaves to the model
+                for a, b, c, n, sc in zip(ca[sel], cb[sel], ctok[sel], cnode[sel], score[sel]):
+                    finished[act[a]].append((sc / (t + 1) ** alpha, int(n), (*paths[a, b], int(c))))
+                break
             w = int(slot.max()) + 1
             new_node = np.full((len(keep_users), w), -1, dtype=np.int64)
             new_cum = np.zeros((len(keep_users), w), dtype=np.float64)
@@ -359,20 +399,28 @@ class GenerativeRecommender:
             new_cum[su, slot] = score[sel]
             parent[su, slot] = cb[sel]
             tokens[su, slot] = ctok[sel]
+            new_paths = np.zeros((len(keep_users), w, t + 1), dtype=np.int64)
+            new_paths[su, slot, :t] = paths[ca[sel], cb[sel]]
+            new_paths[su, slot, t] = ctok[sel]
             logits = dec.step(torch.from_numpy(keep_users).to(self.device), torch.from_numpy(parent).to(self.device),
                               torch.from_numpy(tokens).to(self.device), t)
-            act, node, cum = act[keep_users], new_node, new_cum
+            act, node, cum, paths = act[keep_users], new_node, new_cum, new_paths
             t += 1
         out = []
         for u, p in enumerate(prompts):
             ranked = []
-            for score, n in finished[u]:
+            for score, n, path in finished[u]:
                 for i in trie.items_of(n):
                     iid = self.catalog[i]
                     if iid not in p.exclude:
-                        ranked.append((iid, float(score), i))
+                        ranked.append((iid, float(score), i, path))
             ranked.sort(key=lambda x: (-x[1], x[2]))
-            out.append([(iid, s) for iid, s, _ in ranked[:k]])
+            top = ranked[:k]
+            self._returned += len(top)
+            # the check behind stats "invalid_items": the tokens the beam generated must spell the returned
+            # item's own sequence in the catalog
+            self._invalid += sum(list(path) != self.sequences[self.ctx.item_index[iid]] for iid, _, _, path in top)
+            out.append([(iid, s) for iid, s, _, _ in top])
         return out
 
 

@@ -452,3 +452,37 @@ def test_posters_join_the_item_vector_through_a_run_encoder(shop, tmp_path, caps
     assert not (out / V.POSTERS_FILE).exists()
     assert "reads text only" in json.loads((out / "prepare_report.json").read_text())["images_left_out"]
     assert json.loads((out / "manifest.json").read_text())["item_vectors"]["posters"] == 0
+
+
+def test_a_free_text_title_not_in_the_catalog_is_encoded_on_the_fly(shop, capsys):
+    from m6rec.cli import main as cli_main
+
+    """`m6rec recommend --history` with a title no catalog item has: its text vector is encoded now by
+    the run's item encoder and read like a catalog item's.  Written as the full catalog text of sku-3
+    (which no title matches), it must score the catalog as sku-3 named by its title does."""
+    _, run_dir = shop["vector"]
+    run = load_run(run_dir)
+    ctx = ContextBuilder(run.cfg, run.dataset_dir, run.tokenizer)
+    rec = GenerativeRecommender(run.model, ctx)
+    as_text = ctx.catalog.item_text["sku-3"]
+    assert as_text != ctx.titles["sku-3"] and ctx.match_titles([as_text]) == [(as_text, None)]
+    named, _ = ctx.for_titles("Product 3")
+    free, matched = ctx.for_titles([as_text], encode=V.text_encoder("minilm"))  # a list: the text holds a ";"
+    assert matched == [(as_text, None)] and free.exclude == set() and len(free.new_vectors) == 1
+    (vec,) = free.new_vectors.values()
+    assert np.allclose(vec, V.ensure_bank(run.dataset_dir, "minilm")[ctx.item_index["sku-3"]], atol=1e-5)
+    k = len(ctx.catalog_ids)
+    by_name = dict(rec.rank_prompts([named], k)[0])
+    by_text = dict(rec.rank_prompts([free], k)[0])
+    assert set(by_text) - set(by_name) == {"sku-3"}
+    assert all(abs(by_text[i] - s) < 1e-3 for i, s in by_name.items())
+
+    title = "A cordless garden hose reel nobody sells"
+    assert cli_main(["recommend", "--ckpt", str(run_dir), "--history", f"Product 3; {title}", "--k", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"{title!r} -> not in the catalog: encoded from its text" in out
+    # item tokens have no way to write it: the error names the user's title
+    _, tok_run = shop["vector_token"]
+    assert cli_main(["recommend", "--ckpt", str(tok_run), "--history", title]) == 2
+    err = capsys.readouterr().err
+    assert f"{title!r} is not an item of" in err and "cannot write an item from its text" in err
