@@ -74,17 +74,17 @@ class TextConfig:
 
 @dataclass
 class SemanticIdConfig:
-    """``data.semantic_ids`` (item_repr semantic_id; m6rec/data/semantic_ids.py): each item is ``levels`` codes
-    of residual quantisation, then one code numbering the items that share those (0 for an item alone)."""
-
+    """``data.semantic_ids`` (item_repr semantic_id): ``levels`` codes of residual quantisation, then a final
+    code that tells apart the items sharing those (``collisions``; m6rec/data/semantic_ids.py)."""
     method: Literal["rq_kmeans", "rq_vae"] = "rq_kmeans"
     levels: int = 3  # quantisation levels (the item is written as levels + 1 code tokens)
     codebook_size: int = 256  # codes per level, and the most items one full prefix can hold
-    # "text": the cached item text vectors (data.text.item_encoder); "run:RUN_DIR[@TAG]": the item-token
-    # embeddings of a trained m6rec run on the same catalog (collaborative codes, for ID-only data)
+    # "text": the item text vectors (data.text.item_encoder); "run:RUN_DIR[@TAG]": the item-token embeddings
+    # of a trained run on the same catalog (collaborative codes, for ID-only data)
     source: str = "text"
     seed: int = 0
     iterations: int = 50  # k-means iterations per level (rq_kmeans); training epochs (rq_vae)
+    collisions: Literal["number", "residual"] = "number"
 
 
 @dataclass

@@ -1,11 +1,14 @@
 """``m6rec bench catalog``: what the catalog's size costs each item representation and item loss.
 
-Synthetic catalogs (random item ids, random unit text vectors) of ``--sizes`` items, each crossed
-with {item tokens, text vectors} x {full, sampled} item loss.  A cell is one fresh process (its
+Synthetic catalogs (random item ids, random unit text vectors, random semantic IDs) of ``--sizes``
+items, each crossed with {item tokens, text vectors} x {full, sampled} item loss, and semantic IDs
+(3 codes of 256 and a numbering code per item, the ordinary next-token loss).  A cell is one fresh process (its
 peak memory is its own): the real model and DeepSpeed engine (one rank, ZeRO 0, fp32, AdamW) at a
 tiny width train on packed rows of item histories whose every position is an item label, then
 answer single-user requests exactly: the history's forward, a score for every catalog item, the
-top 10.  Per cell: ``step_ms`` (median train step), ``peak_mb`` (the process's peak resident
+top 10 (semantic IDs: the trie-constrained beam of ``m6rec eval``, width ``beam``, over the
+catalog's codes; the codes are drawn at random, as the cost does not depend on how they were
+found).  Per cell: ``step_ms`` (median train step), ``peak_mb`` (the process's peak resident
 memory), ``params`` and ``serve_ms`` (median request on one thread); per representation and loss,
 ``growth_1m_over_10k`` (step time at 1M items over that at 10k).
 
@@ -30,17 +33,20 @@ import torch.nn.functional as F
 from m6rec.bench.common import format_table, init_rank, machine, run_ranks
 from m6rec.config import ConfigError, load_config
 from m6rec.data.negatives import NegativeSampler
+from m6rec.data.semantic_ids import number_collisions
 from m6rec.model.args import ModelArgs
 from m6rec.model.batch import Batch
 from m6rec.model.transformer import IGNORE_INDEX, M6Transformer
 from m6rec.rec.evaluate import top_k_excluding
-from m6rec.rec.generative import CatalogScorer
+from m6rec.rec.generative import CatalogScorer, ItemTrie, trie_beam
 from m6rec.train.item_rows import RowAdam, detach_table
 from m6rec.train.step import build_engine
 
 TEXT_VOCAB = 300  # a byte BPE's worth of non-item tokens (the Beauty preset's vocabulary before its items)
 VECTOR_SLOT = 5  # the token id the vector slots carry
-CELLS = [("item tokens", "full"), ("item tokens", "sampled"), ("text vectors", "full"), ("text vectors", "sampled")]
+CELLS = [("item tokens", "full"), ("item tokens", "sampled"), ("text vectors", "full"), ("text vectors", "sampled"),
+         ("semantic IDs", "full")]
+SID_LEVELS, SID_CODES = 3, 256  # TIGER's shape: 3 codes of 256, then the numbering code
 SIZES = "10k,100k,1M,10M"
 
 
@@ -69,9 +75,27 @@ def _available_mb() -> float:
     return float("inf")
 
 
-def _batch(spec: dict, rng: np.random.Generator) -> dict:
-    """``rows`` x ``seq_len`` packed item histories of ``history`` items, every next item a label."""
+def semantic_codes(n: int, seed: int = 0) -> np.ndarray:
+    """``[n, SID_LEVELS + 1]`` token ids (after ``TEXT_VOCAB``) of random semantic IDs, numbered where
+    they collide (as :func:`m6rec.data.semantic_ids.number_collisions` does for real ones)."""
+    codes = np.random.default_rng(seed).integers(0, SID_CODES, (n, SID_LEVELS))
+    full = number_collisions(codes, SID_CODES)
+    return TEXT_VOCAB + np.arange(SID_LEVELS + 1) * SID_CODES + full
+
+
+def _batch(spec: dict, rng: np.random.Generator, codes: np.ndarray | None = None) -> dict:
+    """``rows`` x ``seq_len`` packed item histories of ``history`` items, every next item a label
+    (semantic IDs: every next code, ``codes`` holding each item's code tokens)."""
     B, T, n, H = spec["rows"], spec["seq_len"], spec["items"], spec["history"]
+    if codes is not None:
+        c = codes.shape[1]
+        ids = codes[rng.integers(0, n, (B, T // c + 1))].reshape(B, -1)[:, :T]
+        pos = np.arange(T) % (H * c)
+        labels = np.where(pos[1:] > 0, ids[:, 1:], IGNORE_INDEX)  # no label across a history's end
+        labels = np.concatenate([labels, np.full((B, 1), IGNORE_INDEX)], 1)
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+                "position_ids": torch.from_numpy(np.broadcast_to(pos, (B, T)).copy()),
+                "document_ids": torch.from_numpy(np.broadcast_to(np.arange(T) // (H * c), (B, T)).copy())}
     items = rng.integers(0, n, (B, T))
     docs = np.arange(T) // H
     pos = np.arange(T) % H
@@ -95,8 +119,9 @@ def _batch(spec: dict, rng: np.random.Generator) -> dict:
 def _cell(rank: int, world: int, port: int, spec: dict, out: str) -> None:
     """One cell in its own process: build, train ``warmup + steps`` steps, serve ``requests``."""
     init_rank(rank, world, port, spec["threads"])
-    model, step, times, loss = _train(spec)
-    serve = _serve(model, spec, spec["repr"] == "item tokens")
+    codes = semantic_codes(spec["items"]) if spec["repr"] == "semantic IDs" else None
+    model, step, times, loss = _train(spec, codes=codes)
+    serve = _serve_codes(model, spec, codes) if codes is not None else _serve(model, spec, spec["repr"] == "item tokens")
     result = {"step_ms": round(1000 * statistics.median(times), 1), "final_loss": round(loss, 3),
               "params": sum(p.numel() for p in model.parameters()), **serve,
               "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -104,16 +129,17 @@ def _cell(rank: int, world: int, port: int, spec: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _train(spec: dict, world: int = 1, rank: int = 0):
+def _train(spec: dict, world: int = 1, rank: int = 0, codes: np.ndarray | None = None):
     """The cell's model and engine (ZeRO ``spec["stage"]``, default 0), trained ``warmup + steps``
     steps; returns the model, the step, the timed steps' seconds and the last loss."""
-    n, tokens = spec["items"], spec["repr"] == "item tokens"
+    n, tokens, sid = spec["items"], spec["repr"] == "item tokens", codes is not None
+    vocab = TEXT_VOCAB + n if tokens else TEXT_VOCAB + (SID_LEVELS + 1) * SID_CODES if sid else TEXT_VOCAB
     args = ModelArgs(dim=spec["dim"], n_layers=spec["layers"], n_heads=spec["heads"], ffn_hidden=4 * spec["dim"],
-                     vocab_size=TEXT_VOCAB + n if tokens else TEXT_VOCAB, max_seq_len=spec["seq_len"],
-                     attention="causal", item_vector_dim=0 if tokens else spec["vector_dim"], item_proj="mlp")
+                     vocab_size=vocab, max_seq_len=spec["seq_len"], attention="causal",
+                     item_vector_dim=0 if tokens or sid else spec["vector_dim"], item_proj="mlp")
     torch.manual_seed(0)
     model = M6Transformer(args)
-    if not tokens:
+    if not tokens and not sid:
         g = torch.Generator().manual_seed(1)
         bank = torch.empty(n, spec["vector_dim"])
         for s in range(0, n, 1 << 20):  # in blocks: no second catalog-sized temporary
@@ -122,7 +148,8 @@ def _train(spec: dict, world: int = 1, rank: int = 0):
         del bank
     cfg = load_config(None, {"deepspeed": {"zero_stage": spec.get("stage", 0)},
                              "data": {"stream": {"seq_len": spec["seq_len"], "batch_size": spec["rows"]},
-                                      "text": {"item_repr": "token" if tokens else "vector"}},
+                                      "text": {"item_repr": "token" if tokens else
+                                               "semantic_id" if sid else "vector"}},
                              "train": {"item_loss": spec["loss"], "item_negatives": spec["negatives"], "lr": 1e-3,
                                        "grad_clip": 1.0, "wandb": {"mode": "disabled"}}})
     sparse = tokens and spec["loss"] == "sampled" and spec.get("sparse_rows", True) and spec.get("stage", 0) < 3
@@ -138,7 +165,7 @@ def _train(spec: dict, world: int = 1, rank: int = 0):
         step.negatives = NegativeSampler(names, np.ones(n), spec["negatives"], in_batch=spec["in_batch"], seed=0,
                                          rank=rank)
     rng = np.random.default_rng(rank)
-    batches = [_batch(spec, rng) for _ in range(2)]
+    batches = [_batch(spec, rng, codes) for _ in range(2)]
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         t = time.perf_counter()
@@ -181,6 +208,35 @@ def _serve(model: M6Transformer, spec: dict, tokens: bool) -> dict:
     return {"serve_ms": round(statistics.median(ms), 2), "catalog_ms": round(catalog_ms, 1)}
 
 
+@torch.no_grad()
+def _serve_codes(model: M6Transformer, spec: dict, codes: np.ndarray) -> dict:
+    """Median latency of one top-10 request as ``m6rec eval`` / ``recommend`` rank semantic IDs: a
+    ``history``-item history's forward, then the trie-constrained beam (:func:`trie_beam`, width
+    ``spec["beam"]``) down the catalog's codes, the history's items left out.  The trie is built once
+    beforehand (``catalog_ms``), as at load."""
+    torch.set_num_threads(1)
+    model.eval()
+    t0 = time.perf_counter()
+    trie = ItemTrie(codes)
+    catalog_ms = 1000 * (time.perf_counter() - t0)
+    rng = np.random.default_rng(1)
+    H, n, ms = spec["history"], spec["items"], []
+    for r in range(spec["requests"] + 3):
+        items = rng.integers(0, n, H)
+        ids = torch.from_numpy(codes[items].reshape(1, -1))
+        L = ids.shape[1]
+        batch = {"input_ids": ids, "position_ids": torch.arange(L)[None], "document_ids": torch.zeros(1, L, dtype=torch.long),
+                 "prefix_mask": torch.zeros(1, L, dtype=torch.bool), "lengths": torch.tensor([L])}
+        t = time.perf_counter()
+        (finished,) = trie_beam(model, batch, trie, [sorted(set(items.tolist()))], spec["beam"], (), 0.0, 0)
+        top = sorted(finished, key=lambda f: -f[0])[:10]
+        elapsed = 1000 * (time.perf_counter() - t)
+        assert len(top) == 10
+        if r >= 3:
+            ms.append(elapsed)
+    return {"serve_ms": round(statistics.median(ms), 2), "catalog_ms": round(catalog_ms, 1)}
+
+
 def _run_cell(spec: dict) -> dict:
     return run_ranks(_cell, 1, spec)  # one rank, in its own process: its peak memory is its own
 
@@ -192,7 +248,7 @@ def bench_catalog(cfg: Any, args: Any) -> dict[str, Any]:
     base = dict(dim=64, layers=2, heads=2, vector_dim=64, seq_len=256 if not quick else 64, rows=4, history=50,
                 # no in-batch candidates: what the catalog costs, not what the batch costs
                 negatives=256 if not quick else 32, in_batch=False, warmup=1 if quick else 2, steps=1 if quick else 5,
-                requests=3 if quick else 20, threads=torch.get_num_threads())
+                requests=3 if quick else 20, threads=torch.get_num_threads(), beam=50)
     print(f"bench catalog: dim {base['dim']}, {base['layers']} layers, {base['rows']} x {base['seq_len']} tokens "
           f"a step (every next item a label), {base['negatives']} sampled negatives, {base['vector_dim']}-wide "
           f"text vectors; sizes {', '.join(_label(n) for n in sizes)}", flush=True)

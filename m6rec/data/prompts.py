@@ -273,15 +273,18 @@ class ContextBuilder:
         vecs = encode(list(new.values()))
         if repr_ in T.VECTOR_MODES:
             return dict(zip(new, vecs))
-        codes = semantic_ids.quantize(vecs, self.semantic_ids.centroids)
-        prefixes = {}
-        for row in self.semantic_ids.codes:
-            prefixes[tuple(row[:-1])] = prefixes.get(tuple(row[:-1]), 0) + 1
-        k = self.semantic_ids.report["codebook_size"]
-        for iid, row in zip(new, codes):
-            # a new item after the catalog items sharing its codes: the next number of the final level
-            digit = min(prefixes.get(tuple(row), 0), k - 1)
-            cat.item_codes[iid] = [T.code_token(level, int(c)) for level, c in enumerate([*row, digit])]
+        ids = self.semantic_ids
+        levels, k = ids.codes.shape[1] - 1, ids.report["codebook_size"]
+        taken: dict = {}  # the final codes the catalog's items use under each prefix
+        for row in ids.codes:
+            taken.setdefault(tuple(row[:levels]), set()).add(int(row[levels]))
+        for iid, row in zip(new, semantic_ids.quantize(vecs, ids.centroids)):
+            # the final code: the residual level's nearest centroid (collisions "residual"), else the next
+            # number, whichever no catalog item with the same codes holds
+            used = taken.get(tuple(row[:levels]), set())
+            final = int(row[levels]) if len(row) > levels and int(row[levels]) not in used else \
+                min(set(range(k)) - used, default=k - 1)
+            cat.item_codes[iid] = [T.code_token(level, int(c)) for level, c in enumerate([*row[:levels], final])]
         return {}
 
 

@@ -205,6 +205,33 @@ def number_collisions(codes: np.ndarray, k: int, key: str = "data.semantic_ids.c
     return np.concatenate([codes, digit[:, None]], axis=1)
 
 
+def residual_final_level(x: np.ndarray, codes: np.ndarray, centroids: np.ndarray, k: int, iterations: int,
+                         seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The final level as one more residual quantisation whose codes are distinct among the items that
+    share the ``levels`` codes before it: k-means of what the levels left over, each item the nearest
+    centroid no earlier member of its group took (greedily, closest pair first).  The final code then
+    says something about the item (the same code is a similar remainder in every group), where
+    :func:`number_collisions` only counts.  Returns ``([N, levels + 1] codes, [levels + 1, k, d])``."""
+    r = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).clone()
+    for level, c in enumerate(torch.from_numpy(centroids)):
+        r -= c[torch.from_numpy(codes[:, level])]
+    c, final = kmeans(r, k, iterations, torch.Generator().manual_seed(seed + 1))
+    final = final.numpy().astype(np.int64)
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    if counts.max(initial=0) > k:
+        number_collisions(codes, k)  # the error naming the key
+    for g in np.flatnonzero(counts > 1):
+        members = np.flatnonzero(inverse == g)
+        d = torch.cdist(r[members], c).numpy().astype(np.float64)
+        for _ in range(len(members)):
+            i, j = np.unravel_index(np.argmin(d), d.shape)
+            final[members[i]] = j
+            d[i, :] = np.inf
+            d[:, j] = np.inf
+    return np.concatenate([codes, final[:, None]], axis=1), np.concatenate([centroids, c.numpy()[None]])
+
+
 def diagnostics(codes: np.ndarray, k: int) -> dict:
     """What ``prepare_report.json`` and the console show: the share of each level's codes in use,
     the share of items whose ``levels`` codes some other item also has (before numbering), and the
@@ -243,9 +270,12 @@ def _sha(*arrays) -> str:
 
 
 def build_codes(x: np.ndarray, cfg: SemanticIdConfig) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes [N, levels + 1], centroids)`` of vectors ``x`` under ``cfg`` (deterministic)."""
+    """``(codes [N, levels + 1], centroids)`` of vectors ``x`` under ``cfg`` (deterministic); the
+    centroids have ``levels + 1`` rows when the final level is a residual one."""
     method = rq_kmeans if cfg.method == "rq_kmeans" else rq_vae
     codes, centroids = method(x, cfg.levels, cfg.codebook_size, cfg.iterations, cfg.seed)
+    if cfg.collisions == "residual":
+        return residual_final_level(x, codes, centroids, cfg.codebook_size, cfg.iterations, cfg.seed)
     return number_collisions(codes, cfg.codebook_size), centroids
 
 

@@ -19,13 +19,16 @@ def test_bench_catalog_measures_every_cell_and_the_zero_3_ranks(tmp_path, capsys
     assert main(["bench", "catalog", "--quick", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     cells = {(c["repr"], c["loss"], c["items"]): c for c in r["cells"]}
-    assert len(cells) == 8 and {n for *_, n in cells} == {1000, 4000}
+    assert len(cells) == 10 and {n for *_, n in cells} == {1000, 4000}
     for c in cells.values():
         assert "skipped" not in c, c
         assert c["step_ms"] > 0 and c["serve_ms"] > 0 and c["peak_mb"] > 0 and c["final_loss"] > 0
     # item tokens: a parameter row per item; text vectors: none (the projection only)
     assert cells[("item tokens", "full", 4000)]["params"] - cells[("item tokens", "full", 1000)]["params"] == 3000 * 64
     assert cells[("text vectors", "sampled", 4000)]["params"] == cells[("text vectors", "sampled", 1000)]["params"]
+    # semantic IDs: a code vocabulary whatever the catalog; serving is the trie beam, whose trie is built at load
+    assert cells[("semantic IDs", "full", 4000)]["params"] == cells[("semantic IDs", "full", 1000)]["params"]
+    assert cells[("semantic IDs", "full", 4000)]["catalog_ms"] > 0
     # the sampled loss reads 32 + 1 items per label instead of the whole vocabulary: a smaller first loss
     assert cells[("item tokens", "sampled", 4000)]["final_loss"] < cells[("item tokens", "full", 4000)]["final_loss"]
     (zero,) = r["zero_memory"]  # the sampled item-token model at ZeRO 3 on 2 real ranks
