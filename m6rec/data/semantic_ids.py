@@ -301,7 +301,8 @@ def ensure_codes(cfg: DataConfig, item_ids: Sequence[str], x: np.ndarray, what: 
                 return ids
     log.info("building semantic IDs of %d items: %s, %s", len(item_ids), cfg.semantic_ids.method, what)
     codes, centroids = build_codes(x, cfg.semantic_ids)
-    report = {"source": what, "method": cfg.semantic_ids.method, "levels": cfg.semantic_ids.levels,
+    report = {"source": what, "method": cfg.semantic_ids.method, "collisions": cfg.semantic_ids.collisions,
+              "levels": cfg.semantic_ids.levels,
               "codebook_size": cfg.semantic_ids.codebook_size, "items": len(item_ids),
               **diagnostics(codes, cfg.semantic_ids.codebook_size)}
     ids = SemanticIds(list(item_ids), codes, centroids, report)
@@ -336,6 +337,7 @@ def summary_lines(report: dict) -> list[str]:
     """The console's account of the codes (``m6rec prepare``)."""
     usage = ", ".join(f"{u:.0%}" for u in report["codebook_usage"])
     return [f"semantic IDs: {report['method']} on {report['source']}, {report['levels']} levels x "
-            f"{report['codebook_size']} codes + 1 numbering level",
+            f"{report['codebook_size']} codes + 1 level that tells apart the items sharing them "
+            f"({report.get('collisions', 'number')})",
             f"  codebook usage per level: {usage}; items sharing all {report['levels']} codes with another: "
             f"{report['collision_rate']:.1%}; largest such group: {report['largest_shared_prefix']}"]

@@ -153,3 +153,22 @@ def test_default_settings_are_what_the_docs_say():
     assert (c.method, c.levels, c.codebook_size, c.source) == ("rq_kmeans", 3, 256, "text")
     assert len(S.code_vocabulary(c)) == 4 * 256
 
+
+
+def test_the_residual_final_level_is_distinct_within_a_group_and_the_nearest_code_for_an_item_alone():
+    x = np.concatenate([_clusters(n=200, centres=200), _clusters(n=1, seed=5).repeat(5, 0)])  # five near-twins
+    x[-5:] += np.random.default_rng(3).normal(scale=1e-3, size=(5, 16)).astype(np.float32)
+    cfg = SemanticIdConfig(levels=2, codebook_size=16, collisions="residual", iterations=20)
+    codes, cents = S.build_codes(x, cfg)
+    assert codes.shape == (205, 3) and cents.shape == (3, 16, 16)
+    assert len({tuple(r) for r in codes}) == 205  # every item told apart
+    groups = {}
+    for i, r in enumerate(codes):
+        groups.setdefault(tuple(r[:2]), []).append(i)
+    assert any(len(g) >= 5 for g in groups.values())
+    nearest = S.quantize(x, cents)  # the levels' codes, and the final level's nearest centroid
+    assert np.array_equal(nearest[:, :2], codes[:, :2])
+    alone = [g[0] for g in groups.values() if len(g) == 1]
+    assert alone and np.array_equal(nearest[alone, 2], codes[alone, 2])
+    number, _ = S.build_codes(x, SemanticIdConfig(levels=2, codebook_size=16, iterations=20))
+    assert np.array_equal(number[:, :2], codes[:, :2]) and not np.array_equal(number[:, 2], codes[:, 2])
