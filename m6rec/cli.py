@@ -117,9 +117,10 @@ def _add_model_arguments(p) -> None:
                         "IDs: trie beam search, text: trie beam search)")
     p.add_argument("--beam", type=int, default=0, help="beam width of the trie beam (text and semantic_id modes; "
                    "at least the largest k; 0 = the run's eval.beam)")
-    p.add_argument("--agreement-users", type=int, default=200,
+    p.add_argument("--agreement-users", type=int, default=None,
                    help="m6rec eval, semantic_id and text modes: on this many of the users, the beam's top 10 is "
-                        "compared with the exact top 10 (a beam as wide as the catalog); 0 = off")
+                        "compared with the exact top 10 (a beam as wide as the catalog); default 200 for semantic "
+                        "IDs, 0 (off) for text, whose exact search costs seconds per user; 0 = off")
     p.add_argument("--length-norm", type=float, default=1.0,
                    help="text mode: score = log p(item text + END) / (tokens + 1) ** this (1 = mean per token, "
                         "0 = the item's probability)")

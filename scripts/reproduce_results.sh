@@ -139,6 +139,29 @@ if [[ $stage == all || $stage == beauty ]]; then
   "$M6" eval --ckpt runs/amazon-beauty --tag best --split test --out $OUT/amazon-beauty.json
 fi
 
+# Semantic IDs (docs/results.md, "Semantic IDs"): Amazon Office from ../shared (not in the project), item
+# tokens, text vectors and semantic IDs from text, each chosen on validation and tested once; cold items;
+# then Beauty with collaborative codes from the sampled SASRec-shaped item-token run.
+if [[ $stage == all || $stage == semantic_ids ]]; then
+  DATA="${M6REC_DATA_ROOT:-../shared/data}"
+  PY="${PYTHON:-.venv/bin/python}"
+  "$PY" scripts/amazon_to_generic.py "$DATA/amazon-office" data/amazon-office-generic
+  for c in amazon-office amazon-office-vector amazon-office-sid amazon-office-sid-cold amazon-office-vector-cold; do
+    "$M6" prepare --config configs/rec/$c.yaml
+    "$M6" train --config configs/rec/$c.yaml --resume auto
+  done
+  "$M6" eval --ckpt runs/amazon-office --ckpt runs/amazon-office-vector --ckpt runs/amazon-office-sid --tag best \
+    --split test --agreement-users 500 --out $OUT/amazon-office.json
+  "$M6" eval --ckpt runs/amazon-office-vector-cold --ckpt runs/amazon-office-sid-cold --tag best --split test \
+    --out $OUT/amazon-office-cold.json
+  "$PY" scripts/amazon_to_generic.py "$DATA/amazon-beauty" data/amazon-beauty-generic
+  "$M6" prepare --config configs/rec/amazon-beauty.yaml
+  "$M6" train --config configs/rec/amazon-beauty-sasrec.yaml --resume auto
+  "$M6" prepare --config configs/rec/amazon-beauty-sid.yaml
+  "$M6" train --config configs/rec/amazon-beauty-sid.yaml --resume auto
+  "$M6" eval --ckpt runs/amazon-beauty-sid --tag best --split test --out $OUT/amazon-beauty-sid.json
+fi
+
 # One H100/H200 (docs/results.md, "On a GPU"): the engine benchmark, then item tokens, items as text
 # vectors, both, and item tokens + behaviour in words with the small model in bf16, all four at once for
 # the same wall-clock, evaluated on the GPU: scripts/gpu_next_item.sh (its header gives the device call).

@@ -94,7 +94,7 @@ def evaluate_runs(ckpt: Sequence[str | Path], out: str | Path, *, task: str = "n
                   baseline: Optional[Sequence[str | Path]] = None, dataset: Optional[str] = None,
                   split: str = "valid", max_users: int = 0, seed: int = 0, ks: Optional[str] = None,
                   mode: str = "auto", beam: int = 0, length_norm: float = 1.0, batch_size: int = 16,
-                  device: str = "cpu", threads: int = 1, agreement_users: int = 200) -> dict:
+                  device: str = "cpu", threads: int = 1, agreement_users: Optional[int] = None) -> dict:
     """``m6rec eval`` (the defaults are the command's): ranks with popularity and every run in ``ckpt``
     (each at checkpoint ``tag``, else its newest complete one) and writes ``out`` (.json, .md, .png);
     returns what ``out`` holds (``{"results", "meta"}``)."""
@@ -185,9 +185,10 @@ def evaluate_runs(ckpt: Sequence[str | Path], out: str | Path, *, task: str = "n
             row["seconds_per_user"] = stats["seconds_per_user"]
             if "invalid_items" in stats:  # a trie beam: how often it returned a sequence that is no catalog item's
                 row["invalid_item_rate"] = stats["invalid_items"] / max(1, stats["items_returned"])
-                if agreement_users:
+                users = (200 if rec.mode == "semantic_id" else 0) if agreement_users is None else agreement_users
+                if users:
                     row["beam_exact_agreement@10"], stats["agreement"] = beam_exact_agreement(
-                        rec, ranked, [ctx.for_query(q) for q in queries], agreement_users, seed)
+                        rec, ranked, [ctx.for_query(q) for q in queries], users, seed)
             name = rec.name
         rows.append(row)
         m = {"model": name, "task": kind, "dataset_trained": str(run.dataset_dir), "load_seconds": round(load_s, 2),
