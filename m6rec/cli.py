@@ -160,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["data", "model", "train", "gpu", "recommend", "catalog"])
     _add_common(p)
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--only", choices=["scaling", "overhead", "checkpoint", "cells", "zero"], default=None,
+    p.add_argument("--only", choices=["scaling", "overhead", "checkpoint", "cells", "zero", "semantic_ids"],
+                   default=None,
                    help="train: only the ZeRO scaling table, the engine overhead table or the checkpoint cost table; "
-                        "catalog: only the size x representation cells, or only the 2-rank ZeRO memory of the table")
+                        "catalog: only the size x representation cells, only the semantic-ID cells, or only the "
+                        "2-rank ZeRO memory of the table")
     p.add_argument("--quick", action="store_true",
                    help="train: a shortened run (what CI runs): ZeRO stages 0 and 2, 1 warm-up and 2 timed steps "
                         "in each part, one checkpoint save, the tiny preset at 64 tokens x 2 rows unless --config")

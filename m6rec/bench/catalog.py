@@ -253,9 +253,9 @@ def bench_catalog(cfg: Any, args: Any) -> dict[str, Any]:
           f"a step (every next item a label), {base['negatives']} sampled negatives, {base['vector_dim']}-wide "
           f"text vectors; sizes {', '.join(_label(n) for n in sizes)}", flush=True)
     only = getattr(args, "only", None)
-    if only not in (None, "cells", "zero"):
-        raise ConfigError(f"bench catalog --only: {only!r}; allowed: cells, zero")
-    zero = [] if only == "cells" else zero_memory(base, [1_000, 4_000] if quick else [10_000, 1_000_000],
+    if only not in (None, "cells", "zero", "semantic_ids"):
+        raise ConfigError(f"bench catalog --only: {only!r}; allowed: cells, zero, semantic_ids")
+    zero = [] if only in ("cells", "semantic_ids") else zero_memory(base, [1_000, 4_000] if quick else [10_000, 1_000_000],
                                                    (3,) if quick else (0, 2, 3))
     blas_threads = os.environ.get("OPENBLAS_NUM_THREADS")
     os.environ["OPENBLAS_NUM_THREADS"] = "1"  # the cells' numpy (the serving product) on one thread
@@ -321,7 +321,8 @@ def zero_memory(base: dict, sizes: list[int], stages: tuple[int, ...]) -> list[d
 def _run_cells(base: dict, sizes: list[int], quick: bool, only) -> list[dict]:
     """Every (representation, loss, size) cell of the table, each in its own process."""
     cells: list[dict] = []
-    for repr_, loss in CELLS if only != "zero" else []:
+    chosen = [] if only == "zero" else [c for c in CELLS if c[0] == "semantic IDs"] if only == "semantic_ids" else CELLS
+    for repr_, loss in chosen:
         done: list[dict] = []
         for n in sizes:
             row = {"repr": repr_, "loss": loss, "items": n}

@@ -284,9 +284,14 @@ def ensure_codes(cfg: DataConfig, item_ids: Sequence[str], x: np.ndarray, what: 
     """The semantic IDs of the catalog ``item_ids`` with vectors ``x`` (``what``: where they came from),
     from ``write_dir``'s cache (or one of ``reuse``'s: a dataset prepared before) when it was built
     from the same vectors, items and settings; else built and cached in ``write_dir``."""
+    sid = cfg.semantic_ids
+    if sid.codebook_size ** (sid.levels + 1) < len(item_ids):
+        raise ConfigError(f"config key 'data.semantic_ids.codebook_size': {sid.levels} levels and a final code, "
+                          f"{sid.codebook_size} codes each, name at most {sid.codebook_size ** (sid.levels + 1):,} items; "
+                          f"the catalog has {len(item_ids):,} (raise data.semantic_ids.codebook_size or levels)")
     write_dir, reuse = Path(write_dir), [Path(r) for r in reuse]
     write_dir.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps(asdict(cfg.semantic_ids), sort_keys=True)
+    settings = json.dumps(asdict(sid), sort_keys=True)
     key = {"settings": settings, "vectors_sha256": _sha(x), "items_sha256": _sha("\x00".join(map(str, item_ids)))}
     for d in [write_dir, *reuse]:
         path = d / SID_FILE
@@ -299,12 +304,10 @@ def ensure_codes(cfg: DataConfig, item_ids: Sequence[str], x: np.ndarray, what: 
                 if d != write_dir:
                     _save(write_dir, ids, key)
                 return ids
-    log.info("building semantic IDs of %d items: %s, %s", len(item_ids), cfg.semantic_ids.method, what)
-    codes, centroids = build_codes(x, cfg.semantic_ids)
-    report = {"source": what, "method": cfg.semantic_ids.method, "collisions": cfg.semantic_ids.collisions,
-              "levels": cfg.semantic_ids.levels,
-              "codebook_size": cfg.semantic_ids.codebook_size, "items": len(item_ids),
-              **diagnostics(codes, cfg.semantic_ids.codebook_size)}
+    log.info("building semantic IDs of %d items: %s, %s", len(item_ids), sid.method, what)
+    codes, centroids = build_codes(x, sid)
+    report = {"source": what, "method": sid.method, "collisions": sid.collisions, "levels": sid.levels,
+              "codebook_size": sid.codebook_size, "items": len(item_ids), **diagnostics(codes, sid.codebook_size)}
     ids = SemanticIds(list(item_ids), codes, centroids, report)
     _save(write_dir, ids, key)
     return ids

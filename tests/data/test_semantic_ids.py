@@ -129,11 +129,16 @@ def test_codes_from_a_trained_item_token_run_and_the_errors_that_name_the_key(sh
     with pytest.raises(ConfigError, match="'data.semantic_ids.source'.*another catalog"):
         P.prepare(load_config(None, _sid_args(other, tmp_path / "ds_other",
                                               "--data.semantic_ids.source", f"run:{run}")).data)
-    # 60 items cannot be told apart by one level of 2 codes and a numbering level of 2
+    # 60 items cannot be named by one level of 2 codes and a final level of 2: refused before any work
+    with pytest.raises(ConfigError, match="'data.semantic_ids.codebook_size'.*name at most 4 items; the catalog has 60"):
+        S.ensure_codes(load_config(None, _sid_args(root, out, "--data.semantic_ids.levels", "1",
+                                                   "--data.semantic_ids.codebook_size", "2")).data,
+                       [str(i) for i in range(60)], np.zeros((60, 4), np.float32), "zeros", tmp_path / "w")
+    # 60 items that could be named, but 3 levels of 4 leave more than 4 on one prefix
     with pytest.raises(ConfigError, match="'data.semantic_ids.codebook_size'"):
         P.prepare(load_config(None, _sid_args(root, tmp_path / "small", "--data.semantic_ids.source", f"run:{run}",
-                                              "--data.semantic_ids.levels", "1",
-                                              "--data.semantic_ids.codebook_size", "2")).data)
+                                              "--data.semantic_ids.levels", "2",
+                                              "--data.semantic_ids.codebook_size", "4")).data)
 
 
 @pytest.mark.parametrize("key,value,match", [
