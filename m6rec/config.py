@@ -80,7 +80,7 @@ class SemanticIdConfig:
     levels: int = 3  # quantisation levels (the item is written as levels + 1 code tokens)
     codebook_size: int = 256  # codes per level, and the most items one full prefix can hold
     # "text": the item text vectors (data.text.item_encoder); "run:RUN_DIR[@TAG]": the item-token embeddings
-    # of a trained run on the same catalog (collaborative codes, for ID-only data)
+    # of a trained run on the same catalog (collaborative codes); "text+run:RUN_DIR[@TAG]": both
     source: str = "text"
     seed: int = 0
     iterations: int = 50  # k-means iterations per level (rq_kmeans); training epochs (rq_vae)
@@ -574,9 +574,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError("config key 'train.item_loss': 'sampled' needs items that are rows to sample (item_repr "
                           f"token, both, vector or vector_token); with item_repr {d.text.item_repr} an item is "
                           + ("its title's words" if d.text.item_repr == "text" else "a few shared code tokens"))
-    if sid.source != "text" and not sid.source.startswith("run:"):
-        raise ConfigError(f"config key 'data.semantic_ids.source': bad value {sid.source!r}; allowed: 'text' or "
-                          "'run:RUN_DIR[@TAG]'")
+    if sid.source != "text" and not sid.source.startswith(("run:", "text+run:")):
+        raise ConfigError(f"config key 'data.semantic_ids.source': bad value {sid.source!r}; allowed: 'text', "
+                          "'run:RUN_DIR[@TAG]' or 'text+run:RUN_DIR[@TAG]'")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:

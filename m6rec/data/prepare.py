@@ -98,14 +98,21 @@ def _wants_images(cfg: DataConfig) -> bool:
 
 def _semantic_id_vectors(cfg: DataConfig, item_ids: Sequence[str], texts: Sequence[str], write_dir: Path,
                          reuse: Sequence[Path] = ()) -> tuple[np.ndarray, str]:
-    """The vectors the semantic IDs are built from (data.semantic_ids.source) and what they are."""
+    """The vectors the semantic IDs are built from (data.semantic_ids.source) and what they are:
+    the text vectors, a run's item-token embeddings, or both side by side (each unit length, so
+    text and behaviour weigh the same in the k-means distances)."""
     src = cfg.semantic_ids.source
-    if src == "text":
-        vecs = vectors.bank_for_texts(texts, cfg.text.item_encoder, write_dir, reuse)
-        return vecs, f"text vectors ({cfg.text.item_encoder})"
-    emb = vectors.run_item_embeddings(src, item_ids, key="data.semantic_ids.source")
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # the geometry of the dot-product head
-    return emb.astype(np.float32), f"item-token embeddings of {src}"
+    parts, what = [], []
+    if src == "text" or src.startswith("text+"):
+        parts.append(vectors.bank_for_texts(texts, cfg.text.item_encoder, write_dir, reuse))
+        what.append(f"text vectors ({cfg.text.item_encoder})")
+    if "run:" in src:
+        run = src[src.index("run:"):]
+        emb = vectors.run_item_embeddings(run, item_ids, key="data.semantic_ids.source")
+        parts.append(emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12))
+        what.append(f"item-token embeddings of {run}")
+    x = np.concatenate(parts, axis=1) / np.sqrt(len(parts))
+    return x.astype(np.float32), " + ".join(what)
 
 
 def build(cfg: DataConfig) -> Prepared:

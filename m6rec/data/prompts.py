@@ -262,9 +262,9 @@ class ContextBuilder:
             return {}
         first = next(iter(new.values()))
         source = self.semantic_ids.report.get("source", "") if self.semantic_ids is not None else ""
-        if repr_ in ("token", "vector_token") or (repr_ == "semantic_id" and not source.startswith("text")):
+        if repr_ in ("token", "vector_token") or (repr_ == "semantic_id" and "run:" in source):
             why = ("its items are item tokens, ids of its own catalog" if repr_ != "semantic_id" else
-                   f"its semantic IDs come from {source}, which has no vector for new text")
+                   f"its semantic IDs come from {source}, which holds no vector for new text")
             raise ConfigError(f"--history: {first!r} is not an item of {self.dataset_dir}, and this run cannot write "
                               f"an item from its text ({why}); name items of the catalog")
         if encode is None:

