@@ -314,12 +314,26 @@ class GenerativeRecommender:
     def beam_width(self, k: int) -> int:
         return max(k, self.beam)
 
-    def exact(self) -> "GenerativeRecommender":
+    def exact_bytes_per_user(self) -> int:
+        """About the largest attention-score tensor of :meth:`exact` for one user: every prefix of the
+        widest depth reads the prompt and every fed prefix (float32 per head)."""
+        paths = self.trie.paths
+        width = [len(np.unique(paths[:, d][paths[:, d] >= 0])) for d in range(1, paths.shape[1])]
+        fed = sum(width) if self.end_ids else sum(width[:-1])  # fixed-length leaves are never fed
+        return 4 * self.model.args.n_heads * max(width, default=1) * (self.model.args.max_seq_len + fed)
+
+    def exact(self, budget_bytes: int = 4 << 30) -> Optional["GenerativeRecommender"]:
         """This recommender with a beam as wide as the catalog: every prefix is kept at every depth, so
-        the ranking is the exact one by summed (text mode: length-normalised) log-probability."""
+        the ranking is the exact one by summed (text mode: length-normalised) log-probability.  Users
+        go through it in batches that keep :meth:`exact_bytes_per_user` within ``budget_bytes``; None
+        when one user alone exceeds it (the catalog is too large for the exact scorer here)."""
+        per_user = self.exact_bytes_per_user()
+        if per_user > budget_bytes:
+            return None
         twin = object.__new__(GenerativeRecommender)
         twin.__dict__.update(self.__dict__)
         twin.beam, twin.stats = len(self.catalog), {}
+        twin.batch_size = max(1, min(self.batch_size, budget_bytes // per_user))
         twin.name = f"{self.name} exact"
         return twin
 
