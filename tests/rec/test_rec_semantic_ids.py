@@ -64,6 +64,9 @@ def test_the_beam_scores_items_by_their_codes_and_at_full_width_is_exact(sid):
     prompts = [ctx.for_query(q) for q in queries]
     beam = rec.rank_prompts(prompts, 10)
     assert rec.stats["invalid_items"] == 0 and rec.stats["items_returned"] == 40 and rec.stats["beam"] == 12
+    per_user = rec.exact_bytes_per_user()
+    assert rec.exact(budget_bytes=per_user - 1) is None  # a catalog too large for the exact scorer
+    assert rec.exact(budget_bytes=2 * per_user).batch_size == 2  # users batched within the budget
     exact = rec.exact()
     full = exact.rank_prompts(prompts, 10)
     assert exact.stats["beam"] == len(data.catalog) and exact.stats["invalid_items"] == 0
