@@ -80,7 +80,7 @@ class ItemTrie:
     ``child_node[...]``; node 0 is the root, then the nodes of depth 1, 2, ...
     ``item_node[i]``: the node where catalog item ``i``'s sequence ends;
     ``paths[i]``: its nodes, root first (-1 past its end).  ``subtree[n]``:
-    items ending in ``n``'s subtree.  Built depth by depth with numpy (1M
+    items ending in ``n``'s subtree.  ``width[d]``: the nodes at depth ``d + 1``.  Built depth by depth with numpy (1M
     four-code items in seconds)."""
     def __init__(self, sequences: Sequence[Sequence[int]] | np.ndarray):
         if isinstance(sequences, np.ndarray) and sequences.ndim == 2:  # fixed length (semantic IDs)
@@ -108,6 +108,7 @@ class ItemTrie:
             self.paths[alive, d + 1] = node[alive]
             n_nodes += len(uniq)
         self.n_nodes, self.depth, self.item_node = n_nodes, depth, node
+        self.width = [len(d) for d in dst]
         src, tok, dst = (np.concatenate(a) if a else np.zeros(0, dtype=np.int64) for a in (src, tok, dst))
         order = np.lexsort((tok, src))  # by (node, token)
         self.child_tok, self.child_node = tok[order], dst[order]
@@ -317,8 +318,7 @@ class GenerativeRecommender:
     def exact_bytes_per_user(self) -> int:
         """About the largest attention-score tensor of :meth:`exact` for one user: every prefix of the
         widest depth reads the prompt and every fed prefix (float32 per head)."""
-        paths = self.trie.paths
-        width = [len(np.unique(paths[:, d][paths[:, d] >= 0])) for d in range(1, paths.shape[1])]
+        width = self.trie.width
         fed = sum(width) if self.end_ids else sum(width[:-1])  # fixed-length leaves are never fed
         return 4 * self.model.args.n_heads * max(width, default=1) * (self.model.args.max_seq_len + fed)
 
